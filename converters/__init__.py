@@ -1,0 +1,125 @@
+"""Pure-Python checkpoint -> GGUF conversion for stable-diffusion.cpp (numpy, safetensors, gguf; no torch).
+
+Pipeline: read (checkpoint_io) -> rename to the names stable-diffusion.cpp loads (sd_layout) -> check the
+architecture -> write GGUF with upstream's type rules (gguf_out).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import keys
+from .checkpoint_io import TensorSource, read_checkpoint_file
+from .errors import ConversionError
+from .gguf_out import OUTPUT_TYPES, ProgressFn, write_gguf
+from .sd_layout import ModelInfo, detect, map_single_file, map_text_encoder, single_file_layout, map_unet, map_vae
+
+__all__ = ["ConversionError", "ConversionReport", "OUTPUT_TYPES", "convert", "load_model_tensors"]
+CONVERTER_VERSION = "1"
+
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                 "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
+                 "diffusion_pytorch_model.bin", "pytorch_model.bin")
+
+
+@dataclass
+class ConversionReport:
+    output: Path
+    family: str
+    layout: str
+    prediction: str | None
+    n_tensors: int
+    types: dict[str, int] = field(default_factory=dict)
+
+
+def _component_file(folder: Path, component: str) -> Path | None:
+    sub = folder / component
+    if not sub.is_dir():
+        return None
+    for name in _WEIGHT_FILES:
+        if (sub / name).is_file():
+            return sub / name
+    raise ConversionError(f"{sub}: no weights file (looked for {', '.join(_WEIGHT_FILES)})")
+
+
+def _diffusers_prediction(folder: Path) -> str | None:
+    cfg = folder / "scheduler" / "scheduler_config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        kind = json.loads(cfg.read_text()).get("prediction_type")
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{cfg}: not valid JSON ({e})") from None
+    return {"epsilon": "eps", "v_prediction": "v"}.get(kind)
+
+
+def read_diffusers_folder(folder: Path, base: Path | None = None) -> tuple[list[TensorSource], str | None]:
+    """UNet from `folder`; text encoder and VAE from `folder`, else from `base` (e.g. ALTER outputs)."""
+    unet = _component_file(folder, "unet")
+    if unet is None:
+        raise ConversionError(f"{folder}: no unet/ folder: not a diffusers Stable Diffusion pipeline folder")
+    tensors = map_unet(read_checkpoint_file(unet))
+    for component, mapper in (("vae", map_vae), ("text_encoder", map_text_encoder)):
+        path = _component_file(folder, component) or (base and _component_file(base, component))
+        if path is None:
+            raise ConversionError(f"{folder}: no {component}/ folder" + (f" (nor in {base})" if base else ""))
+        tensors += mapper(read_checkpoint_file(path))
+    prediction = _diffusers_prediction(folder) or (base and _diffusers_prediction(base)) or None
+    return tensors, prediction
+
+
+def load_model_tensors(input_path: str | os.PathLike, base: str | os.PathLike | None = None
+                       ) -> tuple[list[TensorSource], ModelInfo, str, str | None]:
+    """Read and rename a checkpoint: (tensors, detected model, layout name, prediction or None)."""
+    path = Path(input_path)
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or folder")
+    if path.is_dir():
+        tensors, prediction = read_diffusers_folder(path, Path(base) if base else None)
+        layout = "diffusers-folder"
+    else:
+        raw = read_checkpoint_file(path)
+        layout = {"ldm": "ldm-file", "diffusers": "diffusers-file"}.get(
+            single_file_layout([t.name for t in raw]), "unknown")
+        tensors = map_single_file(raw)
+        prediction = None
+    info = detect(tensors)
+    if not info.has_text_encoder or not info.has_vae:
+        missing = [n for n, ok in (("text encoder", info.has_text_encoder), ("VAE", info.has_vae)) if not ok]
+        raise ConversionError(f"{path}: the checkpoint has no {' and no '.join(missing)}; a full SD1.x/SD2.x "
+                              "model is needed")
+    return tensors, info, layout, prediction
+
+
+def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, out_type: str = "f16", *,
+            prediction: str = "auto", base: str | os.PathLike | None = None, synthetic: bool = False,
+            progress: ProgressFn | None = None) -> ConversionReport:
+    """Convert a checkpoint (single file or diffusers folder) to a GGUF stable-diffusion.cpp loads."""
+    if out_type not in OUTPUT_TYPES:
+        raise ConversionError(f"unknown output type {out_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
+    if prediction not in ("auto", "eps", "v"):
+        raise ConversionError(f"prediction must be auto, eps or v, not {prediction!r}")
+    output = Path(output_path)
+    src = Path(input_path)
+    if src.exists() and output.exists() and output.resolve() == src.resolve():
+        raise ConversionError("the output path is the input checkpoint; refusing to overwrite it")
+    if not output.parent.is_dir():
+        raise ConversionError(f"{output.parent}: output folder does not exist")
+    tensors, info, layout, found_prediction = load_model_tensors(src, base)
+    pred = found_prediction if prediction == "auto" else prediction
+    meta: dict[str, object] = {
+        keys.FAMILY: info.family,
+        keys.SOURCE: src.name,
+        keys.SOURCE_LAYOUT: layout,
+        keys.OUTPUT_TYPE: out_type,
+        keys.CONVERTER_VERSION: CONVERTER_VERSION,
+    }
+    if pred:
+        meta[keys.PREDICTION] = pred
+    if synthetic:
+        meta[keys.SYNTHETIC] = True
+    types = write_gguf(output, tensors, out_type, meta, progress)
+    return ConversionReport(output, info.family, layout, pred, sum(types.values()), types)

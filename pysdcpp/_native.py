@@ -1,0 +1,185 @@
+"""cffi (ABI mode) binding to the two native libraries: `upstream` (pristine) and `accelerated` (patched).
+
+Declarations come from the headers installed beside the libraries (upstream's stable-diffusion.h and our
+pysdcpp_ext.h), read at import time: there are no hand-copied struct layouts to drift out of date.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+
+import cffi
+
+from .errors import LibraryNotFoundError
+
+BACKENDS = ("accelerated", "upstream")
+LIB_FILE = "libstable-diffusion.so"
+_log = logging.getLogger("pysdcpp.native")
+
+
+def lib_dir() -> Path:
+    """Where the built libraries live: $PYSDCPP_LIB_DIR, else pysdcpp/_libs inside the package."""
+    env = os.environ.get("PYSDCPP_LIB_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent / "_libs"
+
+
+def header_declarations(text: str) -> str:
+    """Turn a C header into cffi declarations: drop preprocessor lines, C++-only blocks and SD_API."""
+    out = []
+    skip_depth = 0
+    depth = 0
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            directive = stripped[1:].strip()
+            if directive.startswith(("if", "ifdef", "ifndef")):
+                depth += 1
+                if skip_depth == 0 and "__cplusplus" in directive:
+                    skip_depth = depth
+            elif directive.startswith("endif"):
+                if skip_depth == depth:
+                    skip_depth = 0
+                depth -= 1
+            elif directive.startswith("else") and skip_depth == depth and depth:
+                skip_depth = 0
+            continue
+        if skip_depth:
+            continue
+        line = re.sub(r"//.*", "", line)
+        out.append(line.replace("SD_API ", ""))
+    return "\n".join(out)
+
+
+_ffi = None
+_ffi_lock = threading.Lock()
+
+
+def ffi() -> cffi.FFI:
+    global _ffi
+    with _ffi_lock:
+        if _ffi is None:
+            d = lib_dir()
+            missing = [p for p in (d / "stable-diffusion.h", d / "pysdcpp_ext.h") if not p.is_file()]
+            if missing:
+                raise LibraryNotFoundError(f"pysdcpp's native build is missing ({missing[0]} not found). "
+                                           "Install the package with `pip install .` from a source checkout, "
+                                           "or point PYSDCPP_LIB_DIR at a build's _libs folder.")
+            f = cffi.FFI()
+            f.cdef(header_declarations((d / "stable-diffusion.h").read_text()))
+            f.cdef(header_declarations((d / "pysdcpp_ext.h").read_text()))
+            f.cdef("void free(void *ptr);")  # images returned by generate_image are released with C free
+            _ffi = f
+        return _ffi
+
+
+class NativeLibrary:
+    """One loaded library, with its process-global log callback routed to Python logging."""
+
+    def __init__(self, backend: str):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        path = lib_dir() / backend / LIB_FILE
+        if not path.is_file():
+            raise LibraryNotFoundError(f"the {backend} library was not built ({path} not found)")
+        self.backend = backend
+        self.path = path
+        self.ffi = ffi()
+        self.lib = self.ffi.dlopen(str(path))
+        self.logger = logging.getLogger(f"pysdcpp.native.{backend}")
+        self.last_error_lines: list[str] = []
+        self._progress = None
+        self._log_cb = self.ffi.callback("sd_log_cb_t", self._on_log)
+        self._progress_cb = self.ffi.callback("sd_progress_cb_t", self._on_progress)
+        self.lib.sd_set_log_callback(self._log_cb, self.ffi.NULL)
+        self.lib.sd_set_progress_callback(self._progress_cb, self.ffi.NULL)
+        self.lock = threading.RLock()  # the library's callbacks and contexts are not thread-safe
+
+    def _on_log(self, level, text, _data):
+        try:
+            msg = self.ffi.string(text).decode("utf-8", "replace").rstrip()
+        except Exception:  # never let an exception cross into C
+            return
+        py_level = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR}.get(int(level),
+                                                                                             logging.INFO)
+        if py_level >= logging.ERROR:
+            self.last_error_lines.append(msg)
+            del self.last_error_lines[:-20]
+        self.logger.log(py_level, "%s", msg)
+
+    def _on_progress(self, step, steps, seconds, _data):
+        cb = self._progress
+        if cb is not None:
+            try:
+                cb(int(step), int(steps), float(seconds))
+            except Exception:  # never let an exception cross into C
+                _log.exception("progress callback failed")
+
+    def set_progress(self, fn):
+        self._progress = fn
+
+    def take_errors(self) -> str:
+        msg = "; ".join(self.last_error_lines[-3:])
+        self.last_error_lines.clear()
+        return msg
+
+    @property
+    def has_components(self) -> bool:
+        try:
+            self.lib.pysdcpp_api_version
+        except AttributeError:
+            return False
+        return True
+
+    def version(self) -> str:
+        return self.ffi.string(self.lib.sd_version()).decode()
+
+    def commit(self) -> str:
+        return self.ffi.string(self.lib.sd_commit()).decode()
+
+    def system_info(self) -> str:
+        return self.ffi.string(self.lib.sd_get_system_info()).decode()
+
+    def enum_names(self, name_fn: str, count: int) -> list[str]:
+        fn = getattr(self.lib, name_fn)
+        return [self.ffi.string(fn(i)).decode() for i in range(count)]
+
+
+_libc = None
+
+
+def libc():
+    """The C library, for `free` on buffers the native library hands over."""
+    global _libc
+    if _libc is None:
+        _libc = ffi().dlopen(None)
+    return _libc
+
+
+_libraries: dict[str, NativeLibrary] = {}
+_libraries_lock = threading.Lock()
+
+
+def load(backend: str) -> NativeLibrary:
+    with _libraries_lock:
+        if backend not in _libraries:
+            _libraries[backend] = NativeLibrary(backend)
+        return _libraries[backend]
+
+
+def available_backends() -> list[str]:
+    return [b for b in BACKENDS if (lib_dir() / b / LIB_FILE).is_file()]
+
+
+def build_info() -> dict:
+    p = lib_dir() / "build_info.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def upstream_cli() -> Path | None:
+    p = lib_dir() / "upstream" / "sd-cli"
+    return p if p.is_file() else None

@@ -1,0 +1,363 @@
+"""The Python API: `StableDiffusion`, one object owning one native context.
+
+    with StableDiffusion("model.gguf", threads=4, backend="accelerated") as sd:
+        images = sd.generate("a lighthouse at dusk", num_inference_steps=20, guidance_scale=7.0, seed=42)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from . import _native
+from .errors import GenerationError, ModelLoadError, PySDCppError
+from .modelfile import ModelFile, read_model_file
+
+StepCallback = Callable[[int, int, float], None]
+
+
+@dataclass
+class GenerationParams:
+    """Everything that determines an image, in diffusers' names; recorded in the PNG's parameters."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.0
+    sampler: str = "euler_a"
+    scheduler: str = "default"
+    seed: int = 42
+    batch_size: int = 1
+    clip_skip: int = -1
+
+    def validate(self, samplers: list[str], schedulers: list[str]) -> None:
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
+            raise TypeError("prompt and negative_prompt must be strings")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8, got {v!r}")
+            if v % 64:
+                # The latent is 1/8 of the image and the UNet halves it three times; upstream would silently
+                # enlarge the image instead.
+                raise ValueError(f"{name} must be a multiple of 64 for SD1.x/SD2.x models (the UNet downsamples "
+                                 f"the 1/8-size latent three times), got {v}")
+            if v > 4096:
+                raise ValueError(f"{name} {v} is larger than 4096")
+        if not isinstance(self.num_inference_steps, (int, np.integer)) or self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {self.num_inference_steps!r}")
+        if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
+        if not isinstance(self.batch_size, (int, np.integer)) or not 1 <= self.batch_size <= 64:
+            raise ValueError(f"batch_size must be between 1 and 64, got {self.batch_size!r}")
+        if not isinstance(self.seed, (int, np.integer)) or not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}")
+        if self.sampler not in samplers:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(samplers)}")
+        if self.scheduler != "default" and self.scheduler not in schedulers:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose default or one of "
+                             f"{', '.join(schedulers)}")
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    params: GenerationParams
+    seconds: float
+    step_seconds: list[float] = field(default_factory=list)
+    backend: str = ""
+
+
+# Display names A1111/ComfyUI users know, for the PNG parameters chunk.
+_A1111_SAMPLERS = {"euler_a": "Euler a", "euler": "Euler", "heun": "Heun", "dpm2": "DPM2",
+                   "dpm++2s_a": "DPM++ 2S a", "dpm++2m": "DPM++ 2M", "dpm++2mv2": "DPM++ 2M v2",
+                   "ipndm": "IPNDM", "ipndm_v": "IPNDM_V", "lcm": "LCM", "ddim_trailing": "DDIM",
+                   "tcd": "TCD"}
+
+
+def png_parameters(p: GenerationParams, model_name: str, backend: str, version: str) -> str:
+    """The `parameters` text chunk in the A1111 layout (prompt, negative prompt, then key: value pairs)."""
+    fields = [("Steps", p.num_inference_steps), ("Sampler", _A1111_SAMPLERS.get(p.sampler, p.sampler))]
+    if p.scheduler != "default":
+        fields.append(("Schedule type", p.scheduler))
+    fields += [("CFG scale", f"{p.guidance_scale:g}"), ("Seed", p.seed), ("Size", f"{p.width}x{p.height}"),
+               ("Model", model_name)]
+    if p.clip_skip > 0:
+        fields.append(("Clip skip", p.clip_skip))
+    fields.append(("Version", f"pysdcpp {version} ({backend})"))
+    text = p.prompt
+    if p.negative_prompt:
+        text += f"\nNegative prompt: {p.negative_prompt}"
+    return text + "\n" + ", ".join(f"{k}: {v}" for k, v in fields)
+
+
+def _threads(threads: int | None, lib: _native.NativeLibrary) -> int:
+    if threads is None:
+        return max(1, int(lib.lib.sd_get_num_physical_cores()))
+    if not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    return int(threads)
+
+
+class StableDiffusion:
+    """A loaded model in one of the two native libraries; close it (or use `with`) to free its memory."""
+
+    def __init__(self, model: str | os.PathLike, *, threads: int | None = None, backend: str = "accelerated",
+                 vae: str | os.PathLike | None = None, prediction: str = "auto", rng: str = "cuda",
+                 vae_decode_only: bool = True, progress: Callable[[int, int, float], None] | None = None):
+        self._ctx = None
+        if backend not in _native.BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(_native.BACKENDS)}, not {backend!r}")
+        if prediction not in ("auto", "eps", "v"):
+            raise ValueError(f"prediction must be auto, eps or v, not {prediction!r}")
+        self.model_file: ModelFile = read_model_file(model)
+        vae_file = read_model_file(vae) if vae is not None else None
+        self.backend = backend
+        self.native = _native.load(backend)
+        ffi, lib = self.native.ffi, self.native.lib
+        self.threads = _threads(threads, self.native)
+        self.samplers = self.native.enum_names("sd_sample_method_name", int(lib.SAMPLE_METHOD_COUNT))
+        self.schedulers = self.native.enum_names("sd_scheduler_name", int(lib.SCHEDULER_COUNT))
+        rngs = self.native.enum_names("sd_rng_type_name", int(lib.RNG_TYPE_COUNT))
+        if rng not in rngs:
+            raise ValueError(f"rng must be one of {', '.join(rngs)}, not {rng!r}")
+        if prediction == "auto":
+            prediction = self.model_file.prediction or "auto"
+        self.prediction = prediction
+
+        self._keep = []  # C strings that must outlive the context's creation
+        params = ffi.new("sd_ctx_params_t*")
+        lib.sd_ctx_params_init(params)
+        params.model_path = self._cstr(str(self.model_file.path))
+        if vae_file is not None:
+            params.vae_path = self._cstr(str(vae_file.path))
+        params.n_threads = self.threads
+        params.free_params_immediately = False  # one context serves many generations
+        params.vae_decode_only = vae_decode_only
+        params.rng_type = lib.str_to_rng_type(rng.encode())
+        params.sampler_rng_type = params.rng_type
+        if prediction != "auto":
+            params.prediction = lib.EPS_PRED if prediction == "eps" else lib.V_PRED
+        with self.native.lock:
+            self.native.set_progress(progress)
+            self.native.take_errors()
+            try:
+                ctx = lib.new_sd_ctx(params)
+            finally:
+                self.native.set_progress(None)
+            if ctx == ffi.NULL:
+                why = self.native.take_errors() or "see the pysdcpp.native log for details"
+                raise ModelLoadError(f"could not load {self.model_file.path}: {why}")
+        self._ctx = ctx
+        self._keep.clear()
+
+    def _cstr(self, s: str):
+        buf = self.native.ffi.new("char[]", s.encode("utf-8"))
+        self._keep.append(buf)
+        return buf
+
+    # -- lifetime --------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._ctx is not None:
+            with self.native.lock:
+                self.native.lib.free_sd_ctx(self._ctx)
+            self._ctx = None
+
+    def __enter__(self) -> "StableDiffusion":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def closed(self) -> bool:
+        return self._ctx is None
+
+    def _require_open(self):
+        if self._ctx is None:
+            raise PySDCppError("this StableDiffusion context is closed")
+        return self._ctx
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, prompt: str, negative_prompt: str = "", *, width: int = 512, height: int = 512,
+                 num_inference_steps: int = 20, guidance_scale: float = 7.0, sampler: str = "euler_a",
+                 scheduler: str = "default", seed: int = 42, batch_size: int = 1, clip_skip: int = -1,
+                 callback: StepCallback | None = None) -> list[Image.Image]:
+        """Text to image; returns PIL images. `callback(step, steps, seconds)` is called after every step."""
+        return self.generate_with_info(prompt, negative_prompt, width=width, height=height,
+                                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                       sampler=sampler, scheduler=scheduler, seed=seed, batch_size=batch_size,
+                                       clip_skip=clip_skip, callback=callback).images
+
+    def generate_with_info(self, prompt: str, negative_prompt: str = "", *, callback: StepCallback | None = None,
+                           **kwargs) -> GenerationResult:
+        p = GenerationParams(prompt, negative_prompt, **kwargs)
+        p.validate(self.samplers, self.schedulers)
+        ctx = self._require_open()
+        ffi, lib = self.native.ffi, self.native.lib
+        keep = []
+
+        def cstr(s: str):
+            keep.append(ffi.new("char[]", s.encode("utf-8")))
+            return keep[-1]
+
+        g = ffi.new("sd_img_gen_params_t*")
+        lib.sd_img_gen_params_init(g)
+        g.prompt = cstr(p.prompt)
+        g.negative_prompt = cstr(p.negative_prompt)
+        g.width, g.height = p.width, p.height
+        g.seed = p.seed
+        g.batch_count = p.batch_size
+        g.clip_skip = p.clip_skip
+        g.sample_params.sample_steps = p.num_inference_steps
+        g.sample_params.guidance.txt_cfg = float(p.guidance_scale)
+        g.sample_params.sample_method = lib.str_to_sample_method(p.sampler.encode())
+        g.sample_params.scheduler = (lib.SCHEDULER_COUNT if p.scheduler == "default"
+                                     else lib.str_to_scheduler(p.scheduler.encode()))
+        step_times: list[float] = []
+
+        def on_step(step: int, steps: int, seconds: float) -> None:
+            step_times.append(seconds)
+            if callback is not None:
+                callback(step, steps, seconds)
+
+        t0 = time.perf_counter()
+        with self.native.lock:
+            self.native.set_progress(on_step)
+            self.native.take_errors()
+            try:
+                out = lib.generate_image(ctx, g)
+            finally:
+                self.native.set_progress(None)
+            if out == ffi.NULL:
+                raise GenerationError(f"generation failed: {self.native.take_errors() or 'see the log'}")
+            images = _take_images(ffi, out, p.batch_size)
+        return GenerationResult(images, p, time.perf_counter() - t0, step_times, self.backend)
+
+    # -- components (accelerated library) --------------------------------------------------------
+    def _components(self):
+        if not self.native.has_components:
+            raise PySDCppError(f"component calls need the accelerated library; this context uses {self.backend}")
+        return self._require_open()
+
+    def _call_tensor(self, fn_name: str, *args) -> np.ndarray:
+        ffi, lib = self.native.ffi, self.native.lib
+        out = ffi.new("pysdcpp_tensor_t*")
+        with self.native.lock:
+            self.native.take_errors()
+            rc = getattr(lib, fn_name)(*args, out)
+            if rc != 0:
+                msg = ffi.string(lib.pysdcpp_last_error()).decode("utf-8", "replace")
+                logged = self.native.take_errors()
+                raise GenerationError(f"{fn_name[8:]} failed: {msg}" + (f" ({logged})" if logged else ""))
+        try:
+            n = int(np.prod([out.ne[i] for i in range(out.n_dims)]))
+            arr = np.frombuffer(ffi.buffer(out.data, n * 4), dtype=np.float32).copy()
+            return arr.reshape([out.ne[i] for i in reversed(range(out.n_dims))])
+        finally:
+            lib.pysdcpp_tensor_free(out)
+
+    def tokenize(self, text: str) -> np.ndarray:
+        """The token ids the text encoder sees (BOS, tokens, EOS, padding to whole 77-token chunks)."""
+        ctx = self._components()
+        ffi, lib = self.native.ffi, self.native.lib
+        cap = 77 * 64
+        ids = ffi.new("int32_t[]", cap)
+        count = ffi.new("int*")
+        with self.native.lock:
+            if lib.pysdcpp_tokenize(ctx, text.encode("utf-8"), ids, cap, count) != 0:
+                raise GenerationError(ffi.string(lib.pysdcpp_last_error()).decode())
+        return np.frombuffer(ffi.buffer(ids, 4 * count[0]), dtype=np.int32).copy()
+
+    def encode_prompt(self, text: str, clip_skip: int = -1) -> np.ndarray:
+        """Text-encoder hidden states, shape (1, tokens, hidden): the UNet's cross-attention context."""
+        if not isinstance(text, str):
+            raise TypeError("text must be a string")
+        ctx = self._components()
+        out = self._call_tensor("pysdcpp_encode_prompt", ctx, text.encode("utf-8"), int(clip_skip))
+        return out.reshape(1, *out.shape[-2:])
+
+    def _context_width(self) -> int:
+        return {"sd1": 768, "sd2": 1024}.get(self.model_file.family or "", 0)
+
+    def unet(self, latent: np.ndarray, timestep, context: np.ndarray) -> np.ndarray:
+        """One diffusion-model evaluation: latent (N, 4, h, w), timestep scalar or (N,), context (N, T, D)."""
+        ctx = self._components()
+        x = np.ascontiguousarray(latent, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1] != 4:
+            raise ValueError(f"latent must have shape (N, 4, h, w), got {x.shape}")
+        if x.shape[2] % 8 or x.shape[3] % 8 or x.shape[2] < 8 or x.shape[3] < 8:
+            raise ValueError(f"latent height and width must be multiples of 8, got {x.shape[2:]}")
+        n = x.shape[0]
+        t = np.broadcast_to(np.asarray(timestep, dtype=np.float32), (n,)).copy()
+        if not np.all(np.isfinite(t)):
+            raise ValueError("timesteps must be finite")
+        c = np.ascontiguousarray(context, dtype=np.float32)
+        if c.ndim == 2:
+            c = c[None]
+        width = self._context_width()
+        if c.ndim != 3 or (width and c.shape[2] != width) or c.shape[0] not in (1, n):
+            raise ValueError(f"context must have shape ({n}, tokens, {width or 'hidden'}), got {c.shape}")
+        if c.shape[0] != n:
+            c = np.ascontiguousarray(np.broadcast_to(c, (n, *c.shape[1:])))
+        ffi = self.native.ffi
+        x_ne = ffi.new("int64_t[4]", list(reversed(x.shape)))
+        c_ne = ffi.new("int64_t[3]", list(reversed(c.shape)))
+        return self._call_tensor("pysdcpp_unet", ctx, ffi.from_buffer("float[]", x), x_ne,
+                                 ffi.from_buffer("float[]", t), ffi.from_buffer("float[]", c), c_ne)
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        """VAE decode of a diffusion latent (N, 4, h, w) -> the decoder's raw output (N, 3, 8h, 8w), about -1..1."""
+        ctx = self._components()
+        z = np.ascontiguousarray(latent, dtype=np.float32)
+        if z.ndim != 4 or z.shape[1] != 4 or min(z.shape[2:]) < 1:
+            raise ValueError(f"latent must have shape (N, 4, h, w), got {z.shape}")
+        ffi = self.native.ffi
+        z_ne = ffi.new("int64_t[4]", list(reversed(z.shape)))
+        return self._call_tensor("pysdcpp_decode", ctx, ffi.from_buffer("float[]", z), z_ne)
+
+
+def _take_images(ffi, out, count: int) -> list[Image.Image]:
+    """Copy the library's images into PIL images and free the C buffers (each image's data, then the array)."""
+    libc = _native.libc()
+    images = []
+    try:
+        for i in range(count):
+            img = out[i]
+            if img.data == ffi.NULL:
+                continue
+            w, h, c = int(img.width), int(img.height), int(img.channel)
+            arr = np.frombuffer(ffi.buffer(img.data, w * h * c), dtype=np.uint8).reshape(h, w, c).copy()
+            images.append(Image.fromarray(arr, "RGB" if c == 3 else "RGBA" if c == 4 else "L"))
+    finally:
+        for i in range(count):
+            if out[i].data != ffi.NULL:
+                libc.free(out[i].data)
+        libc.free(out)
+    return images
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> None:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    image.save(path, pnginfo=info)
+
+
+__all__ = ["StableDiffusion", "GenerationParams", "GenerationResult", "png_parameters", "save_png"]

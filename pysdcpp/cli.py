@@ -1,0 +1,308 @@
+"""The `pysdcpp` command: thin click commands over the library API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="pysdcpp")
+def main() -> None:
+    """Stable Diffusion on the CPU through stable-diffusion.cpp.
+
+    \b
+    Examples:
+      pysdcpp generate --demo
+      pysdcpp convert ./my-diffusers-model -o model.gguf --type f16
+      pysdcpp generate model.gguf -p "a lighthouse at dusk" --steps 20 -o out.png
+      pysdcpp inspect model.gguf --json
+    """
+
+
+class _StepBar:
+    """A progress bar fed by the library's per-step callback (model loading reports through it too)."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label, self.enabled, self.bar, self.last = label, enabled, None, 0
+
+    def __call__(self, step: int, steps: int, seconds: float) -> None:
+        if not self.enabled or steps <= 0:
+            return
+        if self.bar is None or self.bar.length != steps or step < self.last:
+            self.close()
+            self.bar = click.progressbar(length=steps, label=self.label, file=sys.stderr, show_pos=True)
+            self.bar.__enter__()
+            self.last = 0
+        self.bar.update(step - self.last)
+        self.last = step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--demo", is_flag=True, help="Use the embedded synthetic SD1.5 model (random weights: draws noise).")
+@click.option("-p", "--prompt", default=None, help="What to draw.")
+@click.option("-n", "--negative-prompt", default="", help="What not to draw.")
+@click.option("-W", "--width", type=int, default=None, help="Image width, a multiple of 64 [512; demo 256].")
+@click.option("-H", "--height", type=int, default=None, help="Image height, a multiple of 64 [512; demo 256].")
+@click.option("--steps", type=int, default=None, help="Sampling steps [20; demo 4].")
+@click.option("--cfg", "guidance_scale", type=float, default=7.0, show_default=True, help="Guidance scale.")
+@click.option("--sampler", default="euler_a", show_default=True, help="Sampling method (see `pysdcpp info`).")
+@click.option("--scheduler", default="default", show_default=True, help="Noise schedule (see `pysdcpp info`).")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--batch", "batch_size", type=int, default=1, show_default=True, help="Images per run.")
+@click.option("--clip-skip", type=int, default=-1, show_default=True, help="-1: the model's default.")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads [physical cores].")
+@click.option("--backend", type=click.Choice(["accelerated", "upstream"]), default="accelerated", show_default=True)
+@click.option("--prediction", type=click.Choice(["auto", "eps", "v"]), default="auto", show_default=True,
+              help="Force epsilon or v prediction (auto: from the file's metadata or the model).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("output.png"),
+              show_default=True, help="PNG path; with --batch N, files get _1.._N suffixes.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("-v", "--verbose", count=True, help="-v: library info log, -vv: debug log.")
+def generate(model, demo, prompt, negative_prompt, width, height, steps, guidance_scale, sampler, scheduler,
+             seed, batch_size, clip_skip, threads, backend, prediction, output, as_json, verbose):
+    """Text to image. Writes PNGs carrying their generation parameters (A1111 `parameters` chunk).
+
+    \b
+    Examples:
+      pysdcpp generate --demo
+      pysdcpp generate model.gguf -p "a lighthouse at dusk" -W 512 -H 512 --steps 20 --seed 7 -o lighthouse.png
+      pysdcpp generate model.gguf -p "a red fox" --backend upstream --sampler euler --scheduler karras
+    """
+    from .api import StableDiffusion, png_parameters, save_png
+    from .errors import PySDCppError
+
+    _setup_logging(verbose)
+    show = sys.stderr.isatty() or verbose > 0
+    if demo == (model is not None):
+        _fail("give a MODEL file or --demo (not both)")
+    if demo:
+        from .demo import synthetic_gguf
+
+        click.echo("demo: synthetic SD1.5 (real architecture, deterministic random weights). "
+                   "Random weights draw noise, not pictures: this shows the pipeline runs and how fast.",
+                   err=True)
+        bar = _WriteBar("making the demo model (once, cached)")
+        model = synthetic_gguf("sd1", "f16", progress=bar)
+        bar.close()
+        width, height, steps = width or 256, height or 256, steps or 4
+        prompt = prompt if prompt is not None else "a lighthouse at dusk, oil painting"
+    else:
+        width, height, steps = width or 512, height or 512, steps or 20
+        if prompt is None:
+            _fail("--prompt is required")
+    if output.suffix.lower() != ".png":
+        _fail(f"output must be a .png path, got {output}")
+    if not output.parent.exists():
+        _fail(f"output folder {output.parent} does not exist")
+    try:
+        t0 = time.perf_counter()
+        with StableDiffusion(model, threads=threads, backend=backend, prediction=prediction) as sd:
+            load_s = time.perf_counter() - t0
+            bar = _StepBar("sampling", show)
+            try:
+                result = sd.generate_with_info(prompt, negative_prompt, width=width, height=height,
+                                               num_inference_steps=steps, guidance_scale=guidance_scale,
+                                               sampler=sampler, scheduler=scheduler, seed=seed,
+                                               batch_size=batch_size, clip_skip=clip_skip, callback=bar)
+            finally:
+                bar.close()
+            text = png_parameters(result.params, Path(model).stem, backend, __version__)
+            paths = [output] if len(result.images) == 1 else [
+                output.with_name(f"{output.stem}_{i + 1}{output.suffix}") for i in range(len(result.images))]
+            for img, path in zip(result.images, paths):
+                save_png(img, path, text)
+    except (PySDCppError, ValueError, TypeError) as e:
+        _fail(str(e))
+    summary = {"images": [str(p) for p in paths], "model": str(model), "backend": backend,
+               "threads": sd.threads, "load_seconds": round(load_s, 3),
+               "generate_seconds": round(result.seconds, 3), "parameters": text}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        for p in paths:
+            click.echo(f"wrote {p}")
+        click.echo(f"{backend}, {sd.threads} threads: load {load_s:.1f} s, generate {result.seconds:.1f} s",
+                   err=True)
+
+
+class _WriteBar:
+    """Progress bar for converters' (done_bytes, total_bytes, name) callbacks."""
+
+    def __init__(self, label: str):
+        self.label, self.bar, self.last = label, None, 0
+
+    def __call__(self, done: int, total: int, _name: str) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.last)
+        self.last = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The GGUF file to write.")
+@click.option("--type", "out_type", type=click.Choice(["f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]),
+              default="f16", show_default=True, help="Weight type (biases, norms and embeddings keep theirs).")
+@click.option("--prediction", type=click.Choice(["auto", "eps", "v"]), default="auto", show_default=True,
+              help="Record epsilon or v prediction (auto: from a diffusers folder's scheduler config).")
+@click.option("--base", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder to take a missing text_encoder/ or vae/ from.")
+def convert(input_path, output, out_type, prediction, base):
+    """Convert a checkpoint to GGUF: a .safetensors / .ckpt file or a diffusers folder (SD1.x, SD2.x).
+
+    \b
+    Examples:
+      pysdcpp convert v1-5-pruned-emaonly.safetensors -o sd15-f16.gguf
+      pysdcpp convert ./stable-diffusion-2-1 -o sd21-q8.gguf --type q8_0
+    """
+    from converters import ConversionError
+    from converters import convert as run
+
+    bar = _WriteBar(f"writing {output.name}")
+    try:
+        report = run(input_path, output, out_type, prediction=prediction, base=base, progress=bar)
+    except ConversionError as e:
+        _fail(str(e))
+    finally:
+        bar.close()
+    types = ", ".join(f"{k} {v}" for k, v in sorted(report.types.items()))
+    click.echo(f"wrote {report.output}: {report.family}, {report.n_tensors} tensors ({types}), "
+               f"prediction {report.prediction or 'not recorded'}")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor.")
+def inspect(model, as_json, list_tensors):
+    """Architecture, tensor types and sizes, and metadata of a model file."""
+    from .errors import ModelLoadError
+    from .modelfile import read_model_file
+
+    try:
+        mf = read_model_file(model)
+    except ModelLoadError as e:
+        _fail(str(e))
+    by_type: dict[str, list[int]] = {}
+    groups: dict[str, int] = {}
+    for t in mf.tensors:
+        entry = by_type.setdefault(t.type, [0, 0])
+        entry[0] += 1
+        entry[1] += t.nbytes
+        head = next((p for p in ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+                     if t.name.startswith(p)), "other")
+        groups[head] = groups.get(head, 0) + t.nbytes
+    info = {"path": str(mf.path), "format": mf.format, "family": mf.family, "prediction": mf.prediction,
+            "n_tensors": len(mf.tensors), "bytes": mf.total_bytes,
+            "types": {k: {"tensors": v[0], "bytes": v[1]} for k, v in sorted(by_type.items())},
+            "components": {"unet" if k.startswith("model.") else "vae" if k.startswith("first") else
+                           "text_encoder" if k.startswith("cond") else k: v for k, v in groups.items()},
+            "metadata": {k: v for k, v in mf.metadata.items()}}
+    if list_tensors:
+        info["tensors"] = [{"name": t.name, "type": t.type, "shape": list(t.shape), "bytes": t.nbytes}
+                           for t in mf.tensors]
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"{mf.path}  ({mf.format}, {_human(mf.total_bytes)})")
+    click.echo(f"  family      {mf.family or 'unknown'}")
+    click.echo(f"  prediction  {mf.prediction or 'not recorded (decided at load)'}")
+    click.echo(f"  tensors     {len(mf.tensors)}")
+    for k, v in info["components"].items():
+        click.echo(f"  {k:<12}{_human(v)}")
+    click.echo("  types:")
+    for k, v in info["types"].items():
+        click.echo(f"    {k:<8}{v['tensors']:>6} tensors  {_human(v['bytes'])}")
+    if mf.metadata:
+        click.echo("  metadata:")
+        for k, v in mf.metadata.items():
+            click.echo(f"    {k} = {v}")
+    if list_tensors:
+        for t in mf.tensors:
+            click.echo(f"  {t.name:<90} {t.type:<6} {list(t.shape)}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(as_json):
+    """Package and upstream versions, build flags, CPU features, built backends, samplers and schedulers."""
+    from . import _native
+    from .errors import PySDCppError
+
+    out: dict = {"pysdcpp": __version__, "python": platform.python_version(), "machine": platform.machine(),
+                 "library_dir": str(_native.lib_dir()), "build": _native.build_info(), "backends": {}}
+    for backend in _native.BACKENDS:
+        try:
+            lib = _native.load(backend)
+        except PySDCppError as e:
+            out["backends"][backend] = {"available": False, "error": str(e)}
+            continue
+        entry = {"available": True, "path": str(lib.path), "upstream_version": lib.version(),
+                 "upstream_commit": lib.commit(), "system_info": lib.system_info().strip(),
+                 "components": lib.has_components}
+        entry["samplers"] = lib.enum_names("sd_sample_method_name", int(lib.lib.SAMPLE_METHOD_COUNT))
+        entry["schedulers"] = lib.enum_names("sd_scheduler_name", int(lib.lib.SCHEDULER_COUNT))
+        out["backends"][backend] = entry
+    out["upstream_cli"] = str(_native.upstream_cli() or "")
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"pysdcpp {out['pysdcpp']} (Python {out['python']}, {out['machine']})")
+    click.echo(f"libraries: {out['library_dir']}")
+    for k, v in out["build"].items():
+        click.echo(f"  build {k}: {v}")
+    for backend, entry in out["backends"].items():
+        if not entry["available"]:
+            click.echo(f"{backend}: not available ({entry['error']})")
+            continue
+        click.echo(f"{backend}: stable-diffusion.cpp {entry['upstream_version']} ({entry['upstream_commit']})")
+        click.echo(f"  {entry['system_info']}")
+    first = next((e for e in out["backends"].values() if e.get("available")), None)
+    if first:
+        click.echo("samplers: " + ", ".join(first["samplers"]))
+        click.echo("schedulers: default, " + ", ".join(first["schedulers"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The `pysdcpp` command: the README's demo, convert, inspect, info, and clear errors (exit code 1, no traceback)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pysdcpp.cli import main
+
+
+@pytest.fixture()
+def runner():
+    return CliRunner()
+
+
+def test_generate_demo(runner, tmp_path, monkeypatch, cache_root):
+    monkeypatch.setenv("PYSDCPP_CACHE_DIR", str(cache_root / "demo-cache"))
+    out = tmp_path / "demo.png"
+    res = runner.invoke(main, ["generate", "--demo", "--steps", "2", "-W", "128", "-H", "128", "-t", "2",
+                               "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert summary["images"] == [str(out)]
+    img = Image.open(out)
+    assert img.size == (128, 128)
+    assert "Steps: 2" in img.text["parameters"]
+    assert np.asarray(img).std() > 0
+    assert "Random weights draw noise" in res.stderr
+
+
+def test_generate_errors(runner, tmp_path, sd15_f16):
+    res = runner.invoke(main, ["generate", str(tmp_path / "missing.gguf"), "-p", "x"])
+    assert res.exit_code == 1 and "no such file" in res.output
+    res = runner.invoke(main, ["generate", str(sd15_f16), "-p", "x", "-W", "100"])
+    assert res.exit_code == 1 and "multiple of 8" in res.output
+    res = runner.invoke(main, ["generate", str(sd15_f16), "-p", "x", "--steps", "0"])
+    assert res.exit_code == 1 and "at least 1" in res.output
+    res = runner.invoke(main, ["generate"])
+    assert res.exit_code == 1 and "--demo" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_inspect_json(runner, sd15_f16):
+    res = runner.invoke(main, ["inspect", str(sd15_f16), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["format"] == "gguf" and info["family"] == "sd1" and info["prediction"] == "eps"
+    assert info["n_tensors"] == 686 + 248 + 196
+    assert set(info["components"]) == {"unet", "vae", "text_encoder"}
+    assert info["types"]["F16"]["tensors"] > 0 and info["types"]["F32"]["tensors"] > 0
+
+
+def test_info_json(runner):
+    res = runner.invoke(main, ["info", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    for backend in ("upstream", "accelerated"):
+        b = info["backends"][backend]
+        assert b["available"], b
+        assert "euler_a" in b["samplers"]
+    assert info["backends"]["accelerated"]["components"] is True
+    assert info["backends"]["upstream"]["components"] is False
+    assert info["build"]["ggml_llamafile"] in ("ON", "1", "TRUE", "True", "on")
+
+
+def test_convert_cli_errors(runner, tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a model")
+    res = runner.invoke(main, ["convert", str(junk), "-o", str(tmp_path / "o.gguf")])
+    assert res.exit_code == 1 and "not a safetensors file" in res.output
+    assert not (tmp_path / "o.gguf").exists()

@@ -1,0 +1,192 @@
+"""Converters without the native library: name mapping against diffusers' own LDM converter, the
+torch-free checkpoint readers against torch, and the errors bad checkpoints raise."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converters import ConversionError, convert, synthetic
+from converters.checkpoint_io import read_checkpoint_file, read_safetensors
+from converters.sd_layout import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, detect, map_text_encoder, map_unet,
+                                  map_vae, text_encoder_name)
+
+torch = pytest.importorskip("torch")
+
+
+def _meta_sources(params):
+    from converters.checkpoint_io import TensorSource
+
+    return [TensorSource(n, s, "F32", lambda: None) for n, s in params]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_unet_names_invert_through_diffusers_ldm_converter(family):
+    """Our diffusers->LDM names, fed to diffusers' LDM->diffusers converter, give back every original name."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    params = synthetic.component_parameters(family)["unet"]
+    mapped = map_unet(_meta_sources(params))
+    ldm = {t.name: torch.empty(t.shape, device="meta") for t in mapped}
+    cfg = {k: v for k, v in synthetic.UNET_CONFIGS[family].items() if not k.startswith("_")}
+    back = convert_ldm_unet_checkpoint(ldm, cfg)
+    assert {k: tuple(v.shape) for k, v in back.items()} == dict(params)
+
+
+@pytest.mark.parametrize("family", ["sd1"])
+def test_vae_names_invert_through_diffusers_ldm_converter(family):
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    params = synthetic.component_parameters(family)["vae"]
+    mapped = map_vae(_meta_sources(params))
+    assert all(t.name.startswith(VAE_PREFIX) for t in mapped)
+    # LDM stores the mid-block attention as 1x1 convs; diffusers' converter turns them back into linears.
+    assert dict((t.name, t.shape) for t in mapped)[VAE_PREFIX + "decoder.mid.attn_1.q.weight"] == (512, 512, 1, 1)
+    ldm = {t.name[len(VAE_PREFIX):]: torch.zeros(t.shape) for t in mapped}
+    cfg = {k: v for k, v in synthetic.VAE_CONFIG.items() if not k.startswith("_")}
+    back = convert_ldm_vae_checkpoint(ldm, cfg)
+    assert {k: tuple(v.shape) for k, v in back.items()} == dict(params)
+
+
+def test_text_encoder_names_with_and_without_text_model_prefix():
+    params = synthetic.component_parameters("sd1")["text_encoder"]
+    with_prefix = [t.name for t in map_text_encoder(_meta_sources(params))]
+    without = [t.name for t in map_text_encoder(_meta_sources(
+        [(n[len("text_model."):], s) for n, s in params]))]
+    assert with_prefix == without
+    assert with_prefix[0] == TEXT_PREFIX + "embeddings.token_embedding.weight"
+    assert text_encoder_name("text_model.embeddings.position_ids") is None
+
+
+def _torch_zip(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def test_ckpt_reader_matches_torch(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 10, generator=g)
+    state = {
+        "a.weight": torch.randn(3, 4, 5, generator=g),
+        "b.half": torch.randn(7, generator=g).half(),
+        "c.bf16": torch.randn(4, 4, generator=g).bfloat16(),
+        "d.view": base[1:5, 2:9],            # offset into a shared storage
+        "e.transposed": base.t(),            # non-contiguous strides
+        "f.scalar": torch.tensor(3.5),
+        "g.param": torch.nn.Parameter(torch.randn(2, 3, generator=g)),
+    }
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": state, "global_step": 10}, path)
+    got = {t.name: t for t in read_checkpoint_file(path)}
+    assert set(got) == set(state)
+    for name, ref in state.items():
+        ref32 = ref.detach().float().numpy()
+        arr = got[name].load()
+        assert arr.shape == ref32.shape, name
+        np.testing.assert_array_equal(arr.astype(np.float32), ref32, err_msg=name)
+    assert got["b.half"].dtype == "F16" and got["c.bf16"].dtype == "BF16"
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/pysdcpp-pwned",))
+
+
+def test_ckpt_reader_refuses_code(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"x": _Evil()}, protocol=2))
+    marker = Path("/tmp/pysdcpp-pwned")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(ConversionError, match="refusing to load global"):
+        read_checkpoint_file(path)
+    assert not marker.exists()
+
+
+def test_legacy_and_garbage_files_are_refused(tmp_path):
+    legacy = tmp_path / "old.ckpt"
+    legacy.write_bytes(pickle.dumps({"a": 1}, protocol=2))
+    with pytest.raises(ConversionError, match="legacy"):
+        read_checkpoint_file(legacy)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"hello, this is not a model at all")
+    with pytest.raises(ConversionError, match="not a safetensors file"):
+        read_checkpoint_file(junk)
+    with pytest.raises(ConversionError, match="no such file"):
+        read_checkpoint_file(tmp_path / "missing.safetensors")
+
+
+def test_truncated_safetensors(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "t.safetensors"
+    save_file({"w": np.ones((64, 64), np.float32)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(ConversionError, match="truncated"):
+        read_safetensors(path)
+
+
+def test_unsupported_architectures_are_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"model.diffusion_model.label_emb.0.0.weight": np.zeros((4, 4), np.float16),
+               "conditioner.embedders.1.model.ln_final.weight": np.zeros(4, np.float16)}, str(sdxl))
+    with pytest.raises(ConversionError, match="SDXL"):
+        convert(sdxl, tmp_path / "o.gguf")
+    flux = tmp_path / "flux.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": np.zeros((4, 4), np.float16)}, str(flux))
+    with pytest.raises(ConversionError, match="Flux"):
+        convert(flux, tmp_path / "o.gguf")
+    assert not (tmp_path / "o.gguf").exists()
+    notdir = tmp_path / "empty"
+    notdir.mkdir()
+    with pytest.raises(ConversionError, match="unet"):
+        convert(notdir, tmp_path / "o.gguf")
+
+
+def test_detect_family_from_cross_attention_width():
+    for family, width in (("sd1", 768), ("sd2", 1024)):
+        params = synthetic.component_parameters(family)
+        srcs = map_unet(_meta_sources(params["unet"])) + map_vae(_meta_sources(params["vae"])) + \
+            map_text_encoder(_meta_sources(params["text_encoder"]))
+        info = detect(srcs)
+        assert (info.family, info.context_dim) == (family, width)
+        assert any(t.name.startswith(UNET_PREFIX + "output_blocks.11.1.") for t in srcs)
+
+
+def test_writer_type_rules(tmp_path):
+    """The writer's type rules: biases and embeddings keep their type, ne0 not a multiple of the block size
+    stays unquantized; f16 rounds like numpy (round to nearest even); no partial file is left behind."""
+    from gguf import GGUFReader
+
+    from converters.checkpoint_io import TensorSource
+    from converters.gguf_out import write_gguf
+
+    rng = np.random.default_rng(0)
+    arrays = {"x.weight": rng.standard_normal((64, 64)).astype(np.float32),
+              "x.bias": rng.standard_normal(64).astype(np.float32),
+              "y.token_embedding.weight": rng.standard_normal((10, 64)).astype(np.float32),
+              "z.weight": rng.standard_normal((8, 3, 3, 3)).astype(np.float32)}
+    srcs = [TensorSource(k, v.shape, "F32", (lambda v=v: v)) for k, v in arrays.items()]
+    out = tmp_path / "o.gguf"
+    write_gguf(out, srcs, "q8_0", {"k": "v"})
+    r = GGUFReader(out)
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types == {"x.weight": "Q8_0", "x.bias": "F32", "y.token_embedding.weight": "F32", "z.weight": "F32"}
+    write_gguf(out, srcs, "f16", {})
+    r = GGUFReader(out)
+    t = {t.name: t for t in r.tensors}
+    np.testing.assert_array_equal(np.asarray(t["x.weight"].data), arrays["x.weight"].astype(np.float16))
+    assert t["z.weight"].tensor_type.name == "F16"
+    assert not (tmp_path / "o.gguf.partial").exists()
