@@ -88,17 +88,27 @@ def fetch_sdist(cache: Path) -> Path:
     return tree
 
 
-def find_source(repo: Path, cache: Path) -> Path:
+def git_commit(path: Path) -> str:
+    if not shutil.which("git"):
+        return "unknown"
+    proc = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+
+
+def find_source(repo: Path, cache: Path) -> tuple[Path, str]:
+    """The pristine tree and its upstream commit."""
     override = os.environ.get("PYSDCPP_SDCPP_SOURCE")
     if override:
         path = Path(override).resolve()
         if not is_sdcpp_tree(path):
             raise SystemExit(f"PYSDCPP_SDCPP_SOURCE={override} is not a stable-diffusion.cpp tree with ggml")
-        return path
+        return path, git_commit(path)
     sub = repo / "sdcpp"
     if is_sdcpp_tree(sub):
-        return sub.resolve()
-    return fetch_sdist(cache)
+        return sub.resolve(), git_commit(sub)
+    # The source distribution was checked file by file against the pinned commit.
+    return fetch_sdist(cache), UPSTREAM_COMMIT
 
 
 def patch_fingerprint(patches: list[Path], source: Path) -> str:
@@ -121,21 +131,53 @@ def apply_patch(patch: Path, tree: Path) -> None:
         raise SystemExit(f"patch {patch.name} does not apply:\n{proc.stdout}")
 
 
-def make_patched_copy(source: Path, patches: list[Path], dest: Path) -> None:
-    """Copy the pristine tree and apply the series, only when the inputs changed.
+def sync_tree(src: Path, dest: Path) -> int:
+    """Make `dest` hold exactly `src`'s files, rewriting only those whose bytes differ (their times change,
+    the others' stay, so the build recompiles only what a patch touched). Returns the number rewritten."""
+    changed = 0
+    wanted = set()
+    for path in src.rglob("*"):
+        rel = path.relative_to(src)
+        wanted.add(rel)
+        target = dest / rel
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        if target.is_file() and target.stat().st_size == path.stat().st_size and \
+                target.read_bytes() == path.read_bytes():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)  # a fresh mtime: the build must see the change
+        shutil.copymode(path, target)
+        changed += 1
+    for path in sorted(dest.rglob("*"), reverse=True):
+        rel = path.relative_to(dest)
+        if rel not in wanted and rel.name != STAMP:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    return changed
 
-    Leaving an up-to-date copy untouched keeps file times stable, so incremental builds stay incremental.
-    """
-    stamp = dest / ".pysdcpp-patched"
+
+STAMP = ".pysdcpp-patched"
+
+
+def make_patched_copy(source: Path, patches: list[Path], dest: Path) -> None:
+    """The pristine tree plus the patch series, in `dest`; redone only when the inputs changed."""
+    stamp = dest / STAMP
     fingerprint = patch_fingerprint(patches, source)
     if stamp.is_file() and stamp.read_text().strip() == fingerprint:
         return
-    if dest.exists():
-        shutil.rmtree(dest)
-    log(f"copying {source} -> {dest} and applying {len(patches)} patch(es)")
-    shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns(".git"))
-    for p in patches:
-        apply_patch(p, dest)
+    log(f"preparing {dest}: {source} + {len(patches)} patch(es)")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        work = Path(tmp) / "tree"
+        shutil.copytree(source, work, symlinks=True, ignore=shutil.ignore_patterns(".git"))
+        for p in patches:
+            apply_patch(p, work)
+        n = sync_tree(work, dest)
+    log(f"{n} file(s) changed in the patched tree")
     stamp.write_text(fingerprint + "\n")
 
 
@@ -145,10 +187,10 @@ def main() -> None:
     ap.add_argument("--patched-dest", type=Path, required=True, help="where the patched copy goes")
     ap.add_argument("--patches", type=Path, nargs="*", default=[])
     args = ap.parse_args()
-    source = find_source(args.repo, default_cache_dir())
+    source, commit = find_source(args.repo, default_cache_dir())
     make_patched_copy(source, sorted(args.patches), args.patched_dest)
-    # CMake reads the pristine source path from stdout.
-    print(source)
+    # CMake reads "pristine source;commit" (a CMake list) from stdout.
+    print(f"{source};{commit}")
 
 
 if __name__ == "__main__":

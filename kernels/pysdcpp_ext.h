@@ -29,6 +29,28 @@ int pysdcpp_unet(sd_ctx_t* ctx, const float* x, const int64_t* x_ne, const float
 /* VAE decode of a diffusion latent [W, H, C, N]: the decoder's raw output (about -1..1), before clamping. */
 int pysdcpp_decode(sd_ctx_t* ctx, const float* latent, const int64_t* latent_ne, pysdcpp_tensor_t* out);
 
+/* Convolution algorithms: the context-wide choice (pysdcpp_set_conv_algorithm: IM2COL or a WINOGRAD value, which
+   then picks F(4x4), F(2x2) or im2col per layer) and the explicit per-call variants of pysdcpp_conv2d_3x3. */
+enum pysdcpp_conv_t {
+    PYSDCPP_CONV_IM2COL      = 0,
+    PYSDCPP_CONV_DIRECT      = 1,
+    PYSDCPP_CONV_WINOGRAD_F4 = 2,
+    PYSDCPP_CONV_WINOGRAD_F2 = 3
+};
+void pysdcpp_set_conv_algorithm(int algorithm);
+/* Transformed Winograd filters are cached per weight (computed once, at the first graph that needs them) up to
+   a byte budget; layers beyond it transform their filters inside the graph at every evaluation. */
+void pysdcpp_set_winograd_cache_budget(size_t bytes);
+size_t pysdcpp_winograd_cache_bytes(void);
+void pysdcpp_winograd_cache_clear(void);
+const char* pysdcpp_conv_last_error(void);
+/* One 3x3 stride-1 convolution on host arrays through the graph nodes the models use (no model needed):
+   x [N][C][H][W], w [K][C][3][3] (held as F16 when weight_f16), bias [K] or NULL, y [N][K][H+2p-2][W+2p-2].
+   Runs `repeat` times; seconds[r] (may be NULL) receives each run's wall time. */
+int pysdcpp_conv2d_3x3(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, const float* w, int64_t K,
+                       const float* bias, int pad, int weight_f16, int algorithm, int n_threads, int repeat,
+                       float* y, double* seconds);
+
 #ifdef __cplusplus
 }
 #endif

@@ -22,6 +22,11 @@ from .modelfile import ModelFile, read_model_file
 
 StepCallback = Callable[[int, int, float], None]
 
+# Convolution algorithms per library: upstream's two, plus Winograd in the accelerated one (which picks
+# F(4x4), F(2x2) or im2col per layer).
+CONV_ALGORITHMS = {"upstream": ("im2col", "direct"), "accelerated": ("im2col", "direct", "winograd")}
+DEFAULT_CONV = {"upstream": "im2col", "accelerated": "winograd"}
+
 
 @dataclass
 class GenerationParams:
@@ -113,10 +118,20 @@ class StableDiffusion:
 
     def __init__(self, model: str | os.PathLike, *, threads: int | None = None, backend: str = "accelerated",
                  vae: str | os.PathLike | None = None, prediction: str = "auto", rng: str = "cuda",
-                 vae_decode_only: bool = True, progress: Callable[[int, int, float], None] | None = None):
+                 vae_decode_only: bool = True, conv: str = "default", winograd_cache_mb: int | None = None,
+                 progress: Callable[[int, int, float], None] | None = None):
         self._ctx = None
         if backend not in _native.BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(_native.BACKENDS)}, not {backend!r}")
+        allowed = CONV_ALGORITHMS[backend]
+        if conv == "default":
+            conv = DEFAULT_CONV[backend]
+        if conv not in allowed:
+            raise ValueError(f"conv must be one of {', '.join(allowed)} with the {backend} library, not {conv!r}")
+        self.conv = conv
+        if winograd_cache_mb is not None and (not isinstance(winograd_cache_mb, (int, np.integer))
+                                              or winograd_cache_mb < 0):
+            raise ValueError(f"winograd_cache_mb must be a non-negative integer, got {winograd_cache_mb!r}")
         if prediction not in ("auto", "eps", "v"):
             raise ValueError(f"prediction must be auto, eps or v, not {prediction!r}")
         self.model_file: ModelFile = read_model_file(model)
@@ -125,6 +140,9 @@ class StableDiffusion:
         self.native = _native.load(backend)
         ffi, lib = self.native.ffi, self.native.lib
         self.threads = _threads(threads, self.native)
+        if winograd_cache_mb is not None and self.native.has_components:
+            # Process-wide: transformed filters of every context in this process share the budget.
+            self.native.lib.pysdcpp_set_winograd_cache_budget(int(winograd_cache_mb) << 20)
         self.samplers = self.native.enum_names("sd_sample_method_name", int(lib.SAMPLE_METHOD_COUNT))
         self.schedulers = self.native.enum_names("sd_scheduler_name", int(lib.SCHEDULER_COUNT))
         rngs = self.native.enum_names("sd_rng_type_name", int(lib.RNG_TYPE_COUNT))
@@ -147,6 +165,7 @@ class StableDiffusion:
         params.sampler_rng_type = params.rng_type
         if prediction != "auto":
             params.prediction = lib.EPS_PRED if prediction == "eps" else lib.V_PRED
+        params.diffusion_conv_direct = params.vae_conv_direct = conv == "direct"
         with self.native.lock:
             self.native.set_progress(progress)
             self.native.take_errors()
@@ -170,6 +189,9 @@ class StableDiffusion:
         if self._ctx is not None:
             with self.native.lock:
                 self.native.lib.free_sd_ctx(self._ctx)
+                if self.native.has_components:
+                    # Cached Winograd filters point into this context's weights, which are gone now.
+                    self.native.lib.pysdcpp_winograd_cache_clear()
             self._ctx = None
 
     def __enter__(self) -> "StableDiffusion":
@@ -192,6 +214,11 @@ class StableDiffusion:
         if self._ctx is None:
             raise PySDCppError("this StableDiffusion context is closed")
         return self._ctx
+
+    def _select_conv(self) -> None:
+        """The conv hook reads a process-wide setting: set this context's before every compute (under the lock)."""
+        if self.native.has_components:
+            self.native.lib.pysdcpp_set_conv_algorithm(2 if self.conv == "winograd" else 0)
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompt: str, negative_prompt: str = "", *, width: int = 512, height: int = 512,
@@ -238,6 +265,7 @@ class StableDiffusion:
 
         t0 = time.perf_counter()
         with self.native.lock:
+            self._select_conv()
             self.native.set_progress(on_step)
             self.native.take_errors()
             try:
@@ -259,6 +287,7 @@ class StableDiffusion:
         ffi, lib = self.native.ffi, self.native.lib
         out = ffi.new("pysdcpp_tensor_t*")
         with self.native.lock:
+            self._select_conv()
             self.native.take_errors()
             rc = getattr(lib, fn_name)(*args, out)
             if rc != 0:

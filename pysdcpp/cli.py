@@ -21,6 +21,10 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def _default(value, default):
+    return default if value is None else value
+
+
 def _fail(message: str) -> None:
     raise click.ClickException(message)
 
@@ -80,12 +84,17 @@ class _StepBar:
 @click.option("--backend", type=click.Choice(["accelerated", "upstream"]), default="accelerated", show_default=True)
 @click.option("--prediction", type=click.Choice(["auto", "eps", "v"]), default="auto", show_default=True,
               help="Force epsilon or v prediction (auto: from the file's metadata or the model).")
+@click.option("--conv", type=click.Choice(["default", "im2col", "direct", "winograd"]), default="default",
+              show_default=True, help="3x3 convolution algorithm (winograd: accelerated library only).")
+@click.option("--winograd-cache-mb", type=click.IntRange(min=0), default=None,
+              help="Memory for Winograd's transformed filters (default 2048); layers beyond it use im2col.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("output.png"),
               show_default=True, help="PNG path; with --batch N, files get _1.._N suffixes.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-v", "--verbose", count=True, help="-v: library info log, -vv: debug log.")
 def generate(model, demo, prompt, negative_prompt, width, height, steps, guidance_scale, sampler, scheduler,
-             seed, batch_size, clip_skip, threads, backend, prediction, output, as_json, verbose):
+             seed, batch_size, clip_skip, threads, backend, prediction, conv, winograd_cache_mb, output, as_json,
+             verbose):
     """Text to image. Writes PNGs carrying their generation parameters (A1111 `parameters` chunk).
 
     \b
@@ -110,10 +119,10 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
         bar = _WriteBar("making the demo model (once, cached)")
         model = synthetic_gguf("sd1", "f16", progress=bar)
         bar.close()
-        width, height, steps = width or 256, height or 256, steps or 4
+        width, height, steps = _default(width, 256), _default(height, 256), _default(steps, 4)
         prompt = prompt if prompt is not None else "a lighthouse at dusk, oil painting"
     else:
-        width, height, steps = width or 512, height or 512, steps or 20
+        width, height, steps = _default(width, 512), _default(height, 512), _default(steps, 20)
         if prompt is None:
             _fail("--prompt is required")
     if output.suffix.lower() != ".png":
@@ -122,7 +131,13 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
         _fail(f"output folder {output.parent} does not exist")
     try:
         t0 = time.perf_counter()
-        with StableDiffusion(model, threads=threads, backend=backend, prediction=prediction) as sd:
+        loading = _StepBar("loading", show)
+        try:
+            sd = StableDiffusion(model, threads=threads, backend=backend, prediction=prediction, conv=conv,
+                                 winograd_cache_mb=winograd_cache_mb, progress=loading)
+        finally:
+            loading.close()
+        with sd:
             load_s = time.perf_counter() - t0
             bar = _StepBar("sampling", show)
             try:
@@ -264,6 +279,47 @@ def inspect(model, as_json, list_tensors):
 
 
 @main.command(context_settings=CONTEXT)
+@click.option("--layers", is_flag=True, required=True,
+              help="Benchmark every distinct 3x3 conv of the SD1.5 UNet and VAE (the only mode so far).")
+@click.option("--size", type=int, default=512, show_default=True, help="Image size the layer shapes come from.")
+@click.option("-t", "--threads", type=int, default=2, show_default=True)
+@click.option("--repeat", type=int, default=3, show_default=True, help="Interleaved repetitions per algorithm.")
+@click.option("--algorithms", default="im2col,winograd_f4,winograd_f2", show_default=True,
+              help="Comma-separated: im2col, direct, winograd_f4, winograd_f2.")
+@click.option("--only", default=None, help="Only shapes used by layers whose name contains this (e.g. vae.).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the full report (machine, build, every timing) here.")
+def bench(layers, size, threads, repeat, algorithms, only, json_path):
+    """Benchmarks against upstream's algorithms, measured in one process, repetitions interleaved.
+
+    \b
+    Examples:
+      pysdcpp bench --layers --size 512 --json layers-512.json
+      pysdcpp bench --layers --size 256 --only vae. --repeat 5
+    """
+    from .bench import format_layer_table, layer_bench
+    from .layers import CONV_VARIANTS
+
+    algos = tuple(a.strip() for a in algorithms.split(",") if a.strip())
+    bad = [a for a in algos if a not in CONV_VARIANTS]
+    if bad:
+        _fail(f"unknown algorithm {bad[0]!r}; choose from {', '.join(CONV_VARIANTS)}")
+    if size <= 0 or size % 64:
+        _fail(f"--size must be a positive multiple of 64, got {size}")
+    if repeat < 1 or threads < 1:
+        _fail("--repeat and --threads must be at least 1")
+
+    def progress(i, n, res):
+        click.echo(f"  [{i}/{n}] {res.shape.C}->{res.shape.K} at {res.shape.H}x{res.shape.W} done", err=True)
+
+    report = layer_bench(size, threads, repeat, algos, progress=progress, only=only)
+    click.echo(format_layer_table(report))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+        click.echo(f"wrote {json_path}", err=True)
+
+
+@main.command(context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(as_json):
     """Package and upstream versions, build flags, CPU features, built backends, samplers and schedulers."""
@@ -278,8 +334,11 @@ def info(as_json):
         except PySDCppError as e:
             out["backends"][backend] = {"available": False, "error": str(e)}
             continue
+        # sd_commit() is whatever git said where the tree was built (nothing for the registry source, our own
+        # repository for the patched copy): the commit the build pinned is the reliable answer.
+        commit = out["build"].get("upstream_commit") or lib.commit()
         entry = {"available": True, "path": str(lib.path), "upstream_version": lib.version(),
-                 "upstream_commit": lib.commit(), "system_info": lib.system_info().strip(),
+                 "upstream_commit": commit, "system_info": lib.system_info().strip(),
                  "components": lib.has_components}
         entry["samplers"] = lib.enum_names("sd_sample_method_name", int(lib.lib.SAMPLE_METHOD_COUNT))
         entry["schedulers"] = lib.enum_names("sd_scheduler_name", int(lib.lib.SCHEDULER_COUNT))

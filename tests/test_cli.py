@@ -33,14 +33,16 @@ def test_generate_demo(runner, tmp_path, monkeypatch, cache_root):
 
 
 def test_generate_errors(runner, tmp_path, sd15_f16):
-    res = runner.invoke(main, ["generate", str(tmp_path / "missing.gguf"), "-p", "x"])
+    out = ["-o", str(tmp_path / "o.png")]
+    res = runner.invoke(main, ["generate", str(tmp_path / "missing.gguf"), "-p", "x", *out])
     assert res.exit_code == 1 and "no such file" in res.output
-    res = runner.invoke(main, ["generate", str(sd15_f16), "-p", "x", "-W", "100"])
+    res = runner.invoke(main, ["generate", str(sd15_f16), "-p", "x", "-W", "100", *out])
     assert res.exit_code == 1 and "multiple of 8" in res.output
-    res = runner.invoke(main, ["generate", str(sd15_f16), "-p", "x", "--steps", "0"])
+    res = runner.invoke(main, ["generate", str(sd15_f16), "-p", "x", "--steps", "0", *out])
     assert res.exit_code == 1 and "at least 1" in res.output
-    res = runner.invoke(main, ["generate"])
+    res = runner.invoke(main, ["generate", *out])
     assert res.exit_code == 1 and "--demo" in res.output
+    assert not (tmp_path / "o.png").exists()
     assert "Traceback" not in res.output
 
 

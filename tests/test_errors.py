@@ -58,6 +58,10 @@ def test_bad_constructor_arguments(sd15_f16):
         StableDiffusion(sd15_f16, threads=0)
     with pytest.raises(ValueError, match="prediction"):
         StableDiffusion(sd15_f16, prediction="x")
+    with pytest.raises(ValueError, match="conv must be one of im2col, direct with the upstream library"):
+        StableDiffusion(sd15_f16, backend="upstream", conv="winograd")
+    with pytest.raises(ValueError, match="winograd_cache_mb"):
+        StableDiffusion(sd15_f16, winograd_cache_mb=-1)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,134 @@
+// One 3x3 convolution on host arrays through the same ggml graph nodes the models use: what the kernel tests
+// and `pysdcpp bench --layers` call, with no model loaded.
+#include <chrono>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "ggml-cpu.h"
+#include "ggml.h"
+#include "winograd.h"
+
+extern "C" {
+#include "stable-diffusion.h"
+#include "pysdcpp_ext.h"
+}
+
+namespace {
+
+ggml_tensor* build_conv(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, ggml_tensor* b, int pad, int algorithm) {
+    using namespace pysdcpp;
+    ggml_tensor* y = nullptr;
+    switch (algorithm) {
+        case PYSDCPP_CONV_IM2COL:
+            y = ggml_conv_2d(ctx, w, x, 1, 1, pad, pad, 1, 1);
+            break;
+        case PYSDCPP_CONV_DIRECT:
+            y = ggml_conv_2d_direct(ctx, w, x, 1, 1, pad, pad, 1, 1);
+            break;
+        case PYSDCPP_CONV_WINOGRAD_F4:
+            y = winograd_conv2d(ctx, w, x, pad, WinogradVariant::f4x4);
+            break;
+        case PYSDCPP_CONV_WINOGRAD_F2:
+            y = winograd_conv2d(ctx, w, x, pad, WinogradVariant::f2x2);
+            break;
+        default:
+            return nullptr;
+    }
+    if (b != nullptr) {
+        y = ggml_add_inplace(ctx, y, ggml_reshape_4d(ctx, b, 1, 1, b->ne[0], 1));
+    }
+    return y;
+}
+
+std::string g_error;
+
+}  // namespace
+
+extern "C" SD_API const char* pysdcpp_conv_last_error(void) {
+    return g_error.c_str();
+}
+
+extern "C" SD_API void pysdcpp_set_conv_algorithm(int algorithm) {
+    pysdcpp::set_conv_algorithm(algorithm == PYSDCPP_CONV_WINOGRAD_F4 || algorithm == PYSDCPP_CONV_WINOGRAD_F2
+                                    ? pysdcpp::ConvAlgorithm::winograd
+                                    : pysdcpp::ConvAlgorithm::im2col);
+}
+
+extern "C" SD_API void pysdcpp_set_winograd_cache_budget(size_t bytes) {
+    pysdcpp::set_winograd_cache_budget(bytes);
+}
+
+extern "C" SD_API size_t pysdcpp_winograd_cache_bytes(void) {
+    return pysdcpp::winograd_cache_bytes();
+}
+
+extern "C" SD_API void pysdcpp_winograd_cache_clear(void) {
+    pysdcpp::winograd_cache_clear();
+}
+
+// The harness's weights live only for one call: their cached transforms are dropped before and after it, so
+// the first repetition includes the filter transform and later ones show the steady state.
+extern "C" SD_API int pysdcpp_conv2d_3x3(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, const float* w,
+                                         int64_t K, const float* bias, int pad, int weight_f16, int algorithm,
+                                         int n_threads, int repeat, float* y, double* seconds) {
+    if (N < 1 || C < 1 || K < 1 || H < 1 || W < 1 || (pad != 0 && pad != 1) || n_threads < 1 || repeat < 1 ||
+        H + 2 * pad < 3 || W + 2 * pad < 3 || algorithm < 0 || algorithm > PYSDCPP_CONV_WINOGRAD_F2) {
+        g_error = "invalid convolution arguments";
+        return 1;
+    }
+    try {
+        const int64_t OH = H + 2 * pad - 2, OW = W + 2 * pad - 2;
+        const int64_t T  = N * ((OH + 1) / 2) * ((OW + 1) / 2);
+        // Upper bound of every tensor the graph can hold (im2col buffer, Winograd stages, their F16 copies).
+        size_t bytes = 4 * (size_t)(N * C * H * W + K * C * 9 + K + N * K * OH * OW) * 2;
+        bytes += 4 * (size_t)(N * OH * OW * C * 9) * 2;
+        bytes += 4 * (size_t)(16 * T * (C + K) + 16 * K * C) * 3;
+        bytes += 64 << 20;
+        ggml_init_params params = {bytes, nullptr, false};
+        ggml_context* ctx       = ggml_init(params);
+        if (ctx == nullptr) {
+            g_error = "out of memory for the convolution graph";
+            return 1;
+        }
+        ggml_tensor* tx = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, W, H, C, N);
+        std::memcpy(tx->data, x, sizeof(float) * (size_t)(N * C * H * W));
+        ggml_tensor* tw = ggml_new_tensor_4d(ctx, weight_f16 ? GGML_TYPE_F16 : GGML_TYPE_F32, 3, 3, C, K);
+        if (weight_f16) {
+            ggml_fp32_to_fp16_row(w, (ggml_fp16_t*)tw->data, K * C * 9);  // no CPU-backend tables needed
+        } else {
+            std::memcpy(tw->data, w, sizeof(float) * (size_t)(K * C * 9));
+        }
+        ggml_tensor* tb = nullptr;
+        if (bias != nullptr) {
+            tb = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, K);
+            std::memcpy(tb->data, bias, sizeof(float) * (size_t)K);
+        }
+        pysdcpp::winograd_cache_clear();
+        // Building the graph runs the (cached) filter transform: it counts towards the first repetition.
+        auto t_build     = std::chrono::steady_clock::now();
+        ggml_tensor* out = build_conv(ctx, tw, tx, tb, pad, algorithm);
+        ggml_cgraph* gf  = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gf, out);
+        for (int r = 0; r < repeat; r++) {
+            auto t0 = r == 0 ? t_build : std::chrono::steady_clock::now();
+            if (ggml_graph_compute_with_ctx(ctx, gf, n_threads) != GGML_STATUS_SUCCESS) {
+                ggml_free(ctx);
+                g_error = "graph compute failed";
+                return 1;
+            }
+            auto t1 = std::chrono::steady_clock::now();
+            if (seconds != nullptr) {
+                seconds[r] = std::chrono::duration<double>(t1 - t0).count();
+            }
+        }
+        std::memcpy(y, out->data, sizeof(float) * (size_t)(N * K * OH * OW));
+        ggml_free(ctx);
+        pysdcpp::winograd_cache_clear();
+        return 0;
+    } catch (const std::exception& e) {
+        g_error = e.what();
+        return 1;
+    }
+}

@@ -1,0 +1,503 @@
+// Winograd F(4x4,3x3) and F(2x2,3x3) convolution stages and their ggml graph nodes (see winograd.h).
+#include "winograd.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+
+
+namespace pysdcpp {
+
+namespace {
+
+// Transform matrices (Lavin & Gray). F(4x4,3x3) uses the interpolation points 0, +-1, +-2 and infinity.
+constexpr float BT4[6][6] = {{4, 0, -5, 0, 1, 0}, {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
+                             {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
+constexpr float G4[6][3] = {{1.f / 4, 0, 0},
+                            {-1.f / 6, -1.f / 6, -1.f / 6},
+                            {-1.f / 6, 1.f / 6, -1.f / 6},
+                            {1.f / 24, 1.f / 12, 1.f / 6},
+                            {1.f / 24, -1.f / 12, 1.f / 6},
+                            {0, 0, 1}};
+constexpr float AT4[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
+
+constexpr float BT2[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+constexpr float G2[4][3]  = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
+constexpr float AT2[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+
+template <int M>
+struct Mats;
+template <>
+struct Mats<4> {
+    static constexpr int A = 6;
+    static constexpr const float (&BT)[6][6] = BT4;
+    static constexpr const float (&G)[6][3]  = G4;
+    static constexpr const float (&AT)[4][6] = AT4;
+};
+template <>
+struct Mats<2> {
+    static constexpr int A = 4;
+    static constexpr const float (&BT)[4][4] = BT2;
+    static constexpr const float (&G)[4][3]  = G2;
+    static constexpr const float (&AT)[2][4] = AT2;
+};
+
+// Channels (input transform) or output channels (output transform) handled together: the inner loops run
+// over this block so the compiler vectorises them.
+constexpr int CB = 16;
+
+// w points at the weights of output channel k0. Blocks of CB input channels go through together so that the
+// inner loops vectorise and every store to U is a contiguous run.
+template <int M>
+void filter_transform(const float* w, int64_t C, float* U, int64_t K, int64_t k0, int64_t k1) {
+    constexpr int A = Mats<M>::A;
+    const auto& G   = Mats<M>::G;
+    for (int64_t k = k0; k < k1; k++) {
+        for (int64_t c0 = 0; c0 < C; c0 += CB) {
+            const int cb = (int)std::min<int64_t>(CB, C - c0);
+            float g[3][3][CB];
+            for (int q = 0; q < CB; q++) {
+                const float* src = w + ((k - k0) * C + c0 + std::min(q, cb - 1)) * 9;
+                for (int i = 0; i < 9; i++) {
+                    g[i / 3][i % 3][q] = src[i];
+                }
+            }
+            float tmp[A][3][CB];
+            for (int i = 0; i < A; i++) {
+                for (int j = 0; j < 3; j++) {
+                    for (int q = 0; q < CB; q++) {
+                        tmp[i][j][q] = G[i][0] * g[0][j][q] + G[i][1] * g[1][j][q] + G[i][2] * g[2][j][q];
+                    }
+                }
+            }
+            for (int i = 0; i < A; i++) {
+                for (int j = 0; j < A; j++) {
+                    float u[CB];
+                    for (int q = 0; q < CB; q++) {
+                        u[q] = tmp[i][0][q] * G[j][0] + tmp[i][1][q] * G[j][1] + tmp[i][2][q] * G[j][2];
+                    }
+                    std::memcpy(U + ((int64_t)(i * A + j) * K + k) * C + c0, u, sizeof(float) * cb);
+                }
+            }
+        }
+    }
+}
+
+template <int M>
+void input_transform(const float* x, const ConvGeometry& g, float* V, int64_t t0, int64_t t1) {
+    constexpr int A  = Mats<M>::A;
+    const auto& BT   = Mats<M>::BT;
+    const int64_t HW = g.H * g.W;
+    const int64_t tiles_per_image = g.tiles_h * g.tiles_w;
+    for (int64_t t = t0; t < t1; t++) {
+        const int64_t n  = t / tiles_per_image;
+        const int64_t r  = t % tiles_per_image;
+        const int64_t iy = (r / g.tiles_w) * M - g.pad;
+        const int64_t ix = (r % g.tiles_w) * M - g.pad;
+        const bool inside = iy >= 0 && ix >= 0 && iy + A <= g.H && ix + A <= g.W;
+        for (int64_t c0 = 0; c0 < g.C; c0 += CB) {
+            const int cb = (int)std::min<int64_t>(CB, g.C - c0);
+            float d[A][A][CB];
+            for (int q = 0; q < cb; q++) {
+                const float* xc = x + (n * g.C + c0 + q) * HW;
+                for (int i = 0; i < A; i++) {
+                    for (int j = 0; j < A; j++) {
+                        const int64_t yy = iy + i, xx = ix + j;
+                        d[i][j][q] = (inside || (yy >= 0 && yy < g.H && xx >= 0 && xx < g.W)) ? xc[yy * g.W + xx] : 0.f;
+                    }
+                }
+            }
+            float tmp[A][A][CB];
+            for (int i = 0; i < A; i++) {
+                for (int j = 0; j < A; j++) {
+                    for (int q = 0; q < CB; q++) {
+                        float s = 0.f;
+                        for (int l = 0; l < A; l++) {
+                            s += BT[i][l] * d[l][j][q];
+                        }
+                        tmp[i][j][q] = s;
+                    }
+                }
+            }
+            for (int i = 0; i < A; i++) {
+                for (int j = 0; j < A; j++) {
+                    float v[CB];
+                    for (int q = 0; q < CB; q++) {
+                        float s = 0.f;
+                        for (int l = 0; l < A; l++) {
+                            s += tmp[i][l][q] * BT[j][l];
+                        }
+                        v[q] = s;
+                    }
+                    float* dst = V + ((int64_t)(i * A + j) * g.T + t) * g.C + c0;
+                    std::memcpy(dst, v, sizeof(float) * cb);
+                }
+            }
+        }
+    }
+}
+
+template <int M>
+void output_transform(const float* Mt, const float* bias, const ConvGeometry& g, float* y, int64_t t0, int64_t t1) {
+    constexpr int A  = Mats<M>::A;
+    const auto& AT   = Mats<M>::AT;
+    const int64_t tiles_per_image = g.tiles_h * g.tiles_w;
+    const int64_t OHW = g.OH * g.OW;
+    for (int64_t t = t0; t < t1; t++) {
+        const int64_t n  = t / tiles_per_image;
+        const int64_t r  = t % tiles_per_image;
+        const int64_t oy = (r / g.tiles_w) * M;
+        const int64_t ox = (r % g.tiles_w) * M;
+        const int rows   = (int)std::min<int64_t>(M, g.OH - oy);
+        const int cols   = (int)std::min<int64_t>(M, g.OW - ox);
+        for (int64_t k0 = 0; k0 < g.K; k0 += CB) {
+            const int kb = (int)std::min<int64_t>(CB, g.K - k0);
+            float m[A][A][CB];
+            for (int p = 0; p < A * A; p++) {
+                const float* src = Mt + ((int64_t)p * g.T + t) * g.K + k0;
+                for (int q = 0; q < CB; q++) {
+                    m[p / A][p % A][q] = q < kb ? src[q] : 0.f;
+                }
+            }
+            float tmp[M][A][CB];
+            for (int i = 0; i < M; i++) {
+                for (int j = 0; j < A; j++) {
+                    for (int q = 0; q < CB; q++) {
+                        float s = 0.f;
+                        for (int l = 0; l < A; l++) {
+                            s += AT[i][l] * m[l][j][q];
+                        }
+                        tmp[i][j][q] = s;
+                    }
+                }
+            }
+            float out[M][M][CB];
+            for (int i = 0; i < M; i++) {
+                for (int j = 0; j < M; j++) {
+                    for (int q = 0; q < CB; q++) {
+                        float s = 0.f;
+                        for (int l = 0; l < A; l++) {
+                            s += tmp[i][l][q] * AT[j][l];
+                        }
+                        out[i][j][q] = s;
+                    }
+                }
+            }
+            for (int q = 0; q < kb; q++) {
+                const float b = bias ? bias[k0 + q] : 0.f;
+                float* yk     = y + (n * g.K + k0 + q) * OHW;
+                for (int i = 0; i < rows; i++) {
+                    for (int j = 0; j < cols; j++) {
+                        yk[(oy + i) * g.OW + ox + j] = out[i][j][q] + b;
+                    }
+                }
+            }
+        }
+    }
+}
+
+void split(int64_t n, int ith, int nth, int64_t* b, int64_t* e) {
+    const int64_t per = (n + nth - 1) / nth;
+    *b                = std::min<int64_t>(n, per * ith);
+    *e                = std::min<int64_t>(n, *b + per);
+}
+
+int tile_of(int64_t positions) {
+    return positions == 36 ? 4 : 2;
+}
+
+// ---- ggml custom-op bodies -----------------------------------------------------------------------------
+
+// dst U [C, K, alpha^2] F32; src[0] = w [3, 3, C, K] (F16 or F32, contiguous).
+void filter_node(ggml_tensor* dst, int ith, int nth, void*) {
+    const ggml_tensor* w = dst->src[0];
+    const int64_t C = w->ne[2], K = w->ne[3];
+    const int m = tile_of(dst->ne[2]);
+    int64_t k0, k1;
+    split(K, ith, nth, &k0, &k1);
+    if (k0 >= k1) {
+        return;
+    }
+    const float* wf = nullptr;
+    std::vector<float> buf;
+    if (w->type == GGML_TYPE_F32) {
+        wf = (const float*)w->data + k0 * C * 9;
+    } else {
+        buf.resize((size_t)((k1 - k0) * C * 9));
+        ggml_cpu_fp16_to_fp32((const ggml_fp16_t*)w->data + k0 * C * 9, buf.data(), (int64_t)buf.size());
+        wf = buf.data();
+    }
+    float* U = (float*)dst->data;
+    if (m == 4) {
+        filter_transform<4>(wf, C, U, K, k0, k1);
+    } else {
+        filter_transform<2>(wf, C, U, K, k0, k1);
+    }
+}
+
+// dst V [C, T, alpha^2] F32; src[0] = x [W, H, C, N] F32 contiguous; userdata -> padding.
+void input_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
+    const ggml_tensor* x = dst->src[0];
+    const int pad        = *(const int*)userdata;
+    const int m          = tile_of(dst->ne[2]);
+    ConvGeometry g       = ConvGeometry::make(x->ne[0], x->ne[1], x->ne[2], x->ne[3], 0, pad, m);
+    int64_t t0, t1;
+    split(g.T, ith, nth, &t0, &t1);
+    if (m == 4) {
+        input_transform<4>((const float*)x->data, g, (float*)dst->data, t0, t1);
+    } else {
+        input_transform<2>((const float*)x->data, g, (float*)dst->data, t0, t1);
+    }
+}
+
+// dst y [OW, OH, K, N] F32; src[0] = M [K, T, alpha^2] F32; userdata -> padding.
+void output_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
+    const ggml_tensor* Mt = dst->src[0];
+    const int pad         = *(const int*)userdata;
+    const int m           = tile_of(Mt->ne[2]);
+    // Recover the input size from the output size: OH = H + 2 pad - 2.
+    ConvGeometry g = ConvGeometry::make(dst->ne[0] - 2 * pad + 2, dst->ne[1] - 2 * pad + 2, 0, dst->ne[3],
+                                        dst->ne[2], pad, m);
+    int64_t t0, t1;
+    split(g.T, ith, nth, &t0, &t1);
+    if (m == 4) {
+        output_transform<4>((const float*)Mt->data, nullptr, g, (float*)dst->data, t0, t1);
+    } else {
+        output_transform<2>((const float*)Mt->data, nullptr, g, (float*)dst->data, t0, t1);
+    }
+}
+
+
+const int kPad[2] = {0, 1};
+
+std::atomic<int> g_algorithm{(int)ConvAlgorithm::im2col};
+
+// ---- the dependent stage, hoisted: transformed filters cached per weight tensor ----------------------------
+//
+// Graphs are rebuilt at every evaluation, but the weights do not change within a context: the filter transform
+// runs once per weight (at the first graph that uses it) and the graph reads the cached U as a leaf tensor.
+// Key: the weight's address, shape and type, plus a fingerprint of its first and last bytes (a guard against a
+// freed model's address being reused; the binding also clears the cache whenever a context closes).
+
+struct FilterKey {
+    const void* data;
+    int64_t C, K;
+    int type, m;
+    bool operator<(const FilterKey& o) const {
+        return std::tie(data, C, K, type, m) < std::tie(o.data, o.C, o.K, o.type, o.m);
+    }
+};
+
+struct CachedFilter {
+    std::vector<float> U;  // [alpha^2][K][C]
+    uint64_t fingerprint;
+};
+
+std::mutex g_cache_mutex;
+std::map<FilterKey, std::unique_ptr<CachedFilter>> g_cache;
+size_t g_cache_bytes  = 0;
+size_t g_cache_budget = (size_t)2 << 30;  // 2 GiB; pysdcpp_set_winograd_cache_budget changes it
+
+uint64_t weight_fingerprint(const ggml_tensor* w) {
+    const size_t n     = ggml_nbytes(w);
+    const size_t probe = std::min<size_t>(n, 256);
+    uint64_t h         = 1469598103934665603ull;
+    const auto* bytes  = (const unsigned char*)w->data;
+    for (size_t i = 0; i < probe; i++) {
+        h = (h ^ bytes[i]) * 1099511628211ull;
+        h = (h ^ bytes[n - 1 - i]) * 1099511628211ull;
+    }
+    return h;
+}
+
+// U for weight w on all cores (one-off per weight), or nullptr when it does not fit the budget.
+const float* cached_filter(const ggml_tensor* w, int m, int64_t tiles) {
+    const int64_t C = w->ne[2], K = w->ne[3], P = (m + 2) * (m + 2);
+    const FilterKey key{w->data, C, K, (int)w->type, m};
+    const uint64_t fp = weight_fingerprint(w);
+    std::lock_guard<std::mutex> lock(g_cache_mutex);
+    auto it = g_cache.find(key);
+    if (it != g_cache.end()) {
+        if (it->second->fingerprint == fp) {
+            return it->second->U.data();
+        }
+        g_cache_bytes -= it->second->U.size() * sizeof(float);
+        g_cache.erase(it);
+    }
+    const size_t bytes = (size_t)(P * K * C) * sizeof(float);
+    // Layers with many tiles gain the most per cached byte (the VAE's, the UNet's outer blocks): they may fill
+    // the whole budget; the others stop at 60% of it, so a UNet loaded first cannot crowd the VAE out.
+    const size_t limit = tiles >= 256 ? g_cache_budget : g_cache_budget / 10 * 6;
+    if (g_cache_bytes + bytes > limit) {
+        return nullptr;
+    }
+    auto entry         = std::make_unique<CachedFilter>();
+    entry->fingerprint = fp;
+    entry->U.resize((size_t)(P * K * C));
+    std::vector<float> wf((size_t)(K * C * 9));
+    if (w->type == GGML_TYPE_F32) {
+        std::memcpy(wf.data(), w->data, wf.size() * sizeof(float));
+    } else {
+        // ggml-base's conversion: it needs no CPU-backend tables (this can run before the first compute).
+        ggml_fp16_to_fp32_row((const ggml_fp16_t*)w->data, wf.data(), (int64_t)wf.size());
+    }
+    const int nth = std::max(1, std::min<int>((int)std::thread::hardware_concurrency(), 16));
+    std::vector<std::thread> pool;
+    for (int i = 0; i < nth; i++) {
+        pool.emplace_back([&, i]() {
+            int64_t k0, k1;
+            split(K, i, nth, &k0, &k1);
+            if (k0 < k1) {
+                winograd_filter_transform(wf.data(), K, C, m, entry->U.data(), k0, k1);
+            }
+        });
+    }
+    for (auto& t : pool) {
+        t.join();
+    }
+    g_cache_bytes += bytes;
+    const float* U = entry->U.data();
+    g_cache[key]   = std::move(entry);
+    return U;
+}
+
+}  // namespace
+
+void winograd_cache_clear() {
+    std::lock_guard<std::mutex> lock(g_cache_mutex);
+    g_cache.clear();
+    g_cache_bytes = 0;
+}
+
+size_t winograd_cache_bytes() {
+    std::lock_guard<std::mutex> lock(g_cache_mutex);
+    return g_cache_bytes;
+}
+
+void set_winograd_cache_budget(size_t bytes) {
+    std::lock_guard<std::mutex> lock(g_cache_mutex);
+    g_cache_budget = bytes;
+}
+
+ConvGeometry ConvGeometry::make(int64_t W, int64_t H, int64_t C, int64_t N, int64_t K, int pad, int m) {
+    ConvGeometry g{};
+    g.W = W, g.H = H, g.C = C, g.N = N, g.K = K, g.pad = pad, g.m = m;
+    g.OW      = W + 2 * pad - 2;
+    g.OH      = H + 2 * pad - 2;
+    g.tiles_w = (g.OW + m - 1) / m;
+    g.tiles_h = (g.OH + m - 1) / m;
+    g.T       = N * g.tiles_w * g.tiles_h;
+    return g;
+}
+
+void winograd_filter_transform(const float* w, int64_t K, int64_t C, int m, float* U, int64_t k0, int64_t k1) {
+    if (m == 4) {
+        filter_transform<4>(w + k0 * C * 9, C, U, K, k0, k1);
+    } else {
+        filter_transform<2>(w + k0 * C * 9, C, U, K, k0, k1);
+    }
+}
+
+void winograd_input_transform(const float* x, const ConvGeometry& g, float* V, int64_t t0, int64_t t1) {
+    if (g.m == 4) {
+        input_transform<4>(x, g, V, t0, t1);
+    } else {
+        input_transform<2>(x, g, V, t0, t1);
+    }
+}
+
+void winograd_output_transform(const float* M, const float* bias, const ConvGeometry& g, float* y, int64_t t0,
+                               int64_t t1) {
+    if (g.m == 4) {
+        output_transform<4>(M, bias, g, y, t0, t1);
+    } else {
+        output_transform<2>(M, bias, g, y, t0, t1);
+    }
+}
+
+ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int pad, WinogradVariant variant,
+                             bool transform_in_graph) {
+    const int m         = (int)variant;
+    const int64_t alpha = m + 2;
+    ConvGeometry g      = ConvGeometry::make(x->ne[0], x->ne[1], x->ne[2], x->ne[3], w->ne[3], pad, m);
+    const int64_t P     = alpha * alpha;
+    ggml_tensor* U = nullptr;
+    const bool host_weights = w->data != nullptr && (w->buffer == nullptr || ggml_backend_buffer_is_host(w->buffer));
+    if (host_weights) {
+        if (const float* cached = cached_filter(w, m, g.T)) {
+            U       = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, g.C, g.K, P);
+            U->data = (void*)cached;  // a leaf outside every backend buffer: the allocator leaves it alone
+            ggml_set_name(U, "winograd_U_cached");
+        }
+    }
+    if (U == nullptr) {  // over budget (or weights not on the host yet)
+        if (!transform_in_graph) {
+            return nullptr;
+        }
+        ggml_tensor* wargs[1] = {w};
+        U = ggml_custom_4d(ctx, GGML_TYPE_F32, g.C, g.K, P, 1, wargs, 1, filter_node, GGML_N_TASKS_MAX, nullptr);
+    }
+    ggml_tensor* xargs[1] = {x};
+    ggml_tensor* V = ggml_custom_4d(ctx, GGML_TYPE_F32, g.C, g.T, P, 1, xargs, 1, input_node, GGML_N_TASKS_MAX,
+                                    (void*)&kPad[pad]);
+    // F32 x F32 through ggml's GEMM. (An F16 U would make ggml round V to F16 too, and F(4x4)'s output transform
+    // amplifies those roundings to ~4e-3 normalised error; measured, see docs/benchmarks.md.)
+    ggml_tensor* Mt = ggml_mul_mat(ctx, U, V);  // [K, T, P]
+    ggml_tensor* margs[1] = {Mt};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, g.OW, g.OH, g.K, g.N, margs, 1, output_node, GGML_N_TASKS_MAX,
+                          (void*)&kPad[pad]);
+}
+
+WinogradVariant winograd_choose(int64_t OW, int64_t OH, int64_t C, int64_t N, int64_t K) {
+    (void)N;
+    (void)K;
+    // Measured (docs/benchmarks.md, 2-core AVX2, 2 threads, steady state with cached filters): F(4x4) beats
+    // im2col on every SD conv with at least 16 input channels whose output map is larger than 8x8; at 8x8 it
+    // only ties and at 4x4 it loses (too few tiles to amortise the 4x larger filters), and with 3-4 input
+    // channels the GEMMs are too short. F(2x2) never won a layer F(4x4) lost.
+    if (C < 16 || OW * OH <= 64) {
+        return WinogradVariant::none;
+    }
+    return WinogradVariant::f4x4;
+}
+
+ConvAlgorithm conv_algorithm() {
+    return (ConvAlgorithm)g_algorithm.load(std::memory_order_relaxed);
+}
+
+void set_conv_algorithm(ConvAlgorithm a) {
+    g_algorithm.store((int)a, std::memory_order_relaxed);
+}
+
+}  // namespace pysdcpp
+
+ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int s0, int s1, int p0, int p1,
+                                 int d0, int d1) {
+    using namespace pysdcpp;
+    if (conv_algorithm() != ConvAlgorithm::winograd) {
+        return nullptr;
+    }
+    const bool eligible = w->ne[0] == 3 && w->ne[1] == 3 && s0 == 1 && s1 == 1 && d0 == 1 && d1 == 1 && p0 == p1 &&
+                          (p0 == 0 || p0 == 1) && x->type == GGML_TYPE_F32 &&
+                          (w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_F32) && ggml_is_contiguous(w) &&
+                          ggml_is_contiguous(x) && w->ne[2] == x->ne[2];
+    if (!eligible) {
+        return nullptr;
+    }
+    const WinogradVariant v = winograd_choose(x->ne[0] + 2 * p0 - 2, x->ne[1] + 2 * p0 - 2, x->ne[2], x->ne[3],
+                                              w->ne[3]);
+    if (v == WinogradVariant::none) {
+        return nullptr;
+    }
+    // Only with the filter transform hoisted (cached): recomputing it every evaluation costs more than im2col.
+    return winograd_conv2d(ctx, w, x, p0, v, /*transform_in_graph=*/false);
+}

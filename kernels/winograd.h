@@ -1,0 +1,64 @@
+// Winograd convolution for 3x3, stride-1, dilation-1 convolutions, as ggml graph nodes.
+//
+// y = A^T [ (G g G^T) (.) (B^T d B) ] A per output tile, split into stages:
+//   filter transform  U[p][k][c]  (depends only on the weights: the "dependent" stage)
+//   input transform   V[p][t][c]  (per tile t, all channels: independent)
+//   36 (or 16) GEMMs  M[p] = U[p] V[p]^T  (ggml_mul_mat, batched over p)
+//   output transform  y[n][k][oh][ow] = A^T M A  (per tile: independent)
+// F(4x4,3x3): 6x6 input tiles, 36 multiplies per 16 outputs; F(2x2,3x3): 4x4 tiles, 16 per 4.
+#pragma once
+
+#include <cstdint>
+
+#include "ggml.h"
+
+namespace pysdcpp {
+
+enum class ConvAlgorithm : int { im2col = 0, direct = 1, winograd = 2 };
+
+// Which Winograd variant a layer uses; `none` keeps upstream's path for it.
+enum class WinogradVariant : int { none = 0, f2x2 = 2, f4x4 = 4 };
+
+// Geometry of one convolution in ggml order (x: [W, H, C, N], y: [OW, OH, K, N]).
+struct ConvGeometry {
+    int64_t W, H, C, N, K;
+    int pad;
+    int m;  // output tile size: 2 or 4
+    int64_t OW, OH, tiles_w, tiles_h, T;
+
+    static ConvGeometry make(int64_t W, int64_t H, int64_t C, int64_t N, int64_t K, int pad, int m);
+};
+
+// Scalar transforms on host arrays (the reference the graph nodes are built from).
+// w: [K][C][3][3] float; U: [alpha^2][K][C] with alpha = m + 2.
+void winograd_filter_transform(const float* w, int64_t K, int64_t C, int m, float* U, int64_t k0, int64_t k1);
+// x: [N][C][H][W]; V: [alpha^2][T][C]; tiles [t0, t1).
+void winograd_input_transform(const float* x, const ConvGeometry& g, float* V, int64_t t0, int64_t t1);
+// M: [alpha^2][T][K]; bias: [K] or nullptr; y: [N][K][OH][OW]; tiles [t0, t1).
+void winograd_output_transform(const float* M, const float* bias, const ConvGeometry& g, float* y, int64_t t0,
+                               int64_t t1);
+
+// Graph builder: the Winograd convolution of x [W, H, C, N] with w [3, 3, C, K] (F16 or F32) and padding 0
+// or 1, returning y [OW, OH, K, N] in F32 (bias not added). `variant` must not be `none`. The filter transform
+// comes from the cache; when the cache cannot take it, it runs inside the graph if `transform_in_graph`, else
+// the call returns nullptr (the caller keeps im2col).
+ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int pad, WinogradVariant variant,
+                             bool transform_in_graph = true);
+
+// Cache of transformed filters (the hoisted dependent stage), bounded by a byte budget.
+void winograd_cache_clear();
+size_t winograd_cache_bytes();
+void set_winograd_cache_budget(size_t bytes);
+
+// The per-layer choice (cost model): which variant, or none to keep im2col.
+WinogradVariant winograd_choose(int64_t OW, int64_t OH, int64_t C, int64_t N, int64_t K);
+
+// Process-wide algorithm the hook applies (the binding sets it per call from the context's setting).
+ConvAlgorithm conv_algorithm();
+void set_conv_algorithm(ConvAlgorithm a);
+
+}  // namespace pysdcpp
+
+// The hook patch 0002 calls from ggml_ext_conv_2d: a replacement for ggml_conv_2d, or nullptr to keep it.
+ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int s0, int s1, int p0, int p1,
+                                 int d0, int d1);

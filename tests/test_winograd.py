@@ -1,0 +1,83 @@
+"""Winograd F(4x4,3x3) and F(2x2,3x3) graph nodes against a float64 direct convolution over awkward shapes:
+batch 2, odd sizes, H or W below a tile, padding 0 and 1, channel counts not multiples of 8, 1 and 2 threads,
+F16 and F32 weights. Upstream's im2col runs through the same harness as a control."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pysdcpp.layers import conv2d_3x3
+
+SHAPES = [  # N, C, H, W, K, pad
+    (1, 3, 8, 8, 5, 1),
+    (2, 7, 9, 11, 13, 1),
+    (1, 16, 3, 3, 8, 1),
+    (1, 8, 2, 5, 4, 1),
+    (2, 5, 6, 7, 9, 0),
+    (1, 33, 17, 13, 24, 0),
+    (1, 64, 16, 16, 40, 1),
+    (2, 20, 1, 1, 3, 1),
+    (1, 12, 3, 4, 6, 0),
+    (1, 130, 10, 10, 17, 1),
+]
+# Normalised max error |y - ref|max / |ref|max, per variant, against the float64 convolution of the weights
+# the layer holds (F16-rounded when the layer holds F16).
+BOUNDS = {"winograd_f4": 2e-5, "winograd_f2": 5e-6, "im2col": 2e-3}
+
+
+def reference_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int) -> np.ndarray:
+    x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    win = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(2, 3))  # N C OH OW 3 3
+    return np.einsum("ncyxij,kcij->nkyx", win, w.astype(np.float64)) + b.astype(np.float64)[None, :, None, None]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("algorithm", ["winograd_f4", "winograd_f2", "im2col"])
+@pytest.mark.parametrize("weight_f16", [True, False], ids=["f16w", "f32w"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_against_float64(shape, algorithm, weight_f16, threads):
+    n, c, h, wd, k, pad = shape
+    rng = np.random.default_rng(hash(shape) % 2**32)
+    x = rng.standard_normal((n, c, h, wd)).astype(np.float32)
+    w = (rng.standard_normal((k, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+    b = rng.standard_normal(k).astype(np.float32)
+    held = w.astype(np.float16).astype(np.float32) if weight_f16 else w
+    y, _ = conv2d_3x3(x, w, b, pad=pad, algorithm=algorithm, weight_f16=weight_f16, threads=threads)
+    ref = reference_conv(x, held, b, pad)
+    assert y.shape == ref.shape
+    err = np.abs(y - ref).max() / np.abs(ref).max()
+    bound = BOUNDS[algorithm]
+    if algorithm == "im2col" and not weight_f16:
+        bound = 2e-5
+    assert err <= bound, f"normalised max error {err:.2e} > {bound:.0e}"
+
+
+def test_bad_arguments():
+    x = np.zeros((1, 4, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="algorithm"):
+        conv2d_3x3(x, np.zeros((2, 4, 3, 3)), algorithm="fft")
+    with pytest.raises(ValueError, match="need x"):
+        conv2d_3x3(x, np.zeros((2, 5, 3, 3)))
+    with pytest.raises(ValueError, match="too small"):
+        conv2d_3x3(np.zeros((1, 4, 1, 1), np.float32), np.zeros((2, 4, 3, 3)), pad=0)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_unet_and_vae_winograd_vs_im2col(family):
+    """One UNet evaluation and one VAE decode at 256 px (f16 weights): Winograd against upstream's im2col."""
+    from conftest import gguf_from_folder, rel_l2
+
+    from pysdcpp import StableDiffusion
+
+    path = gguf_from_folder(family, "f16")
+    rng = np.random.default_rng(3)
+    width = 768 if family == "sd1" else 1024
+    latent = rng.standard_normal((1, 4, 32, 32)).astype(np.float32)
+    context = rng.standard_normal((1, 77, width)).astype(np.float32)
+    out = {}
+    for conv in ("im2col", "winograd"):
+        with StableDiffusion(path, threads=2, conv=conv) as sd:
+            out[conv] = (sd.unet(latent, 500.0, context), sd.decode(latent))
+    assert rel_l2(out["winograd"][0], out["im2col"][0]) <= 2e-3
+    assert rel_l2(out["winograd"][1], out["im2col"][1]) <= 2e-3
