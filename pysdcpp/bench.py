@@ -187,3 +187,169 @@ def format_layer_table(report: dict) -> str:
 
 
 __all__ = ["layer_bench", "format_layer_table", "sd15_conv_shapes", "machine_info", "asdict"]
+
+
+# ---- whole generations: variants side by side, each run in its own worker process -----------------------------
+
+# A variant is a name for StableDiffusion keyword arguments: new accelerations plug in here.
+VARIANTS: dict[str, dict] = {
+    "upstream": {"backend": "upstream", "conv": "im2col"},
+    "accelerated": {"backend": "accelerated"},  # the accelerated library's defaults
+    "im2col": {"backend": "accelerated", "conv": "im2col"},
+    "direct": {"backend": "accelerated", "conv": "direct"},
+    "winograd": {"backend": "accelerated", "conv": "winograd"},
+    "upstream-direct": {"backend": "upstream", "conv": "direct"},
+}
+
+# Phase durations the native library logs (INFO), identical in both libraries.
+_PHASE_LOGS = {
+    "text_encoding": re.compile(r"get_learned_condition completed, taking ([0-9.]+)s"),
+    "sampling": re.compile(r"sampling completed, taking ([0-9.]+)s"),
+    "vae_decode": re.compile(r"decode_first_stage completed, taking ([0-9.]+)s"),
+    "generate": re.compile(r"generate_image completed in ([0-9.]+)s"),
+}
+
+
+def _worker(variant: dict, model: str, params: dict, threads: int, queue) -> None:
+    """One model load + one generation in a fresh process; reports phases, steps, peak RSS and the image."""
+    import logging
+    import time
+
+    try:
+        from . import StableDiffusion
+
+        lines: list[str] = []
+
+        class Capture(logging.Handler):
+            def emit(self, record):
+                lines.append(record.getMessage())
+
+        logger = logging.getLogger("pysdcpp.native")
+        logger.setLevel(logging.INFO)
+        logger.addHandler(Capture())
+        stamps: list[float] = []
+        t0 = time.perf_counter()
+        with StableDiffusion(model, threads=threads, **variant) as sd:
+            load = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            result = sd.generate_with_info(callback=lambda *a: stamps.append(time.perf_counter()), **params)
+            wall = time.perf_counter() - t1
+        phases = {"model_load": load, "total": load + wall}
+        for name, rx in _PHASE_LOGS.items():
+            found = [float(m.group(1)) for line in lines if (m := rx.search(line))]
+            if found:
+                phases[name] = found[-1]
+        # The callback fires once before the first step (step 0), then after each step.
+        steps = [b - a for a, b in zip(stamps, stamps[1:])]
+        hwm = next((int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")),
+                   0)
+        queue.put({"ok": True, "phases": phases, "steps": steps, "peak_rss": hwm,
+                   "image": np.asarray(result.images[0]).copy()})
+    except BaseException as e:  # reported, never raised: the other variants go on
+        queue.put({"ok": False, "error": f"{type(e).__name__}: {e}"})
+
+
+def run_variant(variant: dict, model: str, params: dict, threads: int, timeout: float) -> dict:
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_worker, args=(variant, model, params, threads, q), daemon=True)
+    p.start()
+    try:
+        out = q.get(timeout=timeout)
+    except queue_mod.Empty:
+        p.kill()
+        p.join()
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
+    p.join(timeout=30)
+    if p.exitcode not in (0, None):
+        out.setdefault("warning", f"worker exit code {p.exitcode}")
+    return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def summarize(runs: dict[str, list[dict]], baseline: str = "upstream") -> dict:
+    """Medians and ranges per phase, pairwise speedups against `baseline` (repetition by repetition)."""
+    out = {}
+    base_runs = runs.get(baseline, [])
+    for name, rs in runs.items():
+        ok = [r for r in rs if r.get("ok")]
+        entry = {"runs": len(rs), "failed": [r["error"] for r in rs if not r.get("ok")]}
+        if ok:
+            phases = sorted({k for r in ok for k in r["phases"]})
+            entry["phases"] = {ph: {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+                               for ph in phases if (vals := [r["phases"][ph] for r in ok if ph in r["phases"]])}
+            steps = [s for r in ok for s in r["steps"]]
+            if steps:
+                entry["step"] = {"median": statistics.median(steps), "min": min(steps), "max": max(steps)}
+            entry["peak_rss"] = max(r["peak_rss"] for r in ok)
+            pairs = [(b, r) for b, r in zip(base_runs, rs) if b.get("ok") and r.get("ok")]
+            entry["speedup"] = {ph: statistics.median(b["phases"][ph] / r["phases"][ph] for b, r in pairs
+                                                      if r["phases"].get(ph, 0) > 0 and ph in b["phases"])
+                                for ph in entry["phases"]
+                                if any(r["phases"].get(ph, 0) > 0 and ph in b["phases"] for b, r in pairs)}
+            if base_runs and base_runs[0].get("ok"):
+                ref = base_runs[0]["image"]
+                img = ok[0]["image"]
+                entry["psnr_vs_" + baseline] = psnr(img, ref)
+                entry["max_abs_diff_vs_" + baseline] = int(np.abs(img.astype(int) - ref.astype(int)).max())
+        out[name] = entry
+    return out
+
+
+def model_bench(model: str, variants: list[str], size: int = 256, steps: int = 4, threads: int = 2,
+                repeat: int = 2, timeout: float = 1800.0, progress=None, prompt: str = "a lighthouse at dusk",
+                seed: int = 42) -> dict:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    if size <= 0 or size % 64:
+        raise ValueError(f"size must be a positive multiple of 64, got {size}")
+    if repeat < 1 or steps < 1 or threads < 1:
+        raise ValueError("repeat, steps and threads must be at least 1")
+    params = {"prompt": prompt, "width": size, "height": size, "num_inference_steps": steps, "seed": seed}
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for rep in range(repeat):
+        for v in variants:  # interleaved: A B A B ...
+            r = run_variant(VARIANTS[v], str(model), params, threads, timeout)
+            runs[v].append(r)
+            if progress:
+                progress(rep, v, r)
+    summary = summarize(runs, variants[0])
+    return {"kind": "model", "model": str(model), "size": size, "steps": steps, "threads": threads,
+            "repeat": repeat, "variants": {v: VARIANTS[v] for v in variants}, "baseline": variants[0],
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(), "build": _build(), "summary": summary,
+            "runs": {v: [{k: val for k, val in r.items() if k != "image"} for r in rs] for v, rs in runs.items()}}
+
+
+def format_model_table(report: dict) -> str:
+    phases = ["model_load", "text_encoding", "sampling", "vae_decode", "total"]
+    head = f"{'variant':<14}" + "".join(f"{p:>15}" for p in phases) + f"{'step':>9}{'peak RSS':>10}{'PSNR':>8}"
+    lines = [head, "-" * len(head)]
+    base = report["baseline"]
+    for name, e in report["summary"].items():
+        if "phases" not in e:
+            lines.append(f"{name:<14} FAILED: {'; '.join(e['failed'])}")
+            continue
+        row = f"{name:<14}"
+        for p in phases:
+            ph = e["phases"].get(p)
+            sp = e["speedup"].get(p)
+            row += f"{ph['median']:>8.2f}s" + (f" x{sp:<4.2f}" if sp and name != base else " " * 6) if ph else " " * 15
+        row += f"{e.get('step', {}).get('median', float('nan')):>8.2f}s{e['peak_rss'] / 2**20:>8.0f}MB"
+        p_ = e.get("psnr_vs_" + base)
+        row += f"{p_:>8.1f}" if p_ is not None and p_ != float("inf") else f"{'same':>8}"
+        if e["failed"]:
+            row += f"  ({len(e['failed'])} failed: {e['failed'][0]})"
+        lines.append(row)
+    m = report["machine"]
+    lines.append(f"{m['cpu']} ({', '.join(m['simd'])}), {report['threads']} threads, {report['size']} px, "
+                 f"{report['steps']} steps, median of {report['repeat']} (x: speedup vs {base}), {report['date']}")
+    return "\n".join(lines)

@@ -279,43 +279,76 @@ def inspect(model, as_json, list_tensors):
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--layers", is_flag=True, required=True,
-              help="Benchmark every distinct 3x3 conv of the SD1.5 UNet and VAE (the only mode so far).")
-@click.option("--size", type=int, default=512, show_default=True, help="Image size the layer shapes come from.")
+@click.option("-m", "--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="GGUF (or checkpoint) to run [the synthetic SD1.5 demo model].")
+@click.option("--layers", is_flag=True, help="Benchmark every distinct 3x3 conv of SD1.5's UNet and VAE instead.")
+@click.option("--size", type=int, default=None, help="Image size [256 for a model, 512 for --layers].")
+@click.option("--steps", type=int, default=4, show_default=True, help="Sampling steps per generation.")
 @click.option("-t", "--threads", type=int, default=2, show_default=True)
-@click.option("--repeat", type=int, default=3, show_default=True, help="Interleaved repetitions per algorithm.")
+@click.option("--repeat", type=int, default=2, show_default=True, help="Interleaved repetitions per variant.")
+@click.option("--variants", default="upstream,accelerated", show_default=True,
+              help="Comma-separated, the first is the baseline: upstream, accelerated, im2col, direct, winograd, "
+                   "upstream-direct.")
 @click.option("--algorithms", default="im2col,winograd_f4,winograd_f2", show_default=True,
-              help="Comma-separated: im2col, direct, winograd_f4, winograd_f2.")
-@click.option("--only", default=None, help="Only shapes used by layers whose name contains this (e.g. vae.).")
+              help="With --layers: im2col, direct, winograd_f4, winograd_f2.")
+@click.option("--only", default=None, help="With --layers: only shapes of layers whose name contains this.")
+@click.option("--timeout", type=float, default=1800, show_default=True, help="Seconds per worker run.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the full report (machine, build, every timing) here.")
-def bench(layers, size, threads, repeat, algorithms, only, json_path):
-    """Benchmarks against upstream's algorithms, measured in one process, repetitions interleaved.
+def bench(model, layers, size, steps, threads, repeat, variants, algorithms, only, timeout, json_path):
+    """Latency, memory and fidelity against upstream stable-diffusion.cpp, measured in the same run.
+
+    Each variant's generation runs in its own worker process (peak RSS per variant; a crash or timeout is
+    reported and the rest go on), repetitions interleaved so machine drift hits every variant alike. Latency
+    does not depend on the weight values, so the synthetic model times like a real one; fidelity (PSNR) does.
 
     \b
     Examples:
+      pysdcpp bench                                     # synthetic SD1.5, 256 px, 4 steps
+      pysdcpp bench -m sd15.gguf --size 512 --steps 20 --variants upstream,accelerated,im2col --json run.json
       pysdcpp bench --layers --size 512 --json layers-512.json
-      pysdcpp bench --layers --size 256 --only vae. --repeat 5
     """
-    from .bench import format_layer_table, layer_bench
+    from .bench import VARIANTS, format_layer_table, format_model_table, layer_bench, model_bench
     from .layers import CONV_VARIANTS
 
-    algos = tuple(a.strip() for a in algorithms.split(",") if a.strip())
-    bad = [a for a in algos if a not in CONV_VARIANTS]
-    if bad:
-        _fail(f"unknown algorithm {bad[0]!r}; choose from {', '.join(CONV_VARIANTS)}")
+    if repeat < 1 or threads < 1 or steps < 1:
+        _fail("--repeat, --threads and --steps must be at least 1")
+    size = _default(size, 512 if layers else 256)
     if size <= 0 or size % 64:
         _fail(f"--size must be a positive multiple of 64, got {size}")
-    if repeat < 1 or threads < 1:
-        _fail("--repeat and --threads must be at least 1")
+    if layers:
+        algos = tuple(a.strip() for a in algorithms.split(",") if a.strip())
+        bad = [a for a in algos if a not in CONV_VARIANTS]
+        if bad:
+            _fail(f"unknown algorithm {bad[0]!r}; choose from {', '.join(CONV_VARIANTS)}")
 
-    def progress(i, n, res):
-        click.echo(f"  [{i}/{n}] {res.shape.C}->{res.shape.K} at {res.shape.H}x{res.shape.W} done", err=True)
+        def layer_progress(i, n, res):
+            click.echo(f"  [{i}/{n}] {res.shape.C}->{res.shape.K} at {res.shape.H}x{res.shape.W}", err=True)
 
-    report = layer_bench(size, threads, repeat, algos, progress=progress, only=only)
-    click.echo(format_layer_table(report))
+        report = layer_bench(size, threads, repeat, algos, progress=layer_progress, only=only)
+        click.echo(format_layer_table(report))
+    else:
+        names = [v.strip() for v in variants.split(",") if v.strip()]
+        bad = [v for v in names if v not in VARIANTS]
+        if bad or not names:
+            _fail(f"unknown variant {bad[0] if bad else ''!r}; choose from {', '.join(VARIANTS)}")
+        if model is None:
+            from .demo import synthetic_gguf
+
+            bar = _WriteBar("making the demo model (once, cached)")
+            model = synthetic_gguf("sd1", "f16", progress=bar)
+            bar.close()
+        elif not model.is_file():
+            _fail(f"{model}: no such file")
+
+        def model_progress(rep, name, r):
+            state = f"{r['phases']['total']:.1f} s" if r.get("ok") else f"FAILED ({r['error']})"
+            click.echo(f"  repetition {rep + 1}/{repeat} {name}: {state}", err=True)
+
+        report = model_bench(str(model), names, size, steps, threads, repeat, timeout, progress=model_progress)
+        click.echo(format_model_table(report))
     if json_path:
-        json_path.write_text(json.dumps(report, indent=2))
+        json_path.write_text(json.dumps(report, indent=2, default=float))
         click.echo(f"wrote {json_path}", err=True)
 
 

@@ -1,0 +1,73 @@
+"""`pysdcpp bench`: the statistics on recorded timings, failure isolation, the report's shape, bad arguments."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pysdcpp.bench import model_bench, psnr, run_variant, summarize
+from pysdcpp.cli import main
+
+
+def _run(phases: dict, steps=(1.0,), rss=100, image=None):
+    return {"ok": True, "phases": phases, "steps": list(steps), "peak_rss": rss,
+            "image": image if image is not None else np.zeros((2, 2, 3), np.uint8)}
+
+
+def test_summary_medians_and_pairwise_speedups():
+    img = np.full((4, 4, 3), 100, np.uint8)
+    other = img.copy()
+    other[0, 0, 0] = 110
+    runs = {
+        "upstream": [_run({"total": 10.0, "sampling": 6.0}, image=img), _run({"total": 12.0, "sampling": 8.0}),
+                     _run({"total": 20.0, "sampling": 9.0})],
+        "fast": [_run({"total": 5.0, "sampling": 2.0}, steps=(0.5, 0.7), rss=300, image=other),
+                 _run({"total": 4.0, "sampling": 4.0}), {"ok": False, "error": "boom"}],
+    }
+    s = summarize(runs, "upstream")
+    assert s["upstream"]["phases"]["total"] == {"median": 12.0, "min": 10.0, "max": 20.0}
+    # Ratios repetition by repetition (10/5, 12/4), the failed third pair dropped: median 2.5.
+    assert s["fast"]["speedup"]["total"] == pytest.approx(2.5)
+    assert s["fast"]["speedup"]["sampling"] == pytest.approx((3.0 + 2.0) / 2)
+    assert s["fast"]["failed"] == ["boom"]
+    assert s["fast"]["step"]["median"] == pytest.approx(0.7)  # steps of all good runs: 0.5, 0.7, 1.0
+    assert s["fast"]["peak_rss"] == 300
+    assert s["fast"]["max_abs_diff_vs_upstream"] == 10
+    assert s["fast"]["psnr_vs_upstream"] == pytest.approx(10 * np.log10(255**2 / (100 / 48)))
+    assert psnr(img, img) == float("inf")
+
+
+def test_failing_and_hanging_variants_are_reported(sd15_f16):
+    params = {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 1}
+    r = run_variant({"backend": "accelerated", "conv": "fft"}, str(sd15_f16), params, 1, timeout=120)
+    assert r["ok"] is False and "conv must be one of" in r["error"]
+    r = run_variant({"backend": "upstream"}, str(sd15_f16), params, 1, timeout=0.5)
+    assert r["ok"] is False and "timed out" in r["error"]
+
+
+def test_model_bench_report(sd15_f16):
+    report = model_bench(str(sd15_f16), ["upstream", "im2col"], size=64, steps=1, threads=2, repeat=1)
+    json.dumps(report, default=float)  # serialisable
+    assert report["baseline"] == "upstream" and report["machine"]["logical_cores"] >= 1
+    for name in ("upstream", "im2col"):
+        e = report["summary"][name]
+        assert not e["failed"], e["failed"]
+        assert {"model_load", "text_encoding", "sampling", "vae_decode", "total"} <= set(e["phases"])
+        assert e["peak_rss"] > 100 << 20
+    # The accelerated library with its accelerations off draws upstream's image exactly.
+    assert report["summary"]["im2col"]["max_abs_diff_vs_upstream"] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "100"], "multiple of 64"),
+    (["--repeat", "0"], "at least 1"),
+    (["--variants", "upstream,warp"], "unknown variant"),
+    (["--layers", "--algorithms", "fft"], "unknown algorithm"),
+    (["-m", "/nonexistent.gguf"], "no such file"),
+])
+def test_bench_bad_arguments(args, message):
+    res = CliRunner().invoke(main, ["bench", *args])
+    assert res.exit_code == 1 and message in res.output, res.output
