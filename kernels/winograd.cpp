@@ -55,103 +55,109 @@ struct Mats<2> {
 // over this block so the compiler vectorises them.
 constexpr int CB = 16;
 
-// w points at the weights of output channel k0. Blocks of CB input channels go through together so that the
-// inner loops vectorise and every store to U is a contiguous run.
-template <int M>
-void filter_transform(const float* w, int64_t C, float* U, int64_t K, int64_t k0, int64_t k1) {
-    constexpr int A = Mats<M>::A;
-    const auto& G   = Mats<M>::G;
-    for (int64_t k = k0; k < k1; k++) {
-        for (int64_t c0 = 0; c0 < C; c0 += CB) {
-            const int cb = (int)std::min<int64_t>(CB, C - c0);
-            float g[3][3][CB];
+// The three transforms are the same two small products, over a block of CB channels at once so the innermost
+// loops vectorise: out = L * in (L applied to the rows) and out = in * R^T (R applied to the columns).
+template <int R, int K, int N>
+inline void mul_rows(const float (&L)[R][K], const float (&in)[K][N][CB], float (&out)[R][N][CB]) {
+    for (int i = 0; i < R; i++) {
+        for (int j = 0; j < N; j++) {
             for (int q = 0; q < CB; q++) {
-                const float* src = w + ((k - k0) * C + c0 + std::min(q, cb - 1)) * 9;
-                for (int i = 0; i < 9; i++) {
-                    g[i / 3][i % 3][q] = src[i];
+                float s = 0.f;
+                for (int l = 0; l < K; l++) {
+                    s += L[i][l] * in[l][j][q];
                 }
-            }
-            float tmp[A][3][CB];
-            for (int i = 0; i < A; i++) {
-                for (int j = 0; j < 3; j++) {
-                    for (int q = 0; q < CB; q++) {
-                        tmp[i][j][q] = G[i][0] * g[0][j][q] + G[i][1] * g[1][j][q] + G[i][2] * g[2][j][q];
-                    }
-                }
-            }
-            for (int i = 0; i < A; i++) {
-                for (int j = 0; j < A; j++) {
-                    float u[CB];
-                    for (int q = 0; q < CB; q++) {
-                        u[q] = tmp[i][0][q] * G[j][0] + tmp[i][1][q] * G[j][1] + tmp[i][2][q] * G[j][2];
-                    }
-                    std::memcpy(U + ((int64_t)(i * A + j) * K + k) * C + c0, u, sizeof(float) * cb);
-                }
+                out[i][j][q] = s;
             }
         }
     }
 }
 
+template <int N, int K, int R>
+inline void mul_cols(const float (&in)[N][K][CB], const float (&Rm)[R][K], float (&out)[N][R][CB]) {
+    for (int i = 0; i < N; i++) {
+        for (int j = 0; j < R; j++) {
+            for (int q = 0; q < CB; q++) {
+                float s = 0.f;
+                for (int l = 0; l < K; l++) {
+                    s += in[i][l][q] * Rm[j][l];
+                }
+                out[i][j][q] = s;
+            }
+        }
+    }
+}
+
+// U = G g G^T. w points at the weights of output channel k0; every store to U is a contiguous run of channels.
+template <int M>
+void filter_transform(const float* w, int64_t C, float* U, int64_t K, int64_t k0, int64_t k1) {
+    constexpr int A = Mats<M>::A;
+    for (int64_t k = k0; k < k1; k++) {
+        for (int64_t c0 = 0; c0 < C; c0 += CB) {
+            const int cb = (int)std::min<int64_t>(CB, C - c0);
+            float g[3][3][CB];
+            if (cb < CB) {  // lanes past the last channel feed nothing, but must not hold garbage
+                std::memset(g, 0, sizeof(g));
+            }
+            for (int q = 0; q < cb; q++) {
+                const float* src = w + ((k - k0) * C + c0 + q) * 9;
+                for (int i = 0; i < 9; i++) {
+                    g[i / 3][i % 3][q] = src[i];
+                }
+            }
+            float tmp[A][3][CB], u[A][A][CB];
+            mul_rows(Mats<M>::G, g, tmp);
+            mul_cols(tmp, Mats<M>::G, u);
+            for (int p = 0; p < A * A; p++) {
+                std::memcpy(U + ((int64_t)p * K + k) * C + c0, u[p / A][p % A], sizeof(float) * cb);
+            }
+        }
+    }
+}
+
+// V = B^T d B for tiles [t0, t1); d is the (zero-padded) input patch of each tile.
 template <int M>
 void input_transform(const float* x, const ConvGeometry& g, float* V, int64_t t0, int64_t t1) {
-    constexpr int A  = Mats<M>::A;
-    const auto& BT   = Mats<M>::BT;
-    const int64_t HW = g.H * g.W;
+    constexpr int A               = Mats<M>::A;
+    const int64_t HW              = g.H * g.W;
     const int64_t tiles_per_image = g.tiles_h * g.tiles_w;
     for (int64_t t = t0; t < t1; t++) {
-        const int64_t n  = t / tiles_per_image;
-        const int64_t r  = t % tiles_per_image;
-        const int64_t iy = (r / g.tiles_w) * M - g.pad;
-        const int64_t ix = (r % g.tiles_w) * M - g.pad;
+        const int64_t n   = t / tiles_per_image;
+        const int64_t r   = t % tiles_per_image;
+        const int64_t iy  = (r / g.tiles_w) * M - g.pad;
+        const int64_t ix  = (r % g.tiles_w) * M - g.pad;
         const bool inside = iy >= 0 && ix >= 0 && iy + A <= g.H && ix + A <= g.W;
         for (int64_t c0 = 0; c0 < g.C; c0 += CB) {
-            const int cb = (int)std::min<int64_t>(CB, g.C - c0);
+            const int cb        = (int)std::min<int64_t>(CB, g.C - c0);
             float d[A][A][CB];
+            if (cb < CB) {
+                std::memset(d, 0, sizeof(d));
+            }
             for (int q = 0; q < cb; q++) {
                 const float* xc = x + (n * g.C + c0 + q) * HW;
                 for (int i = 0; i < A; i++) {
                     for (int j = 0; j < A; j++) {
                         const int64_t yy = iy + i, xx = ix + j;
-                        d[i][j][q] = (inside || (yy >= 0 && yy < g.H && xx >= 0 && xx < g.W)) ? xc[yy * g.W + xx] : 0.f;
+                        const bool ok    = inside || (yy >= 0 && yy < g.H && xx >= 0 && xx < g.W);
+                        d[i][j][q]       = ok ? xc[yy * g.W + xx] : 0.f;
                     }
                 }
             }
-            float tmp[A][A][CB];
-            for (int i = 0; i < A; i++) {
-                for (int j = 0; j < A; j++) {
-                    for (int q = 0; q < CB; q++) {
-                        float s = 0.f;
-                        for (int l = 0; l < A; l++) {
-                            s += BT[i][l] * d[l][j][q];
-                        }
-                        tmp[i][j][q] = s;
-                    }
-                }
-            }
-            for (int i = 0; i < A; i++) {
-                for (int j = 0; j < A; j++) {
-                    float v[CB];
-                    for (int q = 0; q < CB; q++) {
-                        float s = 0.f;
-                        for (int l = 0; l < A; l++) {
-                            s += tmp[i][l][q] * BT[j][l];
-                        }
-                        v[q] = s;
-                    }
-                    float* dst = V + ((int64_t)(i * A + j) * g.T + t) * g.C + c0;
-                    std::memcpy(dst, v, sizeof(float) * cb);
-                }
+            float tmp[A][A][CB], v[A][A][CB];
+            mul_rows(Mats<M>::BT, d, tmp);
+            mul_cols(tmp, Mats<M>::BT, v);
+            for (int p = 0; p < A * A; p++) {
+                std::memcpy(V + ((int64_t)p * g.T + t) * g.C + c0, v[p / A][p % A], sizeof(float) * cb);
             }
         }
     }
 }
 
+// y = A^T M A (+ bias) for tiles [t0, t1), clipped at the map's right and bottom edges.
 template <int M>
 void output_transform(const float* Mt, const float* bias, const ConvGeometry& g, float* y, int64_t t0, int64_t t1) {
-    constexpr int A  = Mats<M>::A;
-    const auto& AT   = Mats<M>::AT;
+    constexpr int A               = Mats<M>::A;
     const int64_t tiles_per_image = g.tiles_h * g.tiles_w;
-    const int64_t OHW = g.OH * g.OW;
+    const int64_t OHW             = g.OH * g.OW;
     for (int64_t t = t0; t < t1; t++) {
         const int64_t n  = t / tiles_per_image;
         const int64_t r  = t % tiles_per_image;
@@ -160,38 +166,17 @@ void output_transform(const float* Mt, const float* bias, const ConvGeometry& g,
         const int rows   = (int)std::min<int64_t>(M, g.OH - oy);
         const int cols   = (int)std::min<int64_t>(M, g.OW - ox);
         for (int64_t k0 = 0; k0 < g.K; k0 += CB) {
-            const int kb = (int)std::min<int64_t>(CB, g.K - k0);
+            const int kb      = (int)std::min<int64_t>(CB, g.K - k0);
             float m[A][A][CB];
+            if (kb < CB) {
+                std::memset(m, 0, sizeof(m));
+            }
             for (int p = 0; p < A * A; p++) {
-                const float* src = Mt + ((int64_t)p * g.T + t) * g.K + k0;
-                for (int q = 0; q < CB; q++) {
-                    m[p / A][p % A][q] = q < kb ? src[q] : 0.f;
-                }
+                std::memcpy(m[p / A][p % A], Mt + ((int64_t)p * g.T + t) * g.K + k0, sizeof(float) * kb);
             }
-            float tmp[M][A][CB];
-            for (int i = 0; i < M; i++) {
-                for (int j = 0; j < A; j++) {
-                    for (int q = 0; q < CB; q++) {
-                        float s = 0.f;
-                        for (int l = 0; l < A; l++) {
-                            s += AT[i][l] * m[l][j][q];
-                        }
-                        tmp[i][j][q] = s;
-                    }
-                }
-            }
-            float out[M][M][CB];
-            for (int i = 0; i < M; i++) {
-                for (int j = 0; j < M; j++) {
-                    for (int q = 0; q < CB; q++) {
-                        float s = 0.f;
-                        for (int l = 0; l < A; l++) {
-                            s += tmp[i][l][q] * AT[j][l];
-                        }
-                        out[i][j][q] = s;
-                    }
-                }
-            }
+            float tmp[M][A][CB], out[M][M][CB];
+            mul_rows(Mats<M>::AT, m, tmp);
+            mul_cols(tmp, Mats<M>::AT, out);
             for (int q = 0; q < kb; q++) {
                 const float b = bias ? bias[k0 + q] : 0.f;
                 float* yk     = y + (n * g.K + k0 + q) * OHW;
@@ -405,23 +390,6 @@ void winograd_filter_transform(const float* w, int64_t K, int64_t C, int m, floa
         filter_transform<4>(w + k0 * C * 9, C, U, K, k0, k1);
     } else {
         filter_transform<2>(w + k0 * C * 9, C, U, K, k0, k1);
-    }
-}
-
-void winograd_input_transform(const float* x, const ConvGeometry& g, float* V, int64_t t0, int64_t t1) {
-    if (g.m == 4) {
-        input_transform<4>(x, g, V, t0, t1);
-    } else {
-        input_transform<2>(x, g, V, t0, t1);
-    }
-}
-
-void winograd_output_transform(const float* M, const float* bias, const ConvGeometry& g, float* y, int64_t t0,
-                               int64_t t1) {
-    if (g.m == 4) {
-        output_transform<4>(M, bias, g, y, t0, t1);
-    } else {
-        output_transform<2>(M, bias, g, y, t0, t1);
     }
 }
 

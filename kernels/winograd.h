@@ -14,7 +14,8 @@
 
 namespace pysdcpp {
 
-enum class ConvAlgorithm : int { im2col = 0, direct = 1, winograd = 2 };
+// What the conv hook does: keep upstream's path, or Winograd where the cost model picks it.
+enum class ConvAlgorithm : int { im2col = 0, winograd = 2 };
 
 // Which Winograd variant a layer uses; `none` keeps upstream's path for it.
 enum class WinogradVariant : int { none = 0, f2x2 = 2, f4x4 = 4 };
@@ -29,14 +30,9 @@ struct ConvGeometry {
     static ConvGeometry make(int64_t W, int64_t H, int64_t C, int64_t N, int64_t K, int pad, int m);
 };
 
-// Scalar transforms on host arrays (the reference the graph nodes are built from).
-// w: [K][C][3][3] float; U: [alpha^2][K][C] with alpha = m + 2.
+// Filter transform on host arrays (the hoisted dependent stage): w [K][C][3][3] float -> U [alpha^2][K][C]
+// for output channels [k0, k1), alpha = m + 2.
 void winograd_filter_transform(const float* w, int64_t K, int64_t C, int m, float* U, int64_t k0, int64_t k1);
-// x: [N][C][H][W]; V: [alpha^2][T][C]; tiles [t0, t1).
-void winograd_input_transform(const float* x, const ConvGeometry& g, float* V, int64_t t0, int64_t t1);
-// M: [alpha^2][T][K]; bias: [K] or nullptr; y: [N][K][OH][OW]; tiles [t0, t1).
-void winograd_output_transform(const float* M, const float* bias, const ConvGeometry& g, float* y, int64_t t0,
-                               int64_t t1);
 
 // Graph builder: the Winograd convolution of x [W, H, C, N] with w [3, 3, C, K] (F16 or F32) and padding 0
 // or 1, returning y [OW, OH, K, N] in F32 (bias not added). `variant` must not be `none`. The filter transform

@@ -162,6 +162,13 @@ def _reference_sample(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray
     return out[:, :, :h, :w_]
 
 
+def _footer(report: dict, what: str) -> str:
+    """The line under every table: machine, threads, size, what was measured, date."""
+    m = report["machine"]
+    return f"{m['cpu']} ({', '.join(m['simd'])}), {report['threads']} threads, {report['size']} px, {what}, " \
+        f"{report['date']}"
+
+
 def _build() -> dict:
     from . import _native
 
@@ -180,9 +187,7 @@ def format_layer_table(report: dict) -> str:
             cells += " " + " ".join(f"{r['speedup_vs_im2col'][a]:>14.2f}" for a in algos if a != "im2col")
         cells += f" {max(r['max_error'].values()):>9.1e}"
         lines.append(cells)
-    m = report["machine"]
-    lines.append(f"{m['cpu']} ({', '.join(m['simd'])}), {report['threads']} threads, {report['size']} px, "
-                 f"median of {report['repeat']}, {report['date']}")
+    lines.append(_footer(report, f"median of {report['repeat']}"))
     return "\n".join(lines)
 
 
@@ -349,7 +354,5 @@ def format_model_table(report: dict) -> str:
         if e["failed"]:
             row += f"  ({len(e['failed'])} failed: {e['failed'][0]})"
         lines.append(row)
-    m = report["machine"]
-    lines.append(f"{m['cpu']} ({', '.join(m['simd'])}), {report['threads']} threads, {report['size']} px, "
-                 f"{report['steps']} steps, median of {report['repeat']} (x: speedup vs {base}), {report['date']}")
+    lines.append(_footer(report, f"{report['steps']} steps, median of {report['repeat']} (x: speedup vs {base})"))
     return "\n".join(lines)
