@@ -295,7 +295,9 @@ def inspect(model, as_json, list_tensors):
 @click.option("--timeout", type=float, default=1800, show_default=True, help="Seconds per worker run.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the full report (machine, build, every timing) here.")
-def bench(model, layers, size, steps, threads, repeat, variants, algorithms, only, timeout, json_path):
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a chart (PNG) here; needs matplotlib (pip install 'pysdcpp[plot]').")
+def bench(model, layers, size, steps, threads, repeat, variants, algorithms, only, timeout, json_path, plot_path):
     """Latency, memory and fidelity against upstream stable-diffusion.cpp, measured in the same run.
 
     Each variant's generation runs in its own worker process (peak RSS per variant; a crash or timeout is
@@ -311,6 +313,8 @@ def bench(model, layers, size, steps, threads, repeat, variants, algorithms, onl
     from .bench import VARIANTS, format_layer_table, format_model_table, layer_bench, model_bench
     from .layers import CONV_VARIANTS
 
+    if plot_path is not None and plot_path.suffix.lower() != ".png":
+        _fail(f"--plot writes a PNG: give a .png path, not {plot_path}")
     if repeat < 1 or threads < 1 or steps < 1:
         _fail("--repeat, --threads and --steps must be at least 1")
     size = _default(size, 512 if layers else 256)
@@ -350,6 +354,14 @@ def bench(model, layers, size, steps, threads, repeat, variants, algorithms, onl
     if json_path:
         json_path.write_text(json.dumps(report, indent=2, default=float))
         click.echo(f"wrote {json_path}", err=True)
+    if plot_path:
+        from .bench import plot_report
+
+        try:
+            plot_report(report, plot_path)
+        except RuntimeError as e:
+            _fail(str(e))
+        click.echo(f"wrote {plot_path}", err=True)
 
 
 @main.command(context_settings=CONTEXT)

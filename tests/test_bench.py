@@ -48,8 +48,14 @@ def test_failing_and_hanging_variants_are_reported(sd15_f16):
     assert r["ok"] is False and "timed out" in r["error"]
 
 
-def test_model_bench_report(sd15_f16):
+def test_model_bench_report(sd15_f16, tmp_path):
+    from PIL import Image
+
+    from pysdcpp.bench import plot_report
+
     report = model_bench(str(sd15_f16), ["upstream", "im2col"], size=64, steps=1, threads=2, repeat=1)
+    plot_report(report, tmp_path / "chart.png")
+    assert Image.open(tmp_path / "chart.png").size[0] > 600
     json.dumps(report, default=float)  # serialisable
     assert report["baseline"] == "upstream" and report["machine"]["logical_cores"] >= 1
     for name in ("upstream", "im2col"):
@@ -67,6 +73,7 @@ def test_model_bench_report(sd15_f16):
     (["--variants", "upstream,warp"], "unknown variant"),
     (["--layers", "--algorithms", "fft"], "unknown algorithm"),
     (["-m", "/nonexistent.gguf"], "no such file"),
+    (["--plot", "chart.svg"], "give a .png path"),
 ])
 def test_bench_bad_arguments(args, message):
     res = CliRunner().invoke(main, ["bench", *args])
