@@ -152,9 +152,10 @@ void input_transform(const float* x, const ConvGeometry& g, float* V, int64_t t0
     }
 }
 
-// y = A^T M A (+ bias) for tiles [t0, t1), clipped at the map's right and bottom edges.
+// y = A^T M A for tiles [t0, t1), clipped at the map's right and bottom edges. (The bias is still added by
+// upstream's ggml_add after the conv.)
 template <int M>
-void output_transform(const float* Mt, const float* bias, const ConvGeometry& g, float* y, int64_t t0, int64_t t1) {
+void output_transform(const float* Mt, const ConvGeometry& g, float* y, int64_t t0, int64_t t1) {
     constexpr int A               = Mats<M>::A;
     const int64_t tiles_per_image = g.tiles_h * g.tiles_w;
     const int64_t OHW             = g.OH * g.OW;
@@ -178,11 +179,10 @@ void output_transform(const float* Mt, const float* bias, const ConvGeometry& g,
             mul_rows(Mats<M>::AT, m, tmp);
             mul_cols(tmp, Mats<M>::AT, out);
             for (int q = 0; q < kb; q++) {
-                const float b = bias ? bias[k0 + q] : 0.f;
-                float* yk     = y + (n * g.K + k0 + q) * OHW;
+                float* yk = y + (n * g.K + k0 + q) * OHW;
                 for (int i = 0; i < rows; i++) {
                     for (int j = 0; j < cols; j++) {
-                        yk[(oy + i) * g.OW + ox + j] = out[i][j][q] + b;
+                        yk[(oy + i) * g.OW + ox + j] = out[i][j][q];
                     }
                 }
             }
@@ -218,7 +218,7 @@ void filter_node(ggml_tensor* dst, int ith, int nth, void*) {
         wf = (const float*)w->data + k0 * C * 9;
     } else {
         buf.resize((size_t)((k1 - k0) * C * 9));
-        ggml_cpu_fp16_to_fp32((const ggml_fp16_t*)w->data + k0 * C * 9, buf.data(), (int64_t)buf.size());
+        ggml_fp16_to_fp32_row((const ggml_fp16_t*)w->data + k0 * C * 9, buf.data(), (int64_t)buf.size());
         wf = buf.data();
     }
     float* U = (float*)dst->data;
@@ -255,9 +255,9 @@ void output_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
     int64_t t0, t1;
     split(g.T, ith, nth, &t0, &t1);
     if (m == 4) {
-        output_transform<4>((const float*)Mt->data, nullptr, g, (float*)dst->data, t0, t1);
+        output_transform<4>((const float*)Mt->data, g, (float*)dst->data, t0, t1);
     } else {
-        output_transform<2>((const float*)Mt->data, nullptr, g, (float*)dst->data, t0, t1);
+        output_transform<2>((const float*)Mt->data, g, (float*)dst->data, t0, t1);
     }
 }
 
@@ -333,7 +333,7 @@ const float* cached_filter(const ggml_tensor* w, int m, int64_t tiles) {
     if (w->type == GGML_TYPE_F32) {
         std::memcpy(wf.data(), w->data, wf.size() * sizeof(float));
     } else {
-        // ggml-base's conversion: it needs no CPU-backend tables (this can run before the first compute).
+        // ggml-base's conversion (as in filter_node): no CPU-backend tables needed, so this may run at graph build.
         ggml_fp16_to_fp32_row((const ggml_fp16_t*)w->data, wf.data(), (int64_t)wf.size());
     }
     const int nth = std::max(1, std::min<int>((int)std::thread::hardware_concurrency(), 16));

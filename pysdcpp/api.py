@@ -218,7 +218,9 @@ class StableDiffusion:
     def _select_conv(self) -> None:
         """The conv hook reads a process-wide setting: set this context's before every compute (under the lock)."""
         if self.native.has_components:
-            self.native.lib.pysdcpp_set_conv_algorithm(2 if self.conv == "winograd" else 0)
+            lib = self.native.lib
+            lib.pysdcpp_set_conv_algorithm(lib.PYSDCPP_CONV_WINOGRAD_F4 if self.conv == "winograd"
+                                           else lib.PYSDCPP_CONV_IM2COL)
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompt: str, negative_prompt: str = "", *, width: int = 512, height: int = 512,

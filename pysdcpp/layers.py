@@ -8,8 +8,9 @@ import numpy as np
 from . import _native
 from .errors import GenerationError
 
-# Per-call convolution variants (pysdcpp_ext.h: enum pysdcpp_conv_t).
-CONV_VARIANTS = {"im2col": 0, "direct": 1, "winograd_f4": 2, "winograd_f2": 3}
+# Per-call convolution variants: names of pysdcpp_ext.h's enum pysdcpp_conv_t values (read through cffi).
+CONV_VARIANTS = {"im2col": "PYSDCPP_CONV_IM2COL", "direct": "PYSDCPP_CONV_DIRECT",
+                 "winograd_f4": "PYSDCPP_CONV_WINOGRAD_F4", "winograd_f2": "PYSDCPP_CONV_WINOGRAD_F2"}
 
 
 def conv2d_3x3(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, pad: int = 1,
@@ -40,7 +41,7 @@ def conv2d_3x3(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, 
         rc = lib.lib.pysdcpp_conv2d_3x3(
             ffi.from_buffer("float[]", x), n, c, h, wd, ffi.from_buffer("float[]", w), k,
             ffi.NULL if b is None else ffi.from_buffer("float[]", b), pad, int(weight_f16),
-            CONV_VARIANTS[algorithm], int(threads), int(repeat), ffi.from_buffer("float[]", y),
+            getattr(lib.lib, CONV_VARIANTS[algorithm]), int(threads), int(repeat), ffi.from_buffer("float[]", y),
             ffi.from_buffer("double[]", secs))
         if rc != 0:
             raise GenerationError(ffi.string(lib.lib.pysdcpp_conv_last_error()).decode())
