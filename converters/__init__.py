@@ -1,7 +1,8 @@
 """Pure-Python checkpoint -> GGUF conversion for stable-diffusion.cpp (numpy, safetensors, gguf; no torch).
 
 Pipeline: read (checkpoint_io) -> rename to the names stable-diffusion.cpp loads (sd_layout) -> check the
-architecture -> write GGUF with upstream's type rules (gguf_out).
+architecture -> attach ALTER routing metadata if there are masks (alter) -> write GGUF with upstream's type
+rules (gguf_out).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import keys
+from . import alter, keys
+from .alter import AlterRouting
 from .checkpoint_io import TensorSource, read_checkpoint_file
 from .errors import ConversionError
 from .gguf_out import OUTPUT_TYPES, ProgressFn, write_gguf
@@ -33,6 +35,7 @@ class ConversionReport:
     prediction: str | None
     n_tensors: int
     types: dict[str, int] = field(default_factory=dict)
+    alter: AlterRouting | None = None  # the routing written into the file, if any
 
 
 def _component_file(folder: Path, component: str) -> Path | None:
@@ -96,8 +99,13 @@ def load_model_tensors(input_path: str | os.PathLike, base: str | os.PathLike | 
 
 def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, out_type: str = "f16", *,
             prediction: str = "auto", base: str | os.PathLike | None = None, synthetic: bool = False,
+            alter_masks: str | os.PathLike | None = None, drop_unused: bool = False,
             progress: ProgressFn | None = None) -> ConversionReport:
-    """Convert a checkpoint (single file or diffusers folder) to a GGUF stable-diffusion.cpp loads."""
+    """Convert a checkpoint (single file, diffusers folder or ALTER output folder) to a GGUF stable-diffusion.cpp loads.
+
+    An ALTER folder's masks (pruning_mask.pth, else hypernet/) or a JSON mask file (`alter_masks`, any input;
+    it wins over the folder's) become routing metadata; `drop_unused` leaves out the units no expert keeps.
+    """
     if out_type not in OUTPUT_TYPES:
         raise ConversionError(f"unknown output type {out_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
     if prediction not in ("auto", "eps", "v"):
@@ -109,6 +117,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, out_t
     if not output.parent.is_dir():
         raise ConversionError(f"{output.parent}: output folder does not exist")
     tensors, info, layout, found_prediction = load_model_tensors(src, base)
+    tensors, routing = alter.attach_routing(src, tensors, info.family, alter_masks, drop_unused)
     pred = found_prediction if prediction == "auto" else prediction
     meta: dict[str, object] = {
         keys.FAMILY: info.family,
@@ -121,5 +130,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, out_t
         meta[keys.PREDICTION] = pred
     if synthetic:
         meta[keys.SYNTHETIC] = True
+    if routing is not None:
+        meta.update(alter.routing_metadata(routing))
     types = write_gguf(output, tensors, out_type, meta, progress)
-    return ConversionReport(output, info.family, layout, pred, sum(types.values()), types)
+    return ConversionReport(output, info.family, layout, pred, sum(types.values()), types, routing)

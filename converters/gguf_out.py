@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFWriter
+from gguf import GGUFValueType, GGUFWriter
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
 from . import keys
@@ -26,6 +26,42 @@ _KEEP_SUFFIXES = (".bias", ".scale")
 _KEEP_SUBSTRINGS = ("time_embed.", "label_emb.", "embedding")
 
 ProgressFn = Callable[[int, int, str], None]
+
+# Metadata arrays: numpy arrays keep their element type; lists must hold strings.
+_ARRAY_TYPES = {np.dtype(np.uint8): GGUFValueType.UINT8, np.dtype(np.int8): GGUFValueType.INT8,
+                np.dtype(np.uint16): GGUFValueType.UINT16, np.dtype(np.int16): GGUFValueType.INT16,
+                np.dtype(np.uint32): GGUFValueType.UINT32, np.dtype(np.int32): GGUFValueType.INT32,
+                np.dtype(np.uint64): GGUFValueType.UINT64, np.dtype(np.int64): GGUFValueType.INT64,
+                np.dtype(np.float32): GGUFValueType.FLOAT32, np.dtype(np.float64): GGUFValueType.FLOAT64}
+
+
+class _Writer(GGUFWriter):
+    """gguf-py's writer, except that it also writes empty arrays (the format allows them; gguf-py refuses)."""
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+        if vtype == GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+            head = self._pack("I", vtype) if add_vtype else b""
+            return head + self._pack("I", sub_type) + self._pack("Q", 0)
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+
+def _add_metadata(writer: GGUFWriter, key: str, value: object) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, np.ndarray):
+        if value.dtype not in _ARRAY_TYPES or value.ndim != 1:
+            raise ConversionError(f"metadata {key}: unsupported array ({value.dtype}, {value.ndim}-D)")
+        writer.add_key_value(key, value.tolist(), GGUFValueType.ARRAY, sub_type=_ARRAY_TYPES[value.dtype])
+    elif isinstance(value, (list, tuple)):
+        if not all(isinstance(v, str) for v in value):
+            raise ConversionError(f"metadata {key}: a list value must hold strings (use a numpy array for numbers)")
+        writer.add_key_value(key, list(value), GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
+    else:
+        writer.add_string(key, str(value))
 
 
 def output_type_for(name: str, shape: tuple[int, ...], source: Q, target: Q) -> Q:
@@ -77,17 +113,10 @@ def write_gguf(path: str | os.PathLike, tensors: Iterable[TensorSource], target:
         raise ConversionError(f"two source tensors map to the same name: {dup}")
 
     tmp = path.with_name(path.name + ".partial")
-    writer = GGUFWriter(tmp, keys.ARCHITECTURE)
+    writer = _Writer(tmp, keys.ARCHITECTURE)
     try:
         for key, value in metadata.items():
-            if isinstance(value, bool):
-                writer.add_bool(key, value)
-            elif isinstance(value, int):
-                writer.add_uint32(key, value)
-            elif isinstance(value, float):
-                writer.add_float32(key, value)
-            else:
-                writer.add_string(key, str(value))
+            _add_metadata(writer, key, value)
         total = 0
         for t, qtype in plan:
             nbytes = _nbytes(t.shape, qtype)

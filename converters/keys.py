@@ -11,3 +11,14 @@ SOURCE_LAYOUT = "pysdcpp.convert.layout"  # "diffusers-folder" | "ldm-file" | "d
 OUTPUT_TYPE = "pysdcpp.convert.type"   # f32 | f16 | q8_0 | q4_0 ...
 CONVERTER_VERSION = "pysdcpp.convert.version"
 SYNTHETIC = "pysdcpp.model.synthetic"  # true for the random-weight demo / test models
+
+# ALTER routing (layer pruning with temporal experts); see docs/alter-gguf.md for the semantics.
+ALTER_VERSION = "pysdcpp.alter.version"            # uint32, 1
+ALTER_UNITS = "pysdcpp.alter.units"                # [str] U unit names relative to model.diffusion_model.
+ALTER_UNIT_KINDS = "pysdcpp.alter.unit_kinds"      # [str] U entries, "transformer" | "resnet"
+ALTER_N_EXPERTS = "pysdcpp.alter.n_experts"        # uint32 E
+ALTER_EXPERT_MASKS = "pysdcpp.alter.expert_masks"  # [uint8] E*U row-major, 1 keep / 0 skip
+ALTER_TIMESTEP_EXPERT = "pysdcpp.alter.timestep_expert"  # [uint32] 1000: expert of training timestep t
+ALTER_SKIP_SEMANTICS = "pysdcpp.alter.skip_semantics"    # "reference" | "consume"
+ALTER_MASK_SOURCE = "pysdcpp.alter.mask_source"    # "pruning_mask.pth" | "hypernet" | "json:<file name>"
+ALTER_DROPPED_UNITS = "pysdcpp.alter.dropped_units"  # [str] units whose tensors the file leaves out

@@ -51,6 +51,44 @@ int pysdcpp_conv2d_3x3(const float* x, int64_t N, int64_t C, int64_t H, int64_t 
                        const float* bias, int pad, int weight_f16, int algorithm, int n_threads, int repeat,
                        float* y, double* seconds);
 
+/* Attention: the context-wide choice (pysdcpp_set_attention_mode: UPSTREAM, or FAST = the accelerated path
+   chosen per shape) and the explicit per-call variants of pysdcpp_attention (UPSTREAM_FLASH: upstream's
+   flash-attention path). */
+enum pysdcpp_attention_t {
+    PYSDCPP_ATTN_UPSTREAM       = 0,
+    PYSDCPP_ATTN_FAST           = 1,
+    PYSDCPP_ATTN_FUSED          = 2,
+    PYSDCPP_ATTN_FUSED_SCALAR   = 3,
+    PYSDCPP_ATTN_GEMM           = 4,
+    PYSDCPP_ATTN_UPSTREAM_FLASH = 5
+};
+void pysdcpp_set_attention_mode(int mode);
+const char* pysdcpp_attention_last_error(void);
+/* softmax(q k^T / sqrt(d)) v per head on host arrays: q [N][L_q][C], k and v [N][L_k][C] (C = n_head * d,
+   heads side by side in C) -> out [N][L_q][C]. Runs `repeat` times; seconds[r] (may be NULL) receives each
+   run's wall time and compute_bytes (may be NULL) the graph's compute buffer size. */
+int pysdcpp_attention(const float* q, const float* k, const float* v, int64_t N, int64_t L_q, int64_t L_k,
+                      int64_t C, int64_t n_head, int variant, int n_threads, int repeat, float* out,
+                      double* seconds, size_t* compute_bytes);
+
+/* ALTER temporal experts (docs/alter-gguf.md). Process-wide, like the conv and attention modes: the binding
+   sets the context's routing before each compute. units: n_units names relative to model.diffusion_model.
+   ("input_blocks.1.0", "input_blocks.1.1.transformer_blocks.0"); keep: n_experts x n_units, 1 = keep;
+   table: 1000 entries, training timestep -> expert. */
+enum pysdcpp_alter_semantics_t {
+    PYSDCPP_ALTER_REFERENCE = 0,
+    PYSDCPP_ALTER_CONSUME   = 1
+};
+int pysdcpp_alter_set(const char** units, int n_units, int n_experts, const uint8_t* keep, const int32_t* table,
+                      int semantics);
+void pysdcpp_alter_clear(void);
+/* Every UNet evaluation (per batch element) since the last clear: its timestep and expert. Returns the count,
+   which may exceed capacity (then only the first `capacity` are written). */
+int pysdcpp_alter_history(float* t, int32_t* expert, int capacity);
+void pysdcpp_alter_history_clear(void);
+/* Tensor-name prefixes a model file may lack (units left out by convert --drop-unused); n = 0 clears. */
+void pysdcpp_alter_set_missing_ok(const char** prefixes, int n);
+
 #ifdef __cplusplus
 }
 #endif

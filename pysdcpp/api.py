@@ -26,6 +26,8 @@ StepCallback = Callable[[int, int, float], None]
 # F(4x4), F(2x2) or im2col per layer).
 CONV_ALGORITHMS = {"upstream": ("im2col", "direct"), "accelerated": ("im2col", "direct", "winograd")}
 DEFAULT_CONV = {"upstream": "im2col", "accelerated": "winograd"}
+ATTENTION_PATHS = {"upstream": ("upstream",), "accelerated": ("upstream", "fast")}
+DEFAULT_ATTENTION = {"upstream": "upstream", "accelerated": "fast"}
 
 
 @dataclass
@@ -80,6 +82,7 @@ class GenerationResult:
     seconds: float
     step_seconds: list[float] = field(default_factory=list)
     backend: str = ""
+    alter_steps: list = field(default_factory=list)  # AlterStep per sampling step when ALTER routing ran
 
 
 # Display names A1111/ComfyUI users know, for the PNG parameters chunk.
@@ -119,6 +122,7 @@ class StableDiffusion:
     def __init__(self, model: str | os.PathLike, *, threads: int | None = None, backend: str = "accelerated",
                  vae: str | os.PathLike | None = None, prediction: str = "auto", rng: str = "cuda",
                  vae_decode_only: bool = True, conv: str = "default", winograd_cache_mb: int | None = None,
+                 attention: str = "default", alter: bool | None = None, alter_semantics: str = "default",
                  progress: Callable[[int, int, float], None] | None = None):
         self._ctx = None
         if backend not in _native.BACKENDS:
@@ -129,6 +133,12 @@ class StableDiffusion:
         if conv not in allowed:
             raise ValueError(f"conv must be one of {', '.join(allowed)} with the {backend} library, not {conv!r}")
         self.conv = conv
+        if attention == "default":
+            attention = DEFAULT_ATTENTION[backend]
+        if attention not in ATTENTION_PATHS[backend]:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS[backend])} with the {backend} "
+                             f"library, not {attention!r}")
+        self.attention = attention
         if winograd_cache_mb is not None and (not isinstance(winograd_cache_mb, (int, np.integer))
                                               or winograd_cache_mb < 0):
             raise ValueError(f"winograd_cache_mb must be a non-negative integer, got {winograd_cache_mb!r}")
@@ -136,6 +146,7 @@ class StableDiffusion:
             raise ValueError(f"prediction must be auto, eps or v, not {prediction!r}")
         self.model_file: ModelFile = read_model_file(model)
         vae_file = read_model_file(vae) if vae is not None else None
+        self.alter = self._alter_routing(backend, alter, alter_semantics)
         self.backend = backend
         self.native = _native.load(backend)
         ffi, lib = self.native.ffi, self.native.lib
@@ -169,15 +180,52 @@ class StableDiffusion:
         with self.native.lock:
             self.native.set_progress(progress)
             self.native.take_errors()
+            missing = []
+            if self.alter is not None and self.alter.routing.dropped:
+                # Units no expert keeps were left out of the file (convert --drop-unused): never computed.
+                from .alter_runtime import missing_ok_prefixes
+
+                missing = [ffi.new("char[]", p.encode()) for p in missing_ok_prefixes(self.alter.routing)]
+                lib.pysdcpp_alter_set_missing_ok(ffi.new("const char*[]", missing), len(missing))
             try:
                 ctx = lib.new_sd_ctx(params)
             finally:
                 self.native.set_progress(None)
+                if missing:
+                    lib.pysdcpp_alter_set_missing_ok(ffi.NULL, 0)
             if ctx == ffi.NULL:
                 why = self.native.take_errors() or "see the pysdcpp.native log for details"
                 raise ModelLoadError(f"could not load {self.model_file.path}: {why}")
         self._ctx = ctx
         self._keep.clear()
+
+    def _alter_routing(self, backend: str, alter: bool | None, semantics: str):
+        """The ALTER routing this context runs with (None: dense), from the file and the alter= arguments."""
+        from .alter_runtime import SEMANTICS, NativeRouting, routing_of
+
+        if alter not in (None, True, False):
+            raise ValueError(f"alter must be True, False or None (on when the file has routing), not {alter!r}")
+        if semantics != "default" and semantics not in SEMANTICS:
+            raise ValueError(f"alter_semantics must be default, {' or '.join(SEMANTICS)}, not {semantics!r}")
+        routing = routing_of(self.model_file) if self.model_file.format == "gguf" else None
+        path = self.model_file.path
+        if routing is None:
+            if alter:
+                raise ValueError(f"{path} carries no ALTER routing (convert an ALTER output, or pass "
+                                 "--alter-masks to pysdcpp convert)")
+            return None
+        on = alter is not False and backend == "accelerated"
+        if alter and backend != "accelerated":
+            raise ValueError("ALTER routing runs in the accelerated library; use backend='accelerated' or "
+                             "alter=False for the dense model")
+        if not on:
+            if routing.dropped:
+                raise ModelLoadError(f"{path} leaves out the weights of {len(routing.dropped)} units no expert "
+                                     "keeps (convert --drop-unused): it runs only with ALTER routing on, in the "
+                                     "accelerated library")
+            return None
+        return NativeRouting(routing, routing.semantics if semantics == "default" else semantics,
+                             self.model_file.family)
 
     def _cstr(self, s: str):
         buf = self.native.ffi.new("char[]", s.encode("utf-8"))
@@ -215,12 +263,19 @@ class StableDiffusion:
             raise PySDCppError("this StableDiffusion context is closed")
         return self._ctx
 
-    def _select_conv(self) -> None:
-        """The conv hook reads a process-wide setting: set this context's before every compute (under the lock)."""
+    def _select_kernels(self) -> None:
+        """The conv and attention hooks read process-wide settings: set this context's before every compute
+        (under the lock)."""
         if self.native.has_components:
             lib = self.native.lib
             lib.pysdcpp_set_conv_algorithm(lib.PYSDCPP_CONV_WINOGRAD_F4 if self.conv == "winograd"
                                            else lib.PYSDCPP_CONV_IM2COL)
+            lib.pysdcpp_set_attention_mode(lib.PYSDCPP_ATTN_FAST if self.attention == "fast"
+                                           else lib.PYSDCPP_ATTN_UPSTREAM)
+            if self.alter is not None:
+                self.alter.install(self.native.ffi, lib)
+            else:
+                lib.pysdcpp_alter_clear()
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompt: str, negative_prompt: str = "", *, width: int = 512, height: int = 512,
@@ -259,15 +314,20 @@ class StableDiffusion:
         g.sample_params.scheduler = (lib.SCHEDULER_COUNT if p.scheduler == "default"
                                      else lib.str_to_scheduler(p.scheduler.encode()))
         step_times: list[float] = []
+        step_marks: list[tuple[int, int]] = []  # (step, UNet evaluations recorded so far), for the ALTER report
 
         def on_step(step: int, steps: int, seconds: float) -> None:
             step_times.append(seconds)
+            if self.alter is not None:
+                step_marks.append((step, int(lib.pysdcpp_alter_history(ffi.NULL, ffi.NULL, 0))))
             if callback is not None:
                 callback(step, steps, seconds)
 
         t0 = time.perf_counter()
         with self.native.lock:
-            self._select_conv()
+            self._select_kernels()
+            if self.alter is not None:
+                lib.pysdcpp_alter_history_clear()
             self.native.set_progress(on_step)
             self.native.take_errors()
             try:
@@ -277,7 +337,19 @@ class StableDiffusion:
             if out == ffi.NULL:
                 raise GenerationError(f"generation failed: {self.native.take_errors() or 'see the log'}")
             images = _take_images(ffi, out, p.batch_size)
-        return GenerationResult(images, p, time.perf_counter() - t0, step_times, self.backend)
+            alter_steps = self._alter_report(step_marks, p) if self.alter is not None else []
+        return GenerationResult(images, p, time.perf_counter() - t0, step_times, self.backend, alter_steps)
+
+    def _alter_report(self, step_marks: list[tuple[int, int]], p: GenerationParams) -> list:
+        from .alter_runtime import log_steps
+
+        ffi, lib = self.native.ffi, self.native.lib
+        n = int(lib.pysdcpp_alter_history(ffi.NULL, ffi.NULL, 0))
+        ts, es = ffi.new("float[]", max(n, 1)), ffi.new("int32_t[]", max(n, 1))
+        n = min(n, int(lib.pysdcpp_alter_history(ts, es, n)))
+        steps = self.alter.steps([(ts[i], es[i]) for i in range(n)], step_marks, p.height, p.width)
+        log_steps(steps)
+        return steps
 
     # -- components (accelerated library) --------------------------------------------------------
     def _components(self):
@@ -289,7 +361,7 @@ class StableDiffusion:
         ffi, lib = self.native.ffi, self.native.lib
         out = ffi.new("pysdcpp_tensor_t*")
         with self.native.lock:
-            self._select_conv()
+            self._select_kernels()
             self.native.take_errors()
             rc = getattr(lib, fn_name)(*args, out)
             if rc != 0:

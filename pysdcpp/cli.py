@@ -86,15 +86,22 @@ class _StepBar:
               help="Force epsilon or v prediction (auto: from the file's metadata or the model).")
 @click.option("--conv", type=click.Choice(["default", "im2col", "direct", "winograd"]), default="default",
               show_default=True, help="3x3 convolution algorithm (winograd: accelerated library only).")
+@click.option("--attention", type=click.Choice(["default", "upstream", "fast"]), default="default",
+              show_default=True, help="Attention path: fast (fused, tiled; the accelerated library's default) or "
+                                      "upstream.")
 @click.option("--winograd-cache-mb", type=click.IntRange(min=0), default=None,
               help="Memory for Winograd's transformed filters (default 2048); layers beyond it use im2col.")
+@click.option("--no-alter", is_flag=True, help="Run an ALTER file's dense model (routing off).")
+@click.option("--alter-semantics", type=click.Choice(["default", "reference", "consume"]), default="default",
+              show_default=True, help="How a pruned ResNet of a plain up block treats its skip tensor "
+                                      "(default: the file's, normally reference).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("output.png"),
               show_default=True, help="PNG path; with --batch N, files get _1.._N suffixes.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-v", "--verbose", count=True, help="-v: library info log, -vv: debug log.")
 def generate(model, demo, prompt, negative_prompt, width, height, steps, guidance_scale, sampler, scheduler,
-             seed, batch_size, clip_skip, threads, backend, prediction, conv, winograd_cache_mb, output, as_json,
-             verbose):
+             seed, batch_size, clip_skip, threads, backend, prediction, conv, attention, winograd_cache_mb, no_alter,
+             alter_semantics, output, as_json, verbose):
     """Text to image. Writes PNGs carrying their generation parameters (A1111 `parameters` chunk).
 
     \b
@@ -134,7 +141,9 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
         loading = _StepBar("loading", show)
         try:
             sd = StableDiffusion(model, threads=threads, backend=backend, prediction=prediction, conv=conv,
-                                 winograd_cache_mb=winograd_cache_mb, progress=loading)
+                                 attention=attention, winograd_cache_mb=winograd_cache_mb,
+                                 alter=False if no_alter else None, alter_semantics=alter_semantics,
+                                 progress=loading)
         finally:
             loading.close()
         with sd:
@@ -155,7 +164,8 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
     except (PySDCppError, ValueError, TypeError) as e:
         _fail(str(e))
     summary = {"images": [str(p) for p in paths], "model": str(model), "backend": backend,
-               "threads": sd.threads, "load_seconds": round(load_s, 3),
+               "conv": sd.conv, "attention": sd.attention, "threads": sd.threads,
+               "alter_steps": [s.as_dict() for s in result.alter_steps], "load_seconds": round(load_s, 3),
                "generate_seconds": round(result.seconds, 3), "parameters": text}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -164,6 +174,11 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
             click.echo(f"wrote {p}")
         click.echo(f"{backend}, {sd.threads} threads: load {load_s:.1f} s, generate {result.seconds:.1f} s",
                    err=True)
+        if result.alter_steps:
+            fraction = sum(st.macs for st in result.alter_steps) / sum(st.dense_macs for st in result.alter_steps)
+            experts = " ".join(str(st.expert) for st in result.alter_steps)
+            click.echo(f"ALTER experts per step: {experts}; {100 * fraction:.0f}% of the dense UNet's MACs "
+                       "(-v logs each step)", err=True)
 
 
 class _WriteBar:
@@ -195,20 +210,28 @@ class _WriteBar:
               help="Record epsilon or v prediction (auto: from a diffusers folder's scheduler config).")
 @click.option("--base", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder to take a missing text_encoder/ or vae/ from.")
-def convert(input_path, output, out_type, prediction, base):
-    """Convert a checkpoint to GGUF: a .safetensors / .ckpt file or a diffusers folder (SD1.x, SD2.x).
+@click.option("--alter-masks", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON mask file (docs/alter-gguf.md) to write as ALTER routing; wins over an ALTER folder's masks.")
+@click.option("--drop-unused", is_flag=True,
+              help="Leave out the tensors of units no ALTER expert keeps (stock stable-diffusion.cpp cannot load that).")
+def convert(input_path, output, out_type, prediction, base, alter_masks, drop_unused):
+    """Convert a checkpoint to GGUF: a .safetensors / .ckpt file, a diffusers folder or an ALTER output folder
+    (SD1.x, SD2.x). ALTER masks (pruning_mask.pth, else hypernet/, or --alter-masks) become routing metadata.
 
     \b
     Examples:
       pysdcpp convert v1-5-pruned-emaonly.safetensors -o sd15-f16.gguf
       pysdcpp convert ./stable-diffusion-2-1 -o sd21-q8.gguf --type q8_0
+      pysdcpp convert ./alter-run --base ./stable-diffusion-2-1 -o alter.gguf --drop-unused
+      pysdcpp convert ./stable-diffusion-2-1 --alter-masks masks.json -o sd21-pruned.gguf
     """
     from converters import ConversionError
     from converters import convert as run
 
     bar = _WriteBar(f"writing {output.name}")
     try:
-        report = run(input_path, output, out_type, prediction=prediction, base=base, progress=bar)
+        report = run(input_path, output, out_type, prediction=prediction, base=base, alter_masks=alter_masks,
+                     drop_unused=drop_unused, progress=bar)
     except ConversionError as e:
         _fail(str(e))
     finally:
@@ -216,6 +239,11 @@ def convert(input_path, output, out_type, prediction, base):
     types = ", ".join(f"{k} {v}" for k, v in sorted(report.types.items()))
     click.echo(f"wrote {report.output}: {report.family}, {report.n_tensors} tensors ({types}), "
                f"prediction {report.prediction or 'not recorded'}")
+    if report.alter is not None:
+        r = report.alter
+        dropped = f", tensors of {len(r.dropped)} never-kept units left out" if drop_unused else ""
+        click.echo(f"ALTER routing: {r.n_experts} experts over {r.n_units} units, masks from {r.source}, "
+                   f"skip semantics {r.semantics}{dropped}")
 
 
 def _human(n: float) -> str:
@@ -226,19 +254,48 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _short(value) -> str:
+    """A metadata value for the human listing: long arrays (ALTER masks, timestep tables) abbreviated."""
+    if isinstance(value, list):
+        more = f", ...] ({len(value)} entries)" if len(value) > 8 else "]"
+        return "[" + ", ".join(map(str, value[:8])) + more
+    return str(value)
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor.")
-def inspect(model, as_json, list_tensors):
-    """Architecture, tensor types and sizes, and metadata of a model file."""
+@click.option("--size", type=int, default=512, show_default=True,
+              help="ALTER files: image size for the per-expert MACs.")
+@click.option("--steps", type=int, default=20, show_default=True,
+              help="ALTER files: sampling steps of the default (discrete) schedule to map onto experts.")
+def inspect(model, as_json, list_tensors, size, steps):
+    """Architecture, tensor types and sizes, and metadata of a model file; for a file with ALTER routing, its
+    experts, their kept and skipped units, MACs, and the timesteps and sampling steps each serves.
+
+    \b
+    Examples:
+      pysdcpp inspect model.gguf
+      pysdcpp inspect alter.gguf --size 768 --steps 20 --json
+    """
+    from converters import ConversionError
+    from converters.alter import read_alter
+
     from .errors import ModelLoadError
     from .modelfile import read_model_file
 
+    if size <= 0 or size % 8:
+        _fail(f"--size must be a positive multiple of 8, got {size}")
+    if steps < 1:
+        _fail("--steps must be at least 1")
     try:
         mf = read_model_file(model)
+        routing = read_alter(mf.metadata)
     except ModelLoadError as e:
         _fail(str(e))
+    except ConversionError as e:
+        _fail(f"{model}: {e}")
     by_type: dict[str, list[int]] = {}
     groups: dict[str, int] = {}
     for t in mf.tensors:
@@ -257,6 +314,10 @@ def inspect(model, as_json, list_tensors):
     if list_tensors:
         info["tensors"] = [{"name": t.name, "type": t.type, "shape": list(t.shape), "bytes": t.nbytes}
                            for t in mf.tensors]
+    if routing is not None:
+        from .alter_info import alter_summary
+
+        info["alter"] = alter_summary(routing, mf.family, size, steps)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
@@ -272,7 +333,12 @@ def inspect(model, as_json, list_tensors):
     if mf.metadata:
         click.echo("  metadata:")
         for k, v in mf.metadata.items():
-            click.echo(f"    {k} = {v}")
+            click.echo(f"    {k} = {_short(v)}")
+    if routing is not None:
+        from .alter_info import format_alter_summary
+
+        for line in format_alter_summary(info["alter"]):
+            click.echo(line)
     if list_tensors:
         for t in mf.tensors:
             click.echo(f"  {t.name:<90} {t.type:<6} {list(t.shape)}")
@@ -282,7 +348,10 @@ def inspect(model, as_json, list_tensors):
 @click.option("-m", "--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="GGUF (or checkpoint) to run [the synthetic SD1.5 demo model].")
 @click.option("--layers", is_flag=True, help="Benchmark every distinct 3x3 conv of SD1.5's UNet and VAE instead.")
-@click.option("--size", type=int, default=None, help="Image size [256 for a model, 512 for --layers].")
+@click.option("--attention", "attention_layers", is_flag=True,
+              help="Benchmark every distinct attention shape of SD1.5 and SD2.1 (UNet and VAE) instead.")
+@click.option("--size", type=int, default=None,
+              help="Image size [256 for a model, 512 for --layers, 512 and 768 for --attention].")
 @click.option("--steps", type=int, default=4, show_default=True, help="Sampling steps per generation.")
 @click.option("-t", "--threads", type=int, default=2, show_default=True)
 @click.option("--repeat", type=int, default=2, show_default=True, help="Interleaved repetitions per variant.")
@@ -291,13 +360,16 @@ def inspect(model, as_json, list_tensors):
                    "upstream-direct.")
 @click.option("--algorithms", default="im2col,winograd_f4,winograd_f2", show_default=True,
               help="With --layers: im2col, direct, winograd_f4, winograd_f2.")
+@click.option("--paths", default="upstream,gemm,fused", show_default=True,
+              help="With --attention: upstream, gemm, fused, fused_scalar, fast, upstream_flash.")
 @click.option("--only", default=None, help="With --layers: only shapes of layers whose name contains this.")
 @click.option("--timeout", type=float, default=1800, show_default=True, help="Seconds per worker run.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the full report (machine, build, every timing) here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a chart (PNG) here; needs matplotlib (pip install 'pysdcpp[plot]').")
-def bench(model, layers, size, steps, threads, repeat, variants, algorithms, only, timeout, json_path, plot_path):
+def bench(model, layers, attention_layers, size, steps, threads, repeat, variants, algorithms, paths, only, timeout,
+          json_path, plot_path):
     """Latency, memory and fidelity against upstream stable-diffusion.cpp, measured in the same run.
 
     Each variant's generation runs in its own worker process (peak RSS per variant; a crash or timeout is
@@ -309,18 +381,36 @@ def bench(model, layers, size, steps, threads, repeat, variants, algorithms, onl
       pysdcpp bench                                     # synthetic SD1.5, 256 px, 4 steps
       pysdcpp bench -m sd15.gguf --size 512 --steps 20 --variants upstream,accelerated,im2col --json run.json
       pysdcpp bench --layers --size 512 --json layers-512.json
+      pysdcpp bench --attention --json attention.json
     """
-    from .bench import VARIANTS, format_layer_table, format_model_table, layer_bench, model_bench
-    from .layers import CONV_VARIANTS
+    from .bench import (VARIANTS, attention_bench, format_attention_table, format_layer_table, format_model_table,
+                        layer_bench, model_bench)
+    from .layers import ATTENTION_VARIANTS, CONV_VARIANTS
 
     if plot_path is not None and plot_path.suffix.lower() != ".png":
         _fail(f"--plot writes a PNG: give a .png path, not {plot_path}")
     if repeat < 1 or threads < 1 or steps < 1:
         _fail("--repeat, --threads and --steps must be at least 1")
-    size = _default(size, 512 if layers else 256)
-    if size <= 0 or size % 64:
+    if layers and attention_layers:
+        _fail("--layers and --attention are separate benchmarks: give one")
+    if size is not None and (size <= 0 or size % 64):
         _fail(f"--size must be a positive multiple of 64, got {size}")
-    if layers:
+    sizes = (size,) if size is not None else (512, 768)  # --attention
+    size = _default(size, 512 if layers else 256)
+    if attention_layers:
+        chosen = tuple(a.strip() for a in paths.split(",") if a.strip())
+        bad = [a for a in chosen if a not in ATTENTION_VARIANTS]
+        if bad or not chosen:
+            _fail(f"unknown attention path {bad[0] if bad else ''!r}; choose from {', '.join(ATTENTION_VARIANTS)}")
+        if plot_path is not None:
+            _fail("--plot draws model and --layers reports; the --attention report is a table")
+
+        def attention_progress(i, n, shape):
+            click.echo(f"  [{i}/{n}] {shape.Lq}x{shape.Lk} {shape.heads}x{shape.d}", err=True)
+
+        report = attention_bench(("sd1", "sd2"), sizes, threads, repeat, chosen, progress=attention_progress)
+        click.echo(format_attention_table(report))
+    elif layers:
         algos = tuple(a.strip() for a in algorithms.split(",") if a.strip())
         bad = [a for a in algos if a not in CONV_VARIANTS]
         if bad:

@@ -46,3 +46,42 @@ def conv2d_3x3(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, 
         if rc != 0:
             raise GenerationError(ffi.string(lib.lib.pysdcpp_conv_last_error()).decode())
     return y, secs.tolist()
+
+
+# Per-call attention variants: names of pysdcpp_ext.h's enum pysdcpp_attention_t values.
+ATTENTION_VARIANTS = {"upstream": "PYSDCPP_ATTN_UPSTREAM", "fast": "PYSDCPP_ATTN_FAST",
+                      "fused": "PYSDCPP_ATTN_FUSED", "fused_scalar": "PYSDCPP_ATTN_FUSED_SCALAR",
+                      "gemm": "PYSDCPP_ATTN_GEMM", "upstream_flash": "PYSDCPP_ATTN_UPSTREAM_FLASH"}
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int, *, variant: str = "fast",
+              threads: int = 1, repeat: int = 1) -> tuple[np.ndarray, list[float], int]:
+    """softmax(q k^T / sqrt(d)) v per head; q (N, L_q, C), k and v (N, L_k, C) with C = n_head * d.
+
+    Returns (output (N, L_q, C), seconds per repetition, compute-buffer bytes of the graph)."""
+    if variant not in ATTENTION_VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(ATTENTION_VARIANTS)}, not {variant!r}")
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    k = np.ascontiguousarray(k, dtype=np.float32)
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"need q (N, L_q, C) and k, v (N, L_k, C); got {q.shape}, {k.shape}, {v.shape}")
+    n, lq, c = q.shape
+    lk = k.shape[1]
+    if n_head < 1 or c % n_head:
+        raise ValueError(f"n_head must divide the channel count {c}; got {n_head}")
+    if threads < 1 or repeat < 1:
+        raise ValueError("threads and repeat must be at least 1")
+    lib = _native.load("accelerated")
+    ffi = lib.ffi
+    out = np.empty((n, lq, c), dtype=np.float32)
+    secs = np.zeros(repeat, dtype=np.float64)
+    nbytes = ffi.new("size_t*")
+    with lib.lock:
+        rc = lib.lib.pysdcpp_attention(
+            ffi.from_buffer("float[]", q), ffi.from_buffer("float[]", k), ffi.from_buffer("float[]", v), n, lq, lk,
+            c, n_head, getattr(lib.lib, ATTENTION_VARIANTS[variant]), int(threads), int(repeat),
+            ffi.from_buffer("float[]", out), ffi.from_buffer("double[]", secs), nbytes)
+        if rc != 0:
+            raise GenerationError(ffi.string(lib.lib.pysdcpp_attention_last_error()).decode())
+    return out, secs.tolist(), int(nbytes[0])

@@ -62,7 +62,12 @@ def _gguf_value(field_) -> object:
     if t == GGUFValueType.STRING:
         return bytes(field_.parts[field_.data[0]]).decode("utf-8", "replace")
     if t == GGUFValueType.ARRAY:
-        return [field_.parts[i].tolist() for i in field_.data][:16]
+        # Whole arrays (readers such as converters.alter.read_alter need every entry); strings decoded.
+        if len(field_.types) < 2 or not field_.data:
+            return []
+        if field_.types[-1] == GGUFValueType.STRING:
+            return [bytes(field_.parts[i]).decode("utf-8", "replace") for i in field_.data]
+        return [v for i in field_.data for v in field_.parts[i].tolist()]
     value = field_.parts[field_.data[0]]
     return value.tolist()[0] if isinstance(value, np.ndarray) else value
 

@@ -62,6 +62,10 @@ def test_bad_constructor_arguments(sd15_f16):
         StableDiffusion(sd15_f16, backend="upstream", conv="winograd")
     with pytest.raises(ValueError, match="winograd_cache_mb"):
         StableDiffusion(sd15_f16, winograd_cache_mb=-1)
+    with pytest.raises(ValueError, match="attention must be one of upstream with the upstream library"):
+        StableDiffusion(sd15_f16, backend="upstream", attention="fast")
+    with pytest.raises(ValueError, match="attention must be one of upstream, fast"):
+        StableDiffusion(sd15_f16, attention="flash")
 
 
 @pytest.fixture(scope="module")

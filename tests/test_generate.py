@@ -19,9 +19,10 @@ SETTINGS = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", width=1
 @pytest.fixture(scope="module")
 def images(sd15_f16):
     out = {}
-    # The accelerated library with its accelerations off (conv="im2col") must be upstream, bit for bit.
+    # The accelerated library with its accelerations off (im2col convs, upstream attention) must be upstream,
+    # bit for bit.
     for backend in ("upstream", "accelerated"):
-        with StableDiffusion(sd15_f16, backend=backend, threads=2, conv="im2col") as sd:
+        with StableDiffusion(sd15_f16, backend=backend, threads=2, conv="im2col", attention="upstream") as sd:
             out[backend] = sd.generate(**SETTINGS)
     return out
 

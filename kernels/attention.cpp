@@ -1,0 +1,445 @@
+// Fused and GEMM-arranged attention nodes (see attention.h).
+#include "attention.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace pysdcpp {
+namespace {
+
+std::atomic<int> g_mode{(int)AttentionMode::fast};
+
+// Tiling of the fused kernel. A task is (batch, head, BQ query rows); it walks the keys in blocks of BK.
+// Working set per task at d = 80: Q 20 KB, K^T and V blocks 40 KB each, scores 32 KB, output 20 KB: L2-resident.
+constexpr int64_t BQ = 64;  // query rows per task
+constexpr int64_t BK = 128;  // keys per block (a multiple of NR)
+constexpr int MR_QK  = 6;   // query rows per register tile of Q K^T
+constexpr int MR_PV  = 4;   // query rows per register tile of P V
+constexpr int64_t BQR = (BQ + 11) / 12 * 12;  // rows of the per-thread buffers (whole tiles of either kind)
+constexpr int NR     = 16;  // key columns per register tile of Q K^T
+constexpr int DP     = 8;   // head size padded to a multiple of this in the packed buffers
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+// The kernels are written once over a "vector" type V: v8f (the compiler maps it onto AVX/AVX-512, NEON or
+// SSE registers) or plain float (the portable scalar build, same algorithm and blocking).
+template <class V>
+constexpr int lanes() {
+    return (int)(sizeof(V) / sizeof(float));
+}
+
+template <class V>
+inline V load(const float* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+}
+
+template <class V>
+inline void store(float* p, V v) {
+    std::memcpy(p, &v, sizeof(V));
+}
+
+template <class V>
+inline V splat(float x) {
+    return V{} + x;
+}
+
+template <class V>
+inline V vmax(V a, V b);
+
+template <>
+inline float vmax<float>(float a, float b) {
+    return a > b ? a : b;
+}
+
+template <>
+inline v8f vmax<v8f>(v8f a, v8f b) {
+    return a > b ? a : b;
+}
+
+template <class V>
+inline float hmax(V a);
+
+template <>
+inline float hmax<float>(float a) {
+    return a;
+}
+
+template <>
+inline float hmax<v8f>(v8f a) {
+    float m = a[0];
+    for (int i = 1; i < 8; i++) {
+        m = a[i] > m ? a[i] : m;
+    }
+    return m;
+}
+
+template <class V>
+inline float hsum(V a);
+
+template <>
+inline float hsum<float>(float a) {
+    return a;
+}
+
+template <>
+inline float hsum<v8f>(v8f a) {
+    return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+}
+
+// 2^x for x <= 0 (softmax arguments after the running maximum is subtracted).
+template <class V>
+inline V exp2_neg(V x);
+
+template <>
+inline float exp2_neg<float>(float x) {
+    return std::exp2(x);
+}
+
+// 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2; 2^f by its Taylor series to degree 6 in f (relative error below
+// 1.3e-7 on |f| <= 1/2). The rounding adds and subtracts 1.5 * 2^23, which leaves n in the low mantissa bits.
+// Arguments below -126 give 2^-126 (~1e-38), not 0: harmless here.
+template <>
+inline v8f exp2_neg<v8f>(v8f x) {
+    const v8f lo    = splat<v8f>(-126.0f);
+    const v8f magic = splat<v8f>(12582912.0f);
+    x               = x < lo ? lo : x;
+    const v8f t     = x + magic;
+    const v8f f     = x - (t - magic);
+    v8f p           = splat<v8f>(1.5403530393381606e-4f);  // ln2^6 / 720
+    p               = p * f + 1.3333558146428443e-3f;      // ln2^5 / 120
+    p               = p * f + 9.6181291076284772e-3f;      // ln2^4 / 24
+    p               = p * f + 5.5504108664821580e-2f;      // ln2^3 / 6
+    p               = p * f + 0.24022650695910071f;        // ln2^2 / 2
+    p               = p * f + 0.69314718055994531f;        // ln2
+    p               = p * f + 1.0f;
+    v8i bits;
+    std::memcpy(&bits, &t, sizeof(bits));
+    bits = (bits + (127 - 0x4B400000)) << 23;  // low bits of t hold n + 0x4B400000 (the magic's bit pattern)
+    v8f scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+struct Scratch {
+    std::vector<float> q, s, o, m, l;
+};
+
+// Geometry shared by the packing node and the attention node.
+struct Geometry {
+    int64_t H, d, dp, Lq, Lk, N, n_qb, n_kb;
+
+    static Geometry make(int64_t C, int64_t H, int64_t Lq, int64_t Lk, int64_t N) {
+        Geometry g;
+        g.H    = H;
+        g.d    = C / H;
+        g.dp   = (g.d + DP - 1) / DP * DP;
+        g.Lq   = Lq;
+        g.Lk   = Lk;
+        g.N    = N;
+        g.n_qb = (Lq + BQ - 1) / BQ;
+        g.n_kb = (Lk + BK - 1) / BK;
+        return g;
+    }
+    // Packed keys and values of one block: K^T [dp][BK] then V [BK][dp], zero-padded.
+    int64_t block_floats() const { return 2 * BK * dp; }
+    int64_t packed_floats() const { return N * H * n_kb * block_floats(); }
+};
+
+// S[MR_QK][NR] tile of the scores: Q rows r0.. times K^T columns j0.. (Q pre-scaled).
+template <class V>
+inline void qk_tile(const float* Q, const float* KT, float* S, int64_t d, int64_t dp) {
+    constexpr int W  = lanes<V>();
+    constexpr int NV = NR / W;
+    V acc[MR_QK][NV];
+    for (int r = 0; r < MR_QK; r++) {
+        for (int x = 0; x < NV; x++) {
+            acc[r][x] = V{};
+        }
+    }
+    for (int64_t c = 0; c < d; c++) {
+        V kv[NV];
+        for (int x = 0; x < NV; x++) {
+            kv[x] = load<V>(KT + c * BK + x * W);
+        }
+        for (int r = 0; r < MR_QK; r++) {
+            const float qv = Q[r * dp + c];
+            for (int x = 0; x < NV; x++) {
+                acc[r][x] += qv * kv[x];
+            }
+        }
+    }
+    for (int r = 0; r < MR_QK; r++) {
+        for (int x = 0; x < NV; x++) {
+            store<V>(S + r * BK + x * W, acc[r][x]);
+        }
+    }
+}
+
+// O[MR_PV][NC] += P[MR_PV][nk] Vb[nk][NC] for the columns c0..c0+NC of the output rows r0..
+template <class V, int NC>
+inline void pv_tile(const float* P, const float* Vb, float* O, int64_t nk, int64_t dp) {
+    constexpr int W  = lanes<V>();
+    constexpr int NV = NC / W;
+    V acc[MR_PV][NV];
+    for (int r = 0; r < MR_PV; r++) {
+        for (int x = 0; x < NV; x++) {
+            acc[r][x] = load<V>(O + r * dp + x * W);
+        }
+    }
+    for (int64_t j = 0; j < nk; j++) {
+        V vv[NV];
+        for (int x = 0; x < NV; x++) {
+            vv[x] = load<V>(Vb + j * dp + x * W);
+        }
+        for (int r = 0; r < MR_PV; r++) {
+            const float p = P[r * BK + j];
+            for (int x = 0; x < NV; x++) {
+                acc[r][x] += p * vv[x];
+            }
+        }
+    }
+    for (int r = 0; r < MR_PV; r++) {
+        for (int x = 0; x < NV; x++) {
+            store<V>(O + r * dp + x * W, acc[r][x]);
+        }
+    }
+}
+
+// Online softmax of one score row against the running max m and sum l: the row becomes probabilities
+// (relative to the new max); returns the factor the running output row must be scaled by.
+template <class V>
+inline float softmax_row(float* srow, int64_t nk, float& m, float& l) {
+    constexpr int W = lanes<V>();
+    const int64_t nv = nk - nk % W;
+    V vm             = splat<V>(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < nv; j += W) {
+        vm = vmax<V>(vm, load<V>(srow + j));
+    }
+    float mx = std::max(m, hmax<V>(vm));
+    for (int64_t j = nv; j < nk; j++) {
+        mx = std::max(mx, srow[j]);
+    }
+    const float alpha = std::exp2(m - mx);  // 0 on the first block (m = -inf)
+    V vs              = V{};
+    const V vmx       = splat<V>(mx);
+    for (int64_t j = 0; j < nv; j += W) {
+        const V p = exp2_neg<V>(load<V>(srow + j) - vmx);
+        store<V>(srow + j, p);
+        vs += p;
+    }
+    float sum = hsum<V>(vs);
+    for (int64_t j = nv; j < nk; j++) {
+        const float p = std::exp2(srow[j] - mx);
+        srow[j]       = p;
+        sum += p;
+    }
+    l = l * alpha + sum;
+    m = mx;
+    return alpha;
+}
+
+// The packing node: keys transposed and values copied, block by block, zero-padded (done once per call, shared
+// by every query block of the head). dst [block_floats, n_kb, H, N]; src = k, v [C, L_k, N].
+void pack_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
+    const ggml_tensor* k = dst->src[0];
+    const ggml_tensor* v = dst->src[1];
+    const Geometry g     = Geometry::make(k->ne[0], (int64_t)(intptr_t)userdata, 1, k->ne[1], k->ne[2]);
+    const int64_t blocks = g.N * g.H * g.n_kb;
+    for (int64_t t = ith; t < blocks; t += nth) {
+        const int64_t b = t % g.n_kb, h = (t / g.n_kb) % g.H, n = t / (g.n_kb * g.H);
+        float* KT       = (float*)dst->data + t * g.block_floats();
+        float* Vb       = KT + BK * g.dp;
+        std::fill(KT, KT + g.block_floats(), 0.0f);
+        const int64_t j0 = b * BK, nk = std::min(BK, g.Lk - j0);
+        for (int64_t j = 0; j < nk; j++) {
+            const float* krow = (const float*)((const char*)k->data + n * k->nb[2] + (j0 + j) * k->nb[1]) + h * g.d;
+            const float* vrow = (const float*)((const char*)v->data + n * v->nb[2] + (j0 + j) * v->nb[1]) + h * g.d;
+            for (int64_t c = 0; c < g.d; c++) {
+                KT[c * BK + j] = krow[c];
+            }
+            std::memcpy(Vb + j * g.dp, vrow, sizeof(float) * (size_t)g.d);
+        }
+    }
+}
+
+template <class V>
+void attend_task(const Geometry& g, const ggml_tensor* q, const float* packed, ggml_tensor* dst, int64_t n,
+                 int64_t h, int64_t qb, Scratch& w) {
+    const int64_t d = g.d, dp = g.dp;
+    const int64_t i0    = qb * BQ;
+    const int64_t nq    = std::min(BQ, g.Lq - i0);
+    const int64_t nr_qk = (nq + MR_QK - 1) / MR_QK * MR_QK;  // rows computed (padding rows of Q are zero)
+    const int64_t nr_pv = (nq + MR_PV - 1) / MR_PV * MR_PV;
+    float* Q = w.q.data();
+    float* S = w.s.data();
+    float* O = w.o.data();
+    float* M = w.m.data();
+    float* L = w.l.data();
+
+    // log2(e) / sqrt(d) folded into Q: the softmax then works in powers of two.
+    const float qscale = (float)(1.4426950408889634 / std::sqrt((double)d));
+    std::fill(Q, Q + BQR * dp, 0.0f);
+    for (int64_t r = 0; r < nq; r++) {
+        const float* row = (const float*)((const char*)q->data + n * q->nb[2] + (i0 + r) * q->nb[1]) + h * d;
+        for (int64_t c = 0; c < d; c++) {
+            Q[r * dp + c] = row[c] * qscale;
+        }
+    }
+    std::fill(O, O + BQR * dp, 0.0f);
+    std::fill(S, S + BQR * BK, 0.0f);  // rows past nq stay zero: they add nothing to O
+    std::fill(M, M + BQR, -std::numeric_limits<float>::infinity());
+    std::fill(L, L + BQR, 0.0f);
+
+    const float* blocks = packed + (n * g.H + h) * g.n_kb * g.block_floats();
+    for (int64_t b = 0; b < g.n_kb; b++) {
+        const float* KT   = blocks + b * g.block_floats();
+        const float* Vb   = KT + BK * dp;
+        const int64_t nk  = std::min(BK, g.Lk - b * BK);
+        const int64_t nkr = (nk + NR - 1) / NR * NR;
+        for (int64_t r0 = 0; r0 < nr_qk; r0 += MR_QK) {
+            for (int64_t j = 0; j < nkr; j += NR) {
+                qk_tile<V>(Q + r0 * dp, KT + j, S + r0 * BK + j, d, dp);
+            }
+        }
+        for (int64_t r = 0; r < nq; r++) {
+            const float alpha = softmax_row<V>(S + r * BK, nk, M[r], L[r]);
+            if (alpha != 1.0f) {
+                float* orow = O + r * dp;
+                for (int64_t c = 0; c < dp; c++) {
+                    orow[c] *= alpha;
+                }
+            }
+        }
+        for (int64_t r = nq; r < nr_qk; r++) {
+            std::fill(S + r * BK, S + r * BK + nkr, 0.0f);
+        }
+        for (int64_t r0 = 0; r0 < nr_pv; r0 += MR_PV) {
+            int64_t c0 = 0;
+            for (; c0 + 24 <= dp; c0 += 24) {
+                pv_tile<V, 24>(S + r0 * BK, Vb + c0, O + r0 * dp + c0, nk, dp);
+            }
+            if (dp - c0 == 16) {
+                pv_tile<V, 16>(S + r0 * BK, Vb + c0, O + r0 * dp + c0, nk, dp);
+            } else if (dp - c0 == 8) {
+                pv_tile<V, 8>(S + r0 * BK, Vb + c0, O + r0 * dp + c0, nk, dp);
+            }
+        }
+    }
+    for (int64_t r = 0; r < nq; r++) {
+        float* out        = (float*)((char*)dst->data + n * dst->nb[2] + (i0 + r) * dst->nb[1]) + h * d;
+        const float inv_l = 1.0f / L[r];
+        for (int64_t c = 0; c < d; c++) {
+            out[c] = O[r * dp + c] * inv_l;
+        }
+    }
+}
+
+// The attention node: dst [C, L_q, N]; src = q [C, L_q, N], packed keys/values (pack_node), k (for L_k).
+template <class V>
+void fused_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
+    const ggml_tensor* q = dst->src[0];
+    const float* packed  = (const float*)dst->src[1]->data;
+    const int64_t Lk     = dst->src[2]->ne[1];
+    const Geometry g     = Geometry::make(q->ne[0], (int64_t)(intptr_t)userdata, q->ne[1], Lk, q->ne[2]);
+    thread_local Scratch w;
+    w.q.resize((size_t)(BQR * g.dp));
+    w.s.resize((size_t)(BQR * BK));
+    w.o.resize((size_t)(BQR * g.dp));
+    w.m.resize(BQR);
+    w.l.resize(BQR);
+    // Tasks of one head are adjacent, so the threads share that head's keys and values in cache.
+    const int64_t tasks = g.N * g.H * g.n_qb;
+    for (int64_t t = ith; t < tasks; t += nth) {
+        const int64_t qb = t % g.n_qb;
+        const int64_t h  = (t / g.n_qb) % g.H;
+        const int64_t n  = t / (g.n_qb * g.H);
+        attend_task<V>(g, q, packed, dst, n, h, qb, w);
+    }
+}
+
+ggml_tensor* gemm_attention(ggml_context* ctx, ggml_tensor* q, ggml_tensor* k, ggml_tensor* v, int64_t H) {
+    const int64_t C = q->ne[0], Lq = q->ne[1], Lk = k->ne[1], N = q->ne[2];
+    const int64_t d  = C / H;
+    const int64_t dp = (d + 15) / 16 * 16;
+    auto heads_first = [&](ggml_tensor* x, int64_t L) {  // [C, L, N] -> [dp, L, H * N], zero-padded
+        x = ggml_reshape_4d(ctx, ggml_is_contiguous(x) ? x : ggml_cont(ctx, x), d, H, L, N);
+        if (dp != d) {
+            x = ggml_pad(ctx, x, (int)(dp - d), 0, 0, 0);
+        }
+        x = ggml_cont(ctx, ggml_permute(ctx, x, 0, 2, 1, 3));
+        return ggml_reshape_3d(ctx, x, dp, L, H * N);
+    };
+    ggml_tensor* qh = heads_first(q, Lq);
+    ggml_tensor* kh = heads_first(k, Lk);
+    // v as [L_k, d, H * N]: the second product contracts over the keys.
+    ggml_tensor* vt = ggml_reshape_4d(ctx, ggml_is_contiguous(v) ? v : ggml_cont(ctx, v), d, H, Lk, N);
+    vt              = ggml_cont(ctx, ggml_permute(ctx, vt, 1, 2, 0, 3));
+    vt              = ggml_reshape_3d(ctx, vt, Lk, d, H * N);
+    ggml_tensor* s  = ggml_mul_mat(ctx, kh, qh);  // [L_k, L_q, H * N]
+    ggml_mul_mat_set_prec(s, GGML_PREC_F32);
+    s              = ggml_soft_max_ext(ctx, s, nullptr, 1.0f / std::sqrt((float)d), 0.0f);
+    ggml_tensor* o = ggml_mul_mat(ctx, vt, s);  // [d, L_q, H * N]
+    o              = ggml_reshape_4d(ctx, o, d, Lq, H, N);
+    o              = ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3));  // [d, H, L_q, N]
+    return ggml_reshape_3d(ctx, o, C, Lq, N);
+}
+
+}  // namespace
+
+ggml_tensor* attention(ggml_context* ctx, ggml_tensor* q, ggml_tensor* k, ggml_tensor* v, int64_t n_head,
+                       AttentionVariant variant) {
+    if (variant == AttentionVariant::gemm) {
+        return gemm_attention(ctx, q, k, v, n_head);
+    }
+    const Geometry g      = Geometry::make(q->ne[0], n_head, q->ne[1], k->ne[1], q->ne[2]);
+    ggml_tensor* kv[2]    = {k, v};
+    ggml_tensor* packed   = ggml_custom_4d(ctx, GGML_TYPE_F32, g.block_floats(), g.n_kb, g.H, g.N, kv, 2, pack_node,
+                                           GGML_N_TASKS_MAX, (void*)(intptr_t)n_head);
+    ggml_tensor* args[3]  = {q, packed, k};  // k only for its length
+    ggml_custom_op_t fn   = variant == AttentionVariant::fused_scalar ? fused_node<float> : fused_node<v8f>;
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0], q->ne[1], q->ne[2], 1, args, 3, fn, GGML_N_TASKS_MAX,
+                          (void*)(intptr_t)n_head);
+}
+
+AttentionVariant attention_choose(int64_t d_head, int64_t L_q, int64_t L_k) {
+    (void)d_head;
+    (void)L_q;
+    (void)L_k;
+    return AttentionVariant::fused;
+}
+
+AttentionMode attention_mode() {
+    return (AttentionMode)g_mode.load(std::memory_order_relaxed);
+}
+
+void set_attention_mode(AttentionMode mode) {
+    g_mode.store((int)mode, std::memory_order_relaxed);
+}
+
+}  // namespace pysdcpp
+
+ggml_tensor* pysdcpp_attention_hook(ggml_context* ctx, ggml_tensor* q, ggml_tensor* k, ggml_tensor* v,
+                                    int64_t n_head) {
+    using namespace pysdcpp;
+    if (attention_mode() != AttentionMode::fast || n_head < 1) {
+        return nullptr;
+    }
+    const int64_t C      = q->ne[0];
+    const bool eligible  = q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F32 && v->type == GGML_TYPE_F32 &&
+                          C % n_head == 0 && k->ne[0] == C && v->ne[0] == C && k->ne[1] == v->ne[1] &&
+                          k->ne[2] == q->ne[2] && v->ne[2] == q->ne[2] && q->ne[3] == 1 && k->ne[3] == 1 &&
+                          v->ne[3] == 1 && q->nb[0] == sizeof(float) && k->nb[0] == sizeof(float) &&
+                          v->nb[0] == sizeof(float);
+    if (!eligible) {
+        return nullptr;
+    }
+    return attention(ctx, q, k, v, n_head, attention_choose(C / n_head, q->ne[1], k->ne[1]));
+}

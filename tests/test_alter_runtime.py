@@ -1,0 +1,226 @@
+"""ALTER routing at run time: one UNet evaluation of the accelerated library with pruned units skipped against the
+PyTorch reference of ALTER's eval path (tests/alter_reference.py, written independently of the runtime), for
+every expert and both skip semantics; dense equivalence of all-ones masks; --drop-unused files; the per-step
+report; argument errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import _cached, diffusers_folder, rel_l2
+from converters import convert
+from converters.alter import prunable_units, unet_macs
+
+LATENT = 16
+# Units each fixture expert skips (LDM names), chosen to cover every kind of skip in alter-format.md section 3:
+# down-block and middle ResNets (identity), transformer blocks, a ResNet of a cross-attention up block (pop,
+# concat, discard) and ResNets of the plain up block output_blocks 0..2 where `reference` and `consume` differ.
+EXPERT_SKIPS = [
+    ["input_blocks.2.0", "input_blocks.4.1.transformer_blocks.0", "output_blocks.1.0", "middle_block.2",
+     "output_blocks.7.0"],
+    None,  # a random third of the units (seeded)
+    ["output_blocks.0.0", "output_blocks.1.0", "middle_block.1.transformer_blocks.0", "input_blocks.11.0",
+     "output_blocks.5.1.transformer_blocks.0", "input_blocks.1.0"],
+]
+# Training timesteps 0..332 -> expert 2, 333..665 -> expert 1, 666..999 -> expert 0.
+TABLE = [2] * 333 + [1] * 333 + [0] * 334
+# Model timesteps that hit every expert, fractional ones included (rounded to the nearest training step).
+TIMESTEPS = [950.0, 665.6, 400.0, 332.4, 20.0]
+
+
+def _expert_masks(family: str, skips=EXPERT_SKIPS, seed: int = 11) -> tuple[list[str], list[list[int]]]:
+    units = [u.name for u in prunable_units(family)]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for skip in skips:
+        if skip is None:
+            row = (rng.random(len(units)) >= 1 / 3).astype(int).tolist()
+        else:
+            assert set(skip) <= set(units)
+            row = [0 if u in skip else 1 for u in units]
+        rows.append(row)
+    return units, rows
+
+
+def _mask_file(path, family: str, rows, table=TABLE):
+    units, _ = _expert_masks(family)
+    doc = {"format": "pysdcpp.alter-masks", "version": 1, "units": units, "experts": rows}
+    if table is not None:
+        doc["timestep_expert"] = table
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def alter_gguf(family: str, out_type: str, name: str, rows, table=TABLE, drop_unused: bool = False):
+    """A fixture GGUF converted from the synthetic diffusers folder with JSON masks (cached)."""
+    folder = diffusers_folder(family)
+
+    def make(p):
+        masks = _mask_file(p.with_name(p.name + ".json"), family, rows, table)
+        convert(folder, p, out_type, alter_masks=masks, drop_unused=drop_unused)
+        masks.unlink()
+
+    return _cached(f"{family}-{out_type}-alter-{name}.gguf", make)
+
+
+def _expert_of(t: float) -> int:
+    return TABLE[min(max(int(math.floor(t + 0.5)), 0), 999)]
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def family_setup(request):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    family = request.param
+    _, rows = _expert_masks(family)
+    path = alter_gguf(family, "f32", "fixture", rows)
+    torch.set_num_threads(2)
+    unet = UNet2DConditionModel.from_pretrained(diffusers_folder(family) / "unet").eval()
+    yield family, path, rows, unet
+    del unet
+
+
+@pytest.mark.parametrize("semantics", ["reference", "consume"])
+def test_unet_evaluation_matches_the_pytorch_reference(family_setup, semantics):
+    import torch
+    from alter_reference import alter_unet_forward
+
+    from pysdcpp import StableDiffusion
+
+    family, path, rows, unet = family_setup
+    rng = np.random.default_rng(7)
+    width = 768 if family == "sd1" else 1024
+    latent = rng.standard_normal((1, 4, LATENT, LATENT)).astype(np.float32)
+    context = rng.standard_normal((1, 77, width)).astype(np.float32)
+    assert {_expert_of(t) for t in TIMESTEPS} == {0, 1, 2}
+    with StableDiffusion(path, threads=2, alter_semantics=semantics) as sd:
+        assert sd.alter is not None and sd.alter.semantics == semantics
+        outs = {t: sd.unet(latent, t, context) for t in TIMESTEPS}
+    with StableDiffusion(path, threads=2, alter=False) as sd:
+        dense = sd.unet(latent, TIMESTEPS[0], context)
+    with torch.no_grad():
+        x, c = torch.from_numpy(latent), torch.from_numpy(context)
+        dense_ref = unet(x, torch.tensor([TIMESTEPS[0]]), encoder_hidden_states=c).sample.numpy()
+        dense_err = rel_l2(dense, dense_ref)
+        for t, ours in outs.items():
+            keep = [bool(k) for k in rows[_expert_of(t)]]
+            ref = alter_unet_forward(unet, x, torch.tensor([t]), c, keep, semantics).numpy()
+            err = rel_l2(ours, ref)
+            # The dense UNet is ~1.4e-3 from diffusers with f32 files (F16 conv weights and activations, see
+            # test_components); with units skipped the error stays at that level, and the skipped model is far
+            # from the dense one, so this cannot pass by accident.
+            assert err <= max(2e-3, 1.25 * dense_err), (t, err, dense_err)
+            dense_at_t = unet(x, torch.tensor([t]), encoder_hidden_states=c).sample.numpy()
+            assert rel_l2(ref, dense_at_t) > 20 * err
+
+
+def test_semantics_differ_only_where_plain_up_block_resnets_are_skipped(family_setup):
+    """Expert 0 skips output_blocks.1.0 (plain up block) but keeps 2.0: `reference` and `consume` differ."""
+    from pysdcpp import StableDiffusion
+
+    family, path, rows, _ = family_setup
+    rng = np.random.default_rng(8)
+    width = 768 if family == "sd1" else 1024
+    latent = rng.standard_normal((1, 4, LATENT, LATENT)).astype(np.float32)
+    context = rng.standard_normal((1, 77, width)).astype(np.float32)
+    out = {}
+    for sem in ("reference", "consume"):
+        with StableDiffusion(path, threads=2, alter_semantics=sem) as sd:
+            out[sem] = sd.unet(latent, 900.0, context)
+    assert rel_l2(out["reference"], out["consume"]) > 1e-2
+
+
+def test_batch_with_timesteps_of_different_experts(family_setup):
+    """A batch whose elements go to different experts equals evaluating them one by one."""
+    from pysdcpp import StableDiffusion
+
+    family, path, _, _ = family_setup
+    rng = np.random.default_rng(9)
+    width = 768 if family == "sd1" else 1024
+    latent = rng.standard_normal((2, 4, LATENT, LATENT)).astype(np.float32)
+    context = rng.standard_normal((2, 77, width)).astype(np.float32)
+    ts = np.array([900.0, 100.0], np.float32)
+    with StableDiffusion(path, threads=2) as sd:
+        both = sd.unet(latent, ts, context)
+        one = [sd.unet(latent[i:i + 1], ts[i], context[i:i + 1]) for i in range(2)]
+    np.testing.assert_allclose(both, np.concatenate(one), rtol=0, atol=1e-5)
+
+
+def _generate(path, **kwargs):
+    from pysdcpp import StableDiffusion
+
+    with StableDiffusion(path, threads=2, **kwargs) as sd:
+        result = sd.generate_with_info("a lighthouse at dusk", width=128, height=128, num_inference_steps=3,
+                                       seed=5)
+    return np.asarray(result.images[0]), result
+
+
+def test_all_ones_masks_reproduce_the_dense_image_bit_exactly(sd15_f16):
+    units, _ = _expert_masks("sd1")
+    ones = [[1] * len(units)] * 3
+    path = alter_gguf("sd1", "f16", "ones", ones)
+    dense, _ = _generate(sd15_f16)
+    routed, info = _generate(path)
+    assert info.alter_steps and all(s.macs == s.dense_macs for s in info.alter_steps)
+    np.testing.assert_array_equal(routed, dense)
+
+
+def test_drop_unused_gives_the_same_image_as_the_full_file():
+    from pysdcpp import StableDiffusion
+    from pysdcpp.errors import ModelLoadError
+
+    # Every expert skips input_blocks.2.0 and output_blocks.1.0: their tensors can be left out.
+    skips = [["input_blocks.2.0", "output_blocks.1.0"],
+             ["input_blocks.2.0", "output_blocks.1.0", "middle_block.1.transformer_blocks.0"]]
+    _, rows = _expert_masks("sd1", skips)
+    table = [1] * 500 + [0] * 500
+    full = alter_gguf("sd1", "f16", "full", rows, table)
+    dropped = alter_gguf("sd1", "f16", "dropped", rows, table, drop_unused=True)
+    a, info = _generate(full)
+    b, _ = _generate(dropped)
+    np.testing.assert_array_equal(a, b)
+    assert {s.expert for s in info.alter_steps} == {0, 1}
+    with pytest.raises(ModelLoadError, match="drop-unused"):
+        StableDiffusion(dropped, alter=False)
+    with pytest.raises(ModelLoadError, match="drop-unused"):
+        StableDiffusion(dropped, backend="upstream")
+
+
+def test_per_step_report_follows_the_schedule():
+    """Each step's expert is the table's entry for the step's model timestep under sd.cpp's discrete schedule
+    (computed independently in pysdcpp.alter_info), and its MACs are that expert's."""
+    from pysdcpp.alter_info import discrete_step_timesteps
+
+    _, rows = _expert_masks("sd1")
+    path = alter_gguf("sd1", "f16", "fixture", rows)
+    _, info = _generate(path)
+    expected_t = discrete_step_timesteps(3)
+    macs = unet_macs("sd1", 16, 16)
+    assert [s.step for s in info.alter_steps] == [1, 2, 3]
+    for s, t in zip(info.alter_steps, expected_t):
+        assert s.timestep == pytest.approx(t, abs=1e-2)
+        assert s.expert == _expert_of(t)
+        assert s.macs == macs.with_mask([bool(k) for k in rows[s.expert]])
+        assert s.evaluations >= 1
+
+
+def test_alter_arguments(sd15_f16):
+    from pysdcpp import StableDiffusion
+
+    _, rows = _expert_masks("sd1")
+    path = alter_gguf("sd1", "f16", "fixture", rows)
+    with pytest.raises(ValueError, match="carries no ALTER routing"):
+        StableDiffusion(sd15_f16, alter=True)
+    with pytest.raises(ValueError, match="accelerated library"):
+        StableDiffusion(path, backend="upstream", alter=True)
+    with pytest.raises(ValueError, match="alter_semantics"):
+        StableDiffusion(path, alter_semantics="skip")
+    with pytest.raises(ValueError, match="alter must be"):
+        StableDiffusion(path, alter="yes")
+    with StableDiffusion(path, backend="upstream") as sd:  # the dense model, in upstream's library
+        assert sd.alter is None
