@@ -14,10 +14,12 @@ namespace {
 
 std::atomic<int> g_mode{(int)AttentionMode::fast};
 
-// Tiling of the fused kernel. A task is (batch, head, BQ query rows); it walks the keys in blocks of BK.
+// Tiling of the fused kernel. A task is (batch, head, BQ query rows); it walks the keys in blocks of bk (BK, or
+// fewer for large heads so that a block's keys and values stay in L2).
 // Working set per task at d = 80: Q 20 KB, K^T and V blocks 40 KB each, scores 32 KB, output 20 KB: L2-resident.
+// The keys and values are packed once per call (pack_node), block by block, shared by all query blocks.
 constexpr int64_t BQ = 64;  // query rows per task
-constexpr int64_t BK = 128;  // keys per block (a multiple of NR)
+constexpr int64_t BK = 128;  // keys per block (a multiple of NR), at most
 constexpr int MR_QK  = 6;   // query rows per register tile of Q K^T
 constexpr int MR_PV  = 4;   // query rows per register tile of P V
 constexpr int64_t BQR = (BQ + 11) / 12 * 12;  // rows of the per-thread buffers (whole tiles of either kind)
@@ -134,7 +136,7 @@ struct Scratch {
 
 // Geometry shared by the packing node and the attention node.
 struct Geometry {
-    int64_t H, d, dp, Lq, Lk, N, n_qb, n_kb;
+    int64_t H, d, dp, Lq, Lk, N, n_qb, n_kb, bk;
 
     static Geometry make(int64_t C, int64_t H, int64_t Lq, int64_t Lk, int64_t N) {
         Geometry g;
@@ -145,17 +147,18 @@ struct Geometry {
         g.Lk   = Lk;
         g.N    = N;
         g.n_qb = (Lq + BQ - 1) / BQ;
-        g.n_kb = (Lk + BK - 1) / BK;
+        g.bk   = g.dp <= 160 ? BK : g.dp <= 320 ? BK / 2 : BK / 4;
+        g.n_kb = (Lk + g.bk - 1) / g.bk;
         return g;
     }
-    // Packed keys and values of one block: K^T [dp][BK] then V [BK][dp], zero-padded.
-    int64_t block_floats() const { return 2 * BK * dp; }
+    // Packed keys and values of one block: K^T [dp][bk] then V [bk][dp], zero-padded.
+    int64_t block_floats() const { return 2 * bk * dp; }
     int64_t packed_floats() const { return N * H * n_kb * block_floats(); }
 };
 
 // S[MR_QK][NR] tile of the scores: Q rows r0.. times K^T columns j0.. (Q pre-scaled).
 template <class V>
-inline void qk_tile(const float* Q, const float* KT, float* S, int64_t d, int64_t dp) {
+inline void qk_tile(const float* Q, const float* KT, float* S, int64_t d, int64_t dp, int64_t bk) {
     constexpr int W  = lanes<V>();
     constexpr int NV = NR / W;
     V acc[MR_QK][NV];
@@ -167,7 +170,7 @@ inline void qk_tile(const float* Q, const float* KT, float* S, int64_t d, int64_
     for (int64_t c = 0; c < d; c++) {
         V kv[NV];
         for (int x = 0; x < NV; x++) {
-            kv[x] = load<V>(KT + c * BK + x * W);
+            kv[x] = load<V>(KT + c * bk + x * W);
         }
         for (int r = 0; r < MR_QK; r++) {
             const float qv = Q[r * dp + c];
@@ -178,14 +181,14 @@ inline void qk_tile(const float* Q, const float* KT, float* S, int64_t d, int64_
     }
     for (int r = 0; r < MR_QK; r++) {
         for (int x = 0; x < NV; x++) {
-            store<V>(S + r * BK + x * W, acc[r][x]);
+            store<V>(S + r * bk + x * W, acc[r][x]);
         }
     }
 }
 
 // O[MR_PV][NC] += P[MR_PV][nk] Vb[nk][NC] for the columns c0..c0+NC of the output rows r0..
 template <class V, int NC>
-inline void pv_tile(const float* P, const float* Vb, float* O, int64_t nk, int64_t dp) {
+inline void pv_tile(const float* P, const float* Vb, float* O, int64_t nk, int64_t dp, int64_t bk) {
     constexpr int W  = lanes<V>();
     constexpr int NV = NC / W;
     V acc[MR_PV][NV];
@@ -200,7 +203,7 @@ inline void pv_tile(const float* P, const float* Vb, float* O, int64_t nk, int64
             vv[x] = load<V>(Vb + j * dp + x * W);
         }
         for (int r = 0; r < MR_PV; r++) {
-            const float p = P[r * BK + j];
+            const float p = P[r * bk + j];
             for (int x = 0; x < NV; x++) {
                 acc[r][x] += p * vv[x];
             }
@@ -256,14 +259,14 @@ void pack_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
     for (int64_t t = ith; t < blocks; t += nth) {
         const int64_t b = t % g.n_kb, h = (t / g.n_kb) % g.H, n = t / (g.n_kb * g.H);
         float* KT       = (float*)dst->data + t * g.block_floats();
-        float* Vb       = KT + BK * g.dp;
+        float* Vb       = KT + g.bk * g.dp;
         std::fill(KT, KT + g.block_floats(), 0.0f);
-        const int64_t j0 = b * BK, nk = std::min(BK, g.Lk - j0);
+        const int64_t j0 = b * g.bk, nk = std::min(g.bk, g.Lk - j0);
         for (int64_t j = 0; j < nk; j++) {
             const float* krow = (const float*)((const char*)k->data + n * k->nb[2] + (j0 + j) * k->nb[1]) + h * g.d;
             const float* vrow = (const float*)((const char*)v->data + n * v->nb[2] + (j0 + j) * v->nb[1]) + h * g.d;
             for (int64_t c = 0; c < g.d; c++) {
-                KT[c * BK + j] = krow[c];
+                KT[c * g.bk + j] = krow[c];
             }
             std::memcpy(Vb + j * g.dp, vrow, sizeof(float) * (size_t)g.d);
         }
@@ -294,23 +297,24 @@ void attend_task(const Geometry& g, const ggml_tensor* q, const float* packed, g
         }
     }
     std::fill(O, O + BQR * dp, 0.0f);
-    std::fill(S, S + BQR * BK, 0.0f);  // rows past nq stay zero: they add nothing to O
+    const int64_t bk = g.bk;
+    std::fill(S, S + BQR * bk, 0.0f);  // rows past nq stay zero: they add nothing to O
     std::fill(M, M + BQR, -std::numeric_limits<float>::infinity());
     std::fill(L, L + BQR, 0.0f);
 
     const float* blocks = packed + (n * g.H + h) * g.n_kb * g.block_floats();
     for (int64_t b = 0; b < g.n_kb; b++) {
         const float* KT   = blocks + b * g.block_floats();
-        const float* Vb   = KT + BK * dp;
-        const int64_t nk  = std::min(BK, g.Lk - b * BK);
+        const float* Vb   = KT + bk * dp;
+        const int64_t nk  = std::min(bk, g.Lk - b * bk);
         const int64_t nkr = (nk + NR - 1) / NR * NR;
         for (int64_t r0 = 0; r0 < nr_qk; r0 += MR_QK) {
             for (int64_t j = 0; j < nkr; j += NR) {
-                qk_tile<V>(Q + r0 * dp, KT + j, S + r0 * BK + j, d, dp);
+                qk_tile<V>(Q + r0 * dp, KT + j, S + r0 * bk + j, d, dp, bk);
             }
         }
         for (int64_t r = 0; r < nq; r++) {
-            const float alpha = softmax_row<V>(S + r * BK, nk, M[r], L[r]);
+            const float alpha = softmax_row<V>(S + r * bk, nk, M[r], L[r]);
             if (alpha != 1.0f) {
                 float* orow = O + r * dp;
                 for (int64_t c = 0; c < dp; c++) {
@@ -319,17 +323,17 @@ void attend_task(const Geometry& g, const ggml_tensor* q, const float* packed, g
             }
         }
         for (int64_t r = nq; r < nr_qk; r++) {
-            std::fill(S + r * BK, S + r * BK + nkr, 0.0f);
+            std::fill(S + r * bk, S + r * bk + nkr, 0.0f);
         }
         for (int64_t r0 = 0; r0 < nr_pv; r0 += MR_PV) {
             int64_t c0 = 0;
             for (; c0 + 24 <= dp; c0 += 24) {
-                pv_tile<V, 24>(S + r0 * BK, Vb + c0, O + r0 * dp + c0, nk, dp);
+                pv_tile<V, 24>(S + r0 * bk, Vb + c0, O + r0 * dp + c0, nk, dp, bk);
             }
             if (dp - c0 == 16) {
-                pv_tile<V, 16>(S + r0 * BK, Vb + c0, O + r0 * dp + c0, nk, dp);
+                pv_tile<V, 16>(S + r0 * bk, Vb + c0, O + r0 * dp + c0, nk, dp, bk);
             } else if (dp - c0 == 8) {
-                pv_tile<V, 8>(S + r0 * BK, Vb + c0, O + r0 * dp + c0, nk, dp);
+                pv_tile<V, 8>(S + r0 * bk, Vb + c0, O + r0 * dp + c0, nk, dp, bk);
             }
         }
     }
@@ -351,7 +355,7 @@ void fused_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
     const Geometry g     = Geometry::make(q->ne[0], (int64_t)(intptr_t)userdata, q->ne[1], Lk, q->ne[2]);
     thread_local Scratch w;
     w.q.resize((size_t)(BQR * g.dp));
-    w.s.resize((size_t)(BQR * BK));
+    w.s.resize((size_t)(BQR * g.bk));
     w.o.resize((size_t)(BQR * g.dp));
     w.m.resize(BQR);
     w.l.resize(BQR);
@@ -410,10 +414,13 @@ ggml_tensor* attention(ggml_context* ctx, ggml_tensor* q, ggml_tensor* k, ggml_t
 }
 
 AttentionVariant attention_choose(int64_t d_head, int64_t L_q, int64_t L_k) {
-    (void)d_head;
     (void)L_q;
     (void)L_k;
-    return AttentionVariant::fused;
+    // Measured (docs/benchmarks.md, 2-core AVX2, 2 threads): the fused kernel beats upstream's path on every
+    // UNet attention of SD1.x/SD2.x (d = 40..160; 1.3-3.2x self-attention, 2.5-6.5x cross-attention) and the
+    // padded-GEMM arrangement never wins by more than noise. With one 512-wide head (the VAE's mid-block)
+    // ggml's GEMM reaches ~110 GFLOP/s against our ~95: upstream's path stays there.
+    return d_head > 256 ? AttentionVariant::none : AttentionVariant::fused;
 }
 
 AttentionMode attention_mode() {
@@ -441,5 +448,6 @@ ggml_tensor* pysdcpp_attention_hook(ggml_context* ctx, ggml_tensor* q, ggml_tens
     if (!eligible) {
         return nullptr;
     }
-    return attention(ctx, q, k, v, n_head, attention_choose(C / n_head, q->ne[1], k->ne[1]));
+    const AttentionVariant variant = attention_choose(C / n_head, q->ne[1], k->ne[1]);
+    return variant == AttentionVariant::none ? nullptr : attention(ctx, q, k, v, n_head, variant);
 }

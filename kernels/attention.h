@@ -20,10 +20,11 @@ namespace pysdcpp {
 // What the attention hook does: keep upstream's path, or the fast path chosen per shape.
 enum class AttentionMode : int { upstream = 0, fast = 1 };
 
-// Explicit per-call variants (the harness and the benchmarks).
-enum class AttentionVariant : int { fused = 0, fused_scalar = 1, gemm = 2 };
+// Explicit per-call variants (the harness and the benchmarks); `none` keeps upstream's path.
+enum class AttentionVariant : int { fused = 0, fused_scalar = 1, gemm = 2, none = 3 };
 
-// q [C, L_q, N], k/v [C, L_k, N] (F32; any strides with contiguous rows) -> [C, L_q, N] F32.
+// q [C, L_q, N], k/v [C, L_k, N] (F32; any strides with contiguous rows) -> [C, L_q, N] F32 (`variant` not
+// `none`).
 ggml_tensor* attention(ggml_context* ctx, ggml_tensor* q, ggml_tensor* k, ggml_tensor* v, int64_t n_head,
                        AttentionVariant variant);
 

@@ -260,6 +260,64 @@ def format_attention_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def expert_bench(model: str, size: int = 512, threads: int = 2, repeat: int = 3, progress=None) -> dict:
+    """One UNet evaluation per ALTER expert (at a timestep it serves) against the dense model at the same
+    timestep, in this process (two contexts, interleaved repetitions, a warm-up call each first)."""
+    import time
+
+    from converters.alter import unet_macs
+
+    from . import StableDiffusion
+
+    if size <= 0 or size % 64:
+        raise ValueError(f"size must be a positive multiple of 64, got {size}")
+    with StableDiffusion(model, threads=threads, alter=True) as routed, \
+            StableDiffusion(model, threads=threads, alter=False) as dense:
+        routing = routed.alter.routing
+        family = routed.model_file.family
+        macs = unet_macs(family, size // 8, size // 8)
+        per_expert = macs.experts(routing)
+        rng = np.random.default_rng(0)
+        latent = rng.standard_normal((1, 4, size // 8, size // 8)).astype(np.float32)
+        context = rng.standard_normal((1, 77, 768 if family == "sd1" else 1024)).astype(np.float32)
+        rows = []
+        used = sorted(set(int(e) for e in routing.table))
+        for i, e in enumerate(used):
+            lo, hi = routing.timestep_ranges(e)[0]
+            t = float((lo + hi) // 2)
+            times = {"expert": [], "dense": []}
+            for sd in (routed, dense):
+                sd.unet(latent, t, context)  # warm-up: one-off filter transforms, allocations
+            for _ in range(repeat):
+                for key, sd in (("expert", routed), ("dense", dense)):
+                    t0 = time.perf_counter()
+                    sd.unet(latent, t, context)
+                    times[key].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows.append({"expert": e, "timestep": t, "timesteps": routing.timestep_ranges(e),
+                         "skipped": [u for u, k in zip(routing.units, routing.masks[e]) if not k],
+                         "macs": per_expert[e], "dense_macs": macs.dense, "median_s": med, "seconds": times,
+                         "speedup_vs_dense": med["dense"] / med["expert"]})
+            if progress:
+                progress(i + 1, len(used), rows[-1])
+    return {"kind": "experts", "model": str(model), "size": size, "threads": threads, "repeat": repeat,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(), "build": _build(), "rows": rows}
+
+
+def format_expert_table(report: dict) -> str:
+    head = f"{'expert':>6} {'timesteps':>22} {'skipped':>8} {'MACs':>7} {'expert ms':>10} {'dense ms':>10} " \
+        f"{'speedup':>8}"
+    lines = [head, "-" * len(head)]
+    for r in report["rows"]:
+        ranges = ",".join(f"{a}-{b}" for a, b in r["timesteps"])
+        lines.append(f"{r['expert']:>6} {ranges[:22]:>22} {len(r['skipped']):>8} "
+                     f"{100 * r['macs'] / r['dense_macs']:>6.1f}% {r['median_s']['expert'] * 1e3:>10.0f} "
+                     f"{r['median_s']['dense'] * 1e3:>10.0f} {r['speedup_vs_dense']:>7.2f}x")
+    lines.append(_footer(report, f"one UNet evaluation (batch 1), median of {report['repeat']}"))
+    return "\n".join(lines)
+
+
 # The float64 reference over a whole 512x512 map would dominate the benchmark: check a fixed 16x16 window
 # (plus its halo), which covers interior tiles and, at the corner, the padding.
 _WIN = 16
@@ -322,9 +380,26 @@ VARIANTS: dict[str, dict] = {
     "winograd": {"backend": "accelerated", "conv": "winograd", "attention": "upstream"},
     "fast-attention": {"backend": "accelerated", "conv": "im2col", "attention": "fast"},
     "upstream-direct": {"backend": "upstream", "conv": "direct"},
+    "dense": {"backend": "accelerated", "alter": False},  # an ALTER file's dense model, accelerated
 }
 
+
+def parse_variant(spec: str) -> tuple[str, dict, int | None]:
+    """`name` or `name@STEPS` (a per-variant step count, e.g. `upstream@50` against a 20-step ALTER run):
+    (label, StableDiffusion keyword arguments, steps or None)."""
+    name, _, steps = spec.partition("@")
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)} (optionally name@STEPS)")
+    if steps:
+        if not steps.isdigit() or int(steps) < 1:
+            raise ValueError(f"variant {spec!r}: the step count after @ must be a positive integer")
+        return spec, VARIANTS[name], int(steps)
+    return spec, VARIANTS[name], None
+
 # Phase durations the native library logs (INFO), identical in both libraries.
+# "ggml_extend.hpp:1940 - unet compute buffer size: 559.43 MB(RAM)" (DEBUG): the graph's working memory, per runner.
+_BUFFER_LOG = re.compile(r"(\S+) compute buffer size: ([0-9.]+) MB")
+
 _PHASE_LOGS = {
     "text_encoding": re.compile(r"get_learned_condition completed, taking ([0-9.]+)s"),
     "sampling": re.compile(r"sampling completed, taking ([0-9.]+)s"),
@@ -348,7 +423,7 @@ def _worker(variant: dict, model: str, params: dict, threads: int, queue) -> Non
                 lines.append(record.getMessage())
 
         logger = logging.getLogger("pysdcpp.native")
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.DEBUG)  # the compute-buffer sizes are debug lines
         logger.addHandler(Capture())
         stamps: list[float] = []
         t0 = time.perf_counter()
@@ -366,8 +441,13 @@ def _worker(variant: dict, model: str, params: dict, threads: int, queue) -> Non
         steps = [b - a for a, b in zip(stamps, stamps[1:])]
         hwm = next((int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")),
                    0)
-        queue.put({"ok": True, "phases": phases, "steps": steps, "peak_rss": hwm,
-                   "image": np.asarray(result.images[0]).copy()})
+        buffers: dict[str, float] = {}
+        for line in lines:
+            if m := _BUFFER_LOG.search(line):
+                buffers[m.group(1)] = max(buffers.get(m.group(1), 0.0), float(m.group(2)))
+        alter = [s.as_dict() for s in result.alter_steps]
+        queue.put({"ok": True, "phases": phases, "steps": steps, "peak_rss": hwm, "compute_buffers_mb": buffers,
+                   "alter_steps": alter, "image": np.asarray(result.images[0]).copy()})
     except BaseException as e:  # reported, never raised: the other variants go on
         queue.put({"ok": False, "error": f"{type(e).__name__}: {e}"})
 
@@ -412,6 +492,11 @@ def summarize(runs: dict[str, list[dict]], baseline: str = "upstream") -> dict:
             if steps:
                 entry["step"] = {"median": statistics.median(steps), "min": min(steps), "max": max(steps)}
             entry["peak_rss"] = max(r["peak_rss"] for r in ok)
+            entry["compute_buffers_mb"] = ok[0].get("compute_buffers_mb", {})
+            if ok[0].get("alter_steps"):
+                st = ok[0]["alter_steps"]
+                entry["alter"] = {"experts": [s["expert"] for s in st],
+                                  "fraction_of_dense_macs": sum(s["macs"] for s in st) / sum(s["dense_macs"] for s in st)}
             pairs = [(b, r) for b, r in zip(base_runs, rs) if b.get("ok") and r.get("ok")]
             entry["speedup"] = {ph: statistics.median(b["phases"][ph] / r["phases"][ph] for b, r in pairs
                                                       if r["phases"].get(ph, 0) > 0 and ph in b["phases"])
@@ -429,9 +514,7 @@ def summarize(runs: dict[str, list[dict]], baseline: str = "upstream") -> dict:
 def model_bench(model: str, variants: list[str], size: int = 256, steps: int = 4, threads: int = 2,
                 repeat: int = 2, timeout: float = 1800.0, progress=None, prompt: str = "a lighthouse at dusk",
                 seed: int = 42) -> dict:
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    parsed = {label: (kwargs, st) for label, kwargs, st in map(parse_variant, variants)}
     if size <= 0 or size % 64:
         raise ValueError(f"size must be a positive multiple of 64, got {size}")
     if repeat < 1 or steps < 1 or threads < 1:
@@ -440,13 +523,16 @@ def model_bench(model: str, variants: list[str], size: int = 256, steps: int = 4
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for rep in range(repeat):
         for v in variants:  # interleaved: A B A B ...
-            r = run_variant(VARIANTS[v], str(model), params, threads, timeout)
+            kwargs, own_steps = parsed[v]
+            p = dict(params, num_inference_steps=own_steps) if own_steps else params
+            r = run_variant(kwargs, str(model), p, threads, timeout)
             runs[v].append(r)
             if progress:
                 progress(rep, v, r)
     summary = summarize(runs, variants[0])
     return {"kind": "model", "model": str(model), "size": size, "steps": steps, "threads": threads,
-            "repeat": repeat, "variants": {v: VARIANTS[v] for v in variants}, "baseline": variants[0],
+            "repeat": repeat, "baseline": variants[0],
+            "variants": {v: dict(parsed[v][0], **({"steps": parsed[v][1]} if parsed[v][1] else {})) for v in variants},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info(), "build": _build(), "summary": summary,
             "runs": {v: [{k: val for k, val in r.items() if k != "image"} for r in rs] for v, rs in runs.items()}}
@@ -454,25 +540,32 @@ def model_bench(model: str, variants: list[str], size: int = 256, steps: int = 4
 
 def format_model_table(report: dict) -> str:
     phases = ["model_load", "text_encoding", "sampling", "vae_decode", "total"]
-    head = f"{'variant':<14}" + "".join(f"{p:>15}" for p in phases) + f"{'step':>9}{'peak RSS':>10}{'PSNR':>8}"
+    w = max(14, *(len(n) + 1 for n in report["summary"]))
+    head = f"{'variant':<{w}}" + "".join(f"{p:>15}" for p in phases) + \
+        f"{'step':>9}{'peak RSS':>10}{'UNet buf':>10}{'MACs':>6}{'PSNR':>8}"
     lines = [head, "-" * len(head)]
     base = report["baseline"]
     for name, e in report["summary"].items():
         if "phases" not in e:
-            lines.append(f"{name:<14} FAILED: {'; '.join(e['failed'])}")
+            lines.append(f"{name:<{w}} FAILED: {'; '.join(e['failed'])}")
             continue
-        row = f"{name:<14}"
+        row = f"{name:<{w}}"
         for p in phases:
             ph = e["phases"].get(p)
             sp = e["speedup"].get(p)
             row += f"{ph['median']:>8.2f}s" + (f" x{sp:<4.2f}" if sp and name != base else " " * 6) if ph else " " * 15
         row += f"{e.get('step', {}).get('median', float('nan')):>8.2f}s{e['peak_rss'] / 2**20:>8.0f}MB"
+        buf = e.get("compute_buffers_mb", {}).get("unet")
+        row += f"{buf:>8.0f}MB" if buf else f"{'-':>10}"
+        frac = e.get("alter", {}).get("fraction_of_dense_macs")
+        row += f"{100 * frac:>5.0f}%" if frac is not None else f"{'-':>6}"
         p_ = e.get("psnr_vs_" + base)
         row += f"{p_:>8.1f}" if p_ is not None and p_ != float("inf") else f"{'same':>8}"
         if e["failed"]:
             row += f"  ({len(e['failed'])} failed: {e['failed'][0]})"
         lines.append(row)
-    lines.append(_footer(report, f"{report['steps']} steps, median of {report['repeat']} (x: speedup vs {base})"))
+    lines.append(_footer(report, f"{report['steps']} steps, median of {report['repeat']} (x: speedup vs {base}; "
+                                 "UNet buf: its graph's compute buffer; MACs: ALTER's share of the dense UNet)"))
     return "\n".join(lines)
 
 

@@ -12,6 +12,10 @@ from pathlib import Path
 PHASES = ["model_load", "text_encoding", "sampling", "vae_decode", "total"]
 
 
+def _name(r: dict) -> str:
+    return Path(r["model"]).name
+
+
 def _machine(r: dict) -> str:
     m = r["machine"]
     return (f"{m['cpu']} ({m['logical_cores']} logical cores; {', '.join(m['simd'])}), {m['system']}; "
@@ -23,11 +27,12 @@ def render_model(r: dict) -> list[str]:
     out = [f"### Generation, {r['size']} px, {r['steps']} steps, median of {r['repeat']}",
            "", f"Machine: {_machine(r)}. Model: `{Path(r['model']).name}`. Variants: " +
            ", ".join(f"`{k}` = {v}" for k, v in r["variants"].items()) + ".", "",
-           "| variant | " + " | ".join(PHASES) + " | per step | peak RSS | PSNR vs " + base + " |",
-           "|---" * (len(PHASES) + 4) + "|"]
+           "| variant | " + " | ".join(PHASES) + " | per step | peak RSS | UNet compute buffer | UNet MACs | PSNR vs "
+           + base + " |",
+           "|---" * (len(PHASES) + 6) + "|"]
     for name, e in r["summary"].items():
         if "phases" not in e:
-            out.append(f"| {name} | failed: {'; '.join(e['failed'])} |" + " |" * (len(PHASES) + 2))
+            out.append(f"| {name} | failed: {'; '.join(e['failed'])} |" + " |" * (len(PHASES) + 4))
             continue
         cells = []
         for p in PHASES:
@@ -36,8 +41,14 @@ def render_model(r: dict) -> list[str]:
         step = e.get("step", {}).get("median")
         ps = e.get("psnr_vs_" + base)
         psnr = "-" if ps is None else "identical" if ps == float("inf") else f"{ps:.1f} dB"
-        out.append(f"| {name} | " + " | ".join(cells) + f" | {step:.2f} s | {e['peak_rss'] / 2**20:.0f} MB | {psnr} |")
-    out += ["", "(x): speedup against the baseline, computed repetition by repetition.", ""]
+        buf = e.get("compute_buffers_mb", {}).get("unet")
+        frac = e.get("alter", {}).get("fraction_of_dense_macs")
+        steps = r["variants"].get(name, {}).get("steps", r["steps"])
+        out.append(f"| {name}" + (f" ({steps} steps)" if steps != r["steps"] else "") + " | " + " | ".join(cells) +
+                   f" | {step:.2f} s | {e['peak_rss'] / 2**20:.0f} MB | " + (f"{buf:.0f} MB" if buf else "-") +
+                   " | " + (f"{100 * frac:.0f}% (ALTER)" if frac is not None else "dense") + f" | {psnr} |")
+    out += ["", "(x): speedup against the baseline, computed repetition by repetition. UNet compute buffer: the "
+            "working memory of the UNet graph as stable-diffusion.cpp allocates it (weights not included).", ""]
     return out
 
 
@@ -68,6 +79,50 @@ def render_layers(r: dict) -> list[str]:
     return out
 
 
+def render_attention(r: dict) -> list[str]:
+    vs = r["variants"]
+    out = [f"### Attention layers of SD1.5 and SD2.1 (UNet and VAE) at {r['size']} px, median of {r['repeat']}", "",
+           f"Machine: {_machine(r)}. F32 q, k, v in the layout the models hand over; `upstream` is upstream's own "
+           "attention helper (hook off), `gemm` our padded-GEMM arrangement, `fused` the tiled kernel "
+           "(`attention=\"fast\"`). Memory: the graph's compute buffer (inputs included). Error: relative L2 "
+           "against float64 on the first 64 query rows.", "",
+           "| L_q x L_k | heads x d | " + " | ".join(f"{a} ms" for a in vs) + " | " +
+           " | ".join(f"speedup {a}" for a in vs if a != "upstream") + " | " + " | ".join(f"{a} MB" for a in vs) +
+           " | GFLOP/s best | rel. error | layers |",
+           "|---" * (4 + 3 * len(vs) - 1 + 1) + "|"]
+    for row in r["rows"]:
+        best = max(row["gflops"].values())
+        sp = [row["speedup_vs_upstream"].get(a, float("nan")) for a in vs if a != "upstream"]
+        layers = ", ".join(row["layers"][:3]) + (f" (+{len(row['layers']) - 3})" if len(row["layers"]) > 3 else "")
+        out.append(f"| {row['Lq']} x {row['Lk']} | {row['heads']} x {row['d']} | " +
+                   " | ".join(f"{row['median_s'][a] * 1e3:.1f}" for a in vs) + " | " +
+                   " | ".join(f"{x:.2f}x" for x in sp) + " | " +
+                   " | ".join(f"{row['compute_bytes'][a] / 2**20:.1f}" for a in vs) +
+                   f" | {best:.0f} | {max(row['rel_error'].values()):.1e} | {layers} |")
+    out.append("")
+    return out
+
+
+def render_experts(r: dict) -> list[str]:
+    out = [f"### ALTER experts: one UNet evaluation at {r['size']} px, median of {r['repeat']}", "",
+           f"Machine: {_machine(r)}. Model: `{_name(r)}`. Each expert at a timestep it serves against the dense "
+           "model (routing off) at the same timestep, both in the accelerated library (Winograd, fast attention).",
+           "", "| expert | timesteps | units skipped | MACs (of dense) | expert | dense | speedup |",
+           "|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        ranges = ", ".join(f"{a}-{b}" for a, b in row["timesteps"])
+        out.append(f"| {row['expert']} | {ranges} | {len(row['skipped'])} | "
+                   f"{100 * row['macs'] / row['dense_macs']:.1f}% | {row['median_s']['expert']:.2f} s | "
+                   f"{row['median_s']['dense']:.2f} s | {row['speedup_vs_dense']:.2f}x |")
+    out.append("")
+    return out
+
+
+_RENDER = {"model": render_model, "layers": render_layers, "attention": render_attention,
+           "experts": render_experts}
+_ORDER = {"model": 0, "experts": 1, "attention": 2, "layers": 3}
+
+
 def render(reports: list[dict], notes: str = "") -> str:
     lines = ["# Benchmarks", "",
              "Generated by `python -m pysdcpp.bench_report` from the JSON that `pysdcpp bench --json` wrote "
@@ -76,8 +131,8 @@ def render(reports: list[dict], notes: str = "") -> str:
              "so the synthetic models time like real ones; PSNR does depend on them.", ""]
     if notes:
         lines += [notes.rstrip(), ""]
-    for r in sorted(reports, key=lambda r: (r["kind"] != "model", r["size"])):
-        lines += render_model(r) if r["kind"] == "model" else render_layers(r)
+    for r in sorted(reports, key=lambda r: (_ORDER[r["kind"]], str(r["size"]))):
+        lines += _RENDER[r["kind"]](r)
     return "\n".join(lines)
 
 

@@ -348,6 +348,10 @@ def inspect(model, as_json, list_tensors, size, steps):
 @click.option("-m", "--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="GGUF (or checkpoint) to run [the synthetic SD1.5 demo model].")
 @click.option("--layers", is_flag=True, help="Benchmark every distinct 3x3 conv of SD1.5's UNet and VAE instead.")
+@click.option("--alter-demo", is_flag=True,
+              help="Run the synthetic SD1.5 with demo ALTER routing (10 experts at ~65% of the dense MACs).")
+@click.option("--experts", "experts", is_flag=True,
+              help="With -m ALTER_FILE: one UNet evaluation per expert against the dense model.")
 @click.option("--attention", "attention_layers", is_flag=True,
               help="Benchmark every distinct attention shape of SD1.5 and SD2.1 (UNet and VAE) instead.")
 @click.option("--size", type=int, default=None,
@@ -357,7 +361,8 @@ def inspect(model, as_json, list_tensors, size, steps):
 @click.option("--repeat", type=int, default=2, show_default=True, help="Interleaved repetitions per variant.")
 @click.option("--variants", default="upstream,accelerated", show_default=True,
               help="Comma-separated, the first is the baseline: upstream, accelerated, im2col, direct, winograd, "
-                   "upstream-direct.")
+                   "fast-attention, upstream-direct, dense (an ALTER file with routing off); NAME@STEPS gives a "
+                   "variant its own step count (e.g. upstream@50,accelerated with --steps 20).")
 @click.option("--algorithms", default="im2col,winograd_f4,winograd_f2", show_default=True,
               help="With --layers: im2col, direct, winograd_f4, winograd_f2.")
 @click.option("--paths", default="upstream,gemm,fused", show_default=True,
@@ -368,7 +373,7 @@ def inspect(model, as_json, list_tensors, size, steps):
               help="Write the full report (machine, build, every timing) here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a chart (PNG) here; needs matplotlib (pip install 'pysdcpp[plot]').")
-def bench(model, layers, attention_layers, size, steps, threads, repeat, variants, algorithms, paths, only, timeout,
+def bench(model, layers, alter_demo, experts, attention_layers, size, steps, threads, repeat, variants, algorithms, paths, only, timeout,
           json_path, plot_path):
     """Latency, memory and fidelity against upstream stable-diffusion.cpp, measured in the same run.
 
@@ -382,22 +387,48 @@ def bench(model, layers, attention_layers, size, steps, threads, repeat, variant
       pysdcpp bench -m sd15.gguf --size 512 --steps 20 --variants upstream,accelerated,im2col --json run.json
       pysdcpp bench --layers --size 512 --json layers-512.json
       pysdcpp bench --attention --json attention.json
+      pysdcpp bench -m alter.gguf --steps 20 --variants upstream@50,accelerated   # ALTER vs 50 dense steps
+      pysdcpp bench -m alter.gguf --experts --size 512
     """
-    from .bench import (VARIANTS, attention_bench, format_attention_table, format_layer_table, format_model_table,
-                        layer_bench, model_bench)
+    from .bench import (VARIANTS, attention_bench, expert_bench, format_attention_table, format_expert_table,
+                        format_layer_table, format_model_table, layer_bench, model_bench, parse_variant)
+    from .errors import PySDCppError
     from .layers import ATTENTION_VARIANTS, CONV_VARIANTS
 
     if plot_path is not None and plot_path.suffix.lower() != ".png":
         _fail(f"--plot writes a PNG: give a .png path, not {plot_path}")
     if repeat < 1 or threads < 1 or steps < 1:
         _fail("--repeat, --threads and --steps must be at least 1")
-    if layers and attention_layers:
-        _fail("--layers and --attention are separate benchmarks: give one")
+    if layers + attention_layers + experts > 1:
+        _fail("--layers, --attention and --experts are separate benchmarks: give one")
     if size is not None and (size <= 0 or size % 64):
         _fail(f"--size must be a positive multiple of 64, got {size}")
+    size_arg = size
     sizes = (size,) if size is not None else (512, 768)  # --attention
+    if alter_demo:
+        if model is not None:
+            _fail("--alter-demo and -m are alternatives: give one")
+        from .demo import synthetic_gguf
+
+        bar = _WriteBar("making the ALTER demo model (once, cached)")
+        model = synthetic_gguf("sd1", "f16", progress=bar, alter=True)
+        bar.close()
     size = _default(size, 512 if layers else 256)
-    if attention_layers:
+    if experts:
+        if model is None or not model.is_file():
+            _fail("--experts needs -m FILE: a GGUF with ALTER routing")
+        if plot_path is not None:
+            _fail("--plot draws model and --layers reports; the --experts report is a table")
+
+        def expert_progress(i, n, row):
+            click.echo(f"  [{i}/{n}] expert {row['expert']}: {row['speedup_vs_dense']:.2f}x", err=True)
+
+        try:
+            report = expert_bench(str(model), _default(size_arg, 512), threads, repeat, progress=expert_progress)
+        except (PySDCppError, ValueError) as e:
+            _fail(str(e))
+        click.echo(format_expert_table(report))
+    elif attention_layers:
         chosen = tuple(a.strip() for a in paths.split(",") if a.strip())
         bad = [a for a in chosen if a not in ATTENTION_VARIANTS]
         if bad or not chosen:
@@ -423,9 +454,13 @@ def bench(model, layers, attention_layers, size, steps, threads, repeat, variant
         click.echo(format_layer_table(report))
     else:
         names = [v.strip() for v in variants.split(",") if v.strip()]
-        bad = [v for v in names if v not in VARIANTS]
-        if bad or not names:
-            _fail(f"unknown variant {bad[0] if bad else ''!r}; choose from {', '.join(VARIANTS)}")
+        if not names:
+            _fail(f"no variants given; choose from {', '.join(VARIANTS)}")
+        for spec in names:
+            try:
+                parse_variant(spec)
+            except ValueError as e:
+                _fail(str(e))
         if model is None:
             from .demo import synthetic_gguf
 

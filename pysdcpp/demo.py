@@ -21,16 +21,50 @@ def cache_dir() -> Path:
 
 
 def synthetic_gguf(family: str = "sd1", out_type: str = "f16", seed: int = DEMO_SEED,
-                   folder: Path | None = None, progress: Callable[[int, int, str], None] | None = None) -> Path:
-    """Path of the synthetic model's GGUF, writing it first if it is not cached yet."""
+                   folder: Path | None = None, progress: Callable[[int, int, str], None] | None = None,
+                   alter: bool = False) -> Path:
+    """Path of the synthetic model's GGUF, writing it first if it is not cached yet; with `alter`, plus the demo
+    ALTER routing (synthetic_alter_masks) in its metadata."""
     folder = Path(folder) if folder else cache_dir() / "models"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"synthetic-{family}-seed{seed}-{out_type}.gguf"
+    path = folder / f"synthetic-{family}-seed{seed}-{out_type}{'-alter' if alter else ''}.gguf"
     if path.is_file():
         return path
     parts = synthetic_sources(family, seed)
     tensors = map_unet(parts["unet"]) + map_vae(parts["vae"]) + map_text_encoder(parts["text_encoder"])
     meta = {keys.FAMILY: family, keys.SOURCE: f"synthetic {family} seed {seed}", keys.SOURCE_LAYOUT: "synthetic",
             keys.OUTPUT_TYPE: out_type, keys.SYNTHETIC: True, keys.PREDICTION: "eps" if family == "sd1" else "v"}
+    if alter:
+        from converters.alter import routing_metadata
+
+        meta[keys.SOURCE] += " + demo ALTER routing"
+        meta.update(routing_metadata(synthetic_alter_masks(family, seed=seed)))
     write_gguf(path, tensors, out_type, meta, progress)
     return path
+
+
+def synthetic_alter_masks(family: str = "sd1", n_experts: int = 10, keep_fraction: float = 0.65, size: int = 512,
+                          seed: int = DEMO_SEED):
+    """Demo ALTER routing: `n_experts` experts, each skipping a random set of units worth about
+    1 - keep_fraction of the dense UNet's MACs at `size` px (ALTER's paper: 65%), serving consecutive ranges
+    of 1000 / n_experts training timesteps."""
+    import numpy as np
+
+    from converters.alter import AlterRouting, prunable_units, unet_macs
+
+    units = prunable_units(family)
+    macs = unet_macs(family, size // 8, size // 8)
+    cost = np.array(macs.unit_macs, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    masks = np.ones((n_experts, len(units)), dtype=bool)
+    budget = (1.0 - keep_fraction) * macs.dense
+    for e in range(n_experts):
+        saved = 0.0
+        for u in rng.permutation(len(units)):
+            if saved + cost[u] <= budget * 1.02:
+                masks[e, u] = False
+                saved += cost[u]
+    table = np.minimum(np.arange(1000) * n_experts // 1000, n_experts - 1)
+    return AlterRouting([u.name for u in units], [u.kind for u in units], masks, table, "reference",
+                        f"synthetic: {n_experts} random experts at {keep_fraction:.0%} of the dense MACs", [])
+

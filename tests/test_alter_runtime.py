@@ -67,6 +67,14 @@ def alter_gguf(family: str, out_type: str, name: str, rows, table=TABLE, drop_un
     return _cached(f"{family}-{out_type}-alter-{name}.gguf", make)
 
 
+def _unet_inputs(family: str, seed: int, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    width = 768 if family == "sd1" else 1024
+    latent = rng.standard_normal((batch, 4, LATENT, LATENT)).astype(np.float32)
+    context = rng.standard_normal((batch, 77, width)).astype(np.float32)
+    return latent, context
+
+
 def _expert_of(t: float) -> int:
     return TABLE[min(max(int(math.floor(t + 0.5)), 0), 999)]
 
@@ -93,10 +101,7 @@ def test_unet_evaluation_matches_the_pytorch_reference(family_setup, semantics):
     from pysdcpp import StableDiffusion
 
     family, path, rows, unet = family_setup
-    rng = np.random.default_rng(7)
-    width = 768 if family == "sd1" else 1024
-    latent = rng.standard_normal((1, 4, LATENT, LATENT)).astype(np.float32)
-    context = rng.standard_normal((1, 77, width)).astype(np.float32)
+    latent, context = _unet_inputs(family, 7)
     assert {_expert_of(t) for t in TIMESTEPS} == {0, 1, 2}
     with StableDiffusion(path, threads=2, alter_semantics=semantics) as sd:
         assert sd.alter is not None and sd.alter.semantics == semantics
@@ -124,10 +129,7 @@ def test_semantics_differ_only_where_plain_up_block_resnets_are_skipped(family_s
     from pysdcpp import StableDiffusion
 
     family, path, rows, _ = family_setup
-    rng = np.random.default_rng(8)
-    width = 768 if family == "sd1" else 1024
-    latent = rng.standard_normal((1, 4, LATENT, LATENT)).astype(np.float32)
-    context = rng.standard_normal((1, 77, width)).astype(np.float32)
+    latent, context = _unet_inputs(family, 8)
     out = {}
     for sem in ("reference", "consume"):
         with StableDiffusion(path, threads=2, alter_semantics=sem) as sd:
@@ -140,10 +142,7 @@ def test_batch_with_timesteps_of_different_experts(family_setup):
     from pysdcpp import StableDiffusion
 
     family, path, _, _ = family_setup
-    rng = np.random.default_rng(9)
-    width = 768 if family == "sd1" else 1024
-    latent = rng.standard_normal((2, 4, LATENT, LATENT)).astype(np.float32)
-    context = rng.standard_normal((2, 77, width)).astype(np.float32)
+    latent, context = _unet_inputs(family, 9, batch=2)
     ts = np.array([900.0, 100.0], np.float32)
     with StableDiffusion(path, threads=2) as sd:
         both = sd.unet(latent, ts, context)

@@ -25,6 +25,7 @@ SHAPES = [
     (2, 100, 37, 3, 12),   # head size not a multiple of 8, lengths not multiples of any block
     (1, 5, 3, 1, 7),
     (1, 1, 1, 2, 40),
+    (1, 1024, 1024, 1, 512),  # the VAE mid-block's single wide head
 ]
 # Relative L2 error against float64; every path accumulates in F32.
 BOUND = 1e-4

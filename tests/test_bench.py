@@ -53,24 +53,31 @@ def test_model_bench_report(sd15_f16, tmp_path):
 
     from pysdcpp.bench import plot_report
 
-    report = model_bench(str(sd15_f16), ["upstream", "im2col"], size=64, steps=1, threads=2, repeat=1)
+    report = model_bench(str(sd15_f16), ["upstream", "im2col@2"], size=64, steps=1, threads=2, repeat=1)
     plot_report(report, tmp_path / "chart.png")
     assert Image.open(tmp_path / "chart.png").size[0] > 600
     json.dumps(report, default=float)  # serialisable
     assert report["baseline"] == "upstream" and report["machine"]["logical_cores"] >= 1
-    for name in ("upstream", "im2col"):
+    for name in ("upstream", "im2col@2"):
         e = report["summary"][name]
         assert not e["failed"], e["failed"]
         assert {"model_load", "text_encoding", "sampling", "vae_decode", "total"} <= set(e["phases"])
         assert e["peak_rss"] > 100 << 20
-    # The accelerated library with its accelerations off draws upstream's image exactly.
-    assert report["summary"]["im2col"]["max_abs_diff_vs_upstream"] == 0
+        assert e["compute_buffers_mb"].get("unet", 0) > 0
+    # A variant's own step count (name@steps) reaches its generation.
+    assert report["variants"]["im2col@2"]["steps"] == 2
+    assert len(report["runs"]["im2col@2"][0]["steps"]) == 2 and len(report["runs"]["upstream"][0]["steps"]) == 1
 
 
 @pytest.mark.parametrize("args, message", [
     (["--size", "100"], "multiple of 64"),
     (["--repeat", "0"], "at least 1"),
     (["--variants", "upstream,warp"], "unknown variant"),
+    (["--variants", "upstream@0"], "positive integer"),
+    (["--experts"], "needs -m FILE"),
+    (["--layers", "--attention"], "separate benchmarks"),
+    (["--attention", "--paths", "magic"], "unknown attention path"),
+    (["--alter-demo", "-m", "x.gguf"], "alternatives"),
     (["--layers", "--algorithms", "fft"], "unknown algorithm"),
     (["-m", "/nonexistent.gguf"], "no such file"),
     (["--plot", "chart.svg"], "give a .png path"),
