@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from converters.alter import AlterRouting, prunable_units, read_alter, unet_macs
+from converters.alter import AlterRouting, prunable_units, read_alter, read_mask_json, unet_macs
 from converters.errors import ConversionError
 
 from .errors import ModelLoadError
@@ -19,15 +19,24 @@ SEMANTICS = ("reference", "consume")
 UNET_PREFIX = "model.diffusion_model."
 
 
-def routing_of(model_file) -> AlterRouting | None:
-    """The routing a model file carries (GGUF metadata), checked against its UNet's prunable units."""
+def routing_of(model_file, masks=None) -> AlterRouting | None:
+    """The routing to run a model file with: from a JSON mask file (`masks`, docs/alter-gguf.md) if given, else
+    the file's own (GGUF metadata); checked against the UNet's prunable units."""
+    family = model_file.family
+    if masks is not None:
+        if family not in ("sd1", "sd2"):
+            raise ModelLoadError(f"{model_file.path}: ALTER masks need an SD1.x or SD2.x UNet; the file's family "
+                                 f"is {family or 'unknown'}")
+        try:
+            return read_mask_json(masks, family)
+        except ConversionError as e:
+            raise ValueError(str(e)) from None
     try:
         routing = read_alter(model_file.metadata)
     except ConversionError as e:
         raise ModelLoadError(f"{model_file.path}: {e}") from None
     if routing is None:
         return None
-    family = model_file.family
     if family not in ("sd1", "sd2"):
         raise ModelLoadError(f"{model_file.path}: ALTER routing needs an SD1.x or SD2.x UNet; the file's family is "
                              f"{family or 'unknown'}")

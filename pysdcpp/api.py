@@ -123,7 +123,7 @@ class StableDiffusion:
                  vae: str | os.PathLike | None = None, prediction: str = "auto", rng: str = "cuda",
                  vae_decode_only: bool = True, conv: str = "default", winograd_cache_mb: int | None = None,
                  attention: str = "default", alter: bool | None = None, alter_semantics: str = "default",
-                 progress: Callable[[int, int, float], None] | None = None):
+                 alter_masks: str | os.PathLike | None = None, progress: Callable[[int, int, float], None] | None = None):
         self._ctx = None
         if backend not in _native.BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(_native.BACKENDS)}, not {backend!r}")
@@ -146,7 +146,7 @@ class StableDiffusion:
             raise ValueError(f"prediction must be auto, eps or v, not {prediction!r}")
         self.model_file: ModelFile = read_model_file(model)
         vae_file = read_model_file(vae) if vae is not None else None
-        self.alter = self._alter_routing(backend, alter, alter_semantics)
+        self.alter = self._alter_routing(backend, alter, alter_semantics, alter_masks)
         self.backend = backend
         self.native = _native.load(backend)
         ffi, lib = self.native.ffi, self.native.lib
@@ -199,15 +199,22 @@ class StableDiffusion:
         self._ctx = ctx
         self._keep.clear()
 
-    def _alter_routing(self, backend: str, alter: bool | None, semantics: str):
-        """The ALTER routing this context runs with (None: dense), from the file and the alter= arguments."""
+    def _alter_routing(self, backend: str, alter: bool | None, semantics: str, masks):
+        """The ALTER routing this context runs with (None: dense): a JSON mask file's (`alter_masks`, for masks
+        not converted into the file) or the file's own, as the alter= arguments say."""
         from .alter_runtime import SEMANTICS, NativeRouting, routing_of
 
         if alter not in (None, True, False):
             raise ValueError(f"alter must be True, False or None (on when the file has routing), not {alter!r}")
         if semantics != "default" and semantics not in SEMANTICS:
             raise ValueError(f"alter_semantics must be default, {' or '.join(SEMANTICS)}, not {semantics!r}")
-        routing = routing_of(self.model_file) if self.model_file.format == "gguf" else None
+        if masks is not None and alter is False:
+            raise ValueError("alter_masks with alter=False: give one or the other")
+        if masks is not None:
+            alter = True  # asking for masks is asking for routing
+        if masks is not None and not Path(masks).is_file():
+            raise ValueError(f"{masks}: no such mask file")
+        routing = routing_of(self.model_file, masks) if self.model_file.format == "gguf" or masks else None
         path = self.model_file.path
         if routing is None:
             if alter:

@@ -92,6 +92,8 @@ class _StepBar:
 @click.option("--winograd-cache-mb", type=click.IntRange(min=0), default=None,
               help="Memory for Winograd's transformed filters (default 2048); layers beyond it use im2col.")
 @click.option("--no-alter", is_flag=True, help="Run an ALTER file's dense model (routing off).")
+@click.option("--alter-masks", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Route with the masks of this JSON file (docs/alter-gguf.md) instead of the file's own.")
 @click.option("--alter-semantics", type=click.Choice(["default", "reference", "consume"]), default="default",
               show_default=True, help="How a pruned ResNet of a plain up block treats its skip tensor "
                                       "(default: the file's, normally reference).")
@@ -101,7 +103,7 @@ class _StepBar:
 @click.option("-v", "--verbose", count=True, help="-v: library info log, -vv: debug log.")
 def generate(model, demo, prompt, negative_prompt, width, height, steps, guidance_scale, sampler, scheduler,
              seed, batch_size, clip_skip, threads, backend, prediction, conv, attention, winograd_cache_mb, no_alter,
-             alter_semantics, output, as_json, verbose):
+             alter_masks, alter_semantics, output, as_json, verbose):
     """Text to image. Writes PNGs carrying their generation parameters (A1111 `parameters` chunk).
 
     \b
@@ -143,6 +145,7 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
             sd = StableDiffusion(model, threads=threads, backend=backend, prediction=prediction, conv=conv,
                                  attention=attention, winograd_cache_mb=winograd_cache_mb,
                                  alter=False if no_alter else None, alter_semantics=alter_semantics,
+                                 alter_masks=alter_masks,
                                  progress=loading)
         finally:
             loading.close()

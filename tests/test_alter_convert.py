@@ -225,13 +225,14 @@ print(json.dumps({"source": r.alter.source, "experts": r.alter.n_experts, "dropp
 
 
 @pytest.fixture(scope="session")
-def alter_gguf(alter_folder, tmp_path_factory) -> tuple[Path, dict]:
+def alter_gguf(alter_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("alter") / "alter-f16.gguf"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
     res = subprocess.run([sys.executable, "-c", _NO_TORCH_CONVERT, str(alter_folder), str(out)], env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    return out, json.loads(res.stdout.strip().splitlines()[-1])
+    yield out, json.loads(res.stdout.strip().splitlines()[-1])
+    out.unlink()  # 2.6 GB: pytest keeps its last temporary folders around
 
 
 def test_alter_folder_converts_without_torch_and_round_trips(alter_folder, alter_gguf):

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import _cached, diffusers_folder, rel_l2
+from conftest import _cached, diffusers_folder, gguf_from_folder, rel_l2
 from converters import convert
 from converters.alter import prunable_units, unet_macs
 
@@ -46,25 +46,26 @@ def _expert_masks(family: str, skips=EXPERT_SKIPS, seed: int = 11) -> tuple[list
     return units, rows
 
 
-def _mask_file(path, family: str, rows, table=TABLE):
+def mask_file(family: str, name: str, rows, table=TABLE):
+    """A JSON mask file (docs/alter-gguf.md) over the family's units (cached; a few KB)."""
     units, _ = _expert_masks(family)
-    doc = {"format": "pysdcpp.alter-masks", "version": 1, "units": units, "experts": rows}
-    if table is not None:
-        doc["timestep_expert"] = table
-    path.write_text(json.dumps(doc))
-    return path
+
+    def make(p):
+        doc = {"format": "pysdcpp.alter-masks", "version": 1, "units": units, "experts": rows}
+        if table is not None:
+            doc["timestep_expert"] = table
+        p.write_text(json.dumps(doc))
+
+    return _cached(f"{family}-alter-{name}.json", make)
 
 
 def alter_gguf(family: str, out_type: str, name: str, rows, table=TABLE, drop_unused: bool = False):
-    """A fixture GGUF converted from the synthetic diffusers folder with JSON masks (cached)."""
+    """A fixture GGUF converted from the synthetic diffusers folder with JSON masks (cached). Most tests give
+    the masks at load time instead (alter_masks=), on the plain fixture GGUFs: no extra copies of the model."""
     folder = diffusers_folder(family)
-
-    def make(p):
-        masks = _mask_file(p.with_name(p.name + ".json"), family, rows, table)
-        convert(folder, p, out_type, alter_masks=masks, drop_unused=drop_unused)
-        masks.unlink()
-
-    return _cached(f"{family}-{out_type}-alter-{name}.gguf", make)
+    masks = mask_file(family, name, rows, table)
+    return _cached(f"{family}-{out_type}-alter-{name}.gguf",
+                   lambda p: convert(folder, p, out_type, alter_masks=masks, drop_unused=drop_unused))
 
 
 def _unet_inputs(family: str, seed: int, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -86,7 +87,7 @@ def family_setup(request):
 
     family = request.param
     _, rows = _expert_masks(family)
-    path = alter_gguf(family, "f32", "fixture", rows)
+    path = (gguf_from_folder(family, "f32"), mask_file(family, "fixture", rows))
     torch.set_num_threads(2)
     unet = UNet2DConditionModel.from_pretrained(diffusers_folder(family) / "unet").eval()
     yield family, path, rows, unet
@@ -103,10 +104,11 @@ def test_unet_evaluation_matches_the_pytorch_reference(family_setup, semantics):
     family, path, rows, unet = family_setup
     latent, context = _unet_inputs(family, 7)
     assert {_expert_of(t) for t in TIMESTEPS} == {0, 1, 2}
-    with StableDiffusion(path, threads=2, alter_semantics=semantics) as sd:
+    model, masks = path
+    with StableDiffusion(model, threads=2, alter_masks=masks, alter_semantics=semantics) as sd:
         assert sd.alter is not None and sd.alter.semantics == semantics
         outs = {t: sd.unet(latent, t, context) for t in TIMESTEPS}
-    with StableDiffusion(path, threads=2, alter=False) as sd:
+    with StableDiffusion(model, threads=2) as sd:
         dense = sd.unet(latent, TIMESTEPS[0], context)
     with torch.no_grad():
         x, c = torch.from_numpy(latent), torch.from_numpy(context)
@@ -131,8 +133,9 @@ def test_semantics_differ_only_where_plain_up_block_resnets_are_skipped(family_s
     family, path, rows, _ = family_setup
     latent, context = _unet_inputs(family, 8)
     out = {}
+    model, masks = path
     for sem in ("reference", "consume"):
-        with StableDiffusion(path, threads=2, alter_semantics=sem) as sd:
+        with StableDiffusion(model, threads=2, alter_masks=masks, alter_semantics=sem) as sd:
             out[sem] = sd.unet(latent, 900.0, context)
     assert rel_l2(out["reference"], out["consume"]) > 1e-2
 
@@ -144,16 +147,17 @@ def test_batch_with_timesteps_of_different_experts(family_setup):
     family, path, _, _ = family_setup
     latent, context = _unet_inputs(family, 9, batch=2)
     ts = np.array([900.0, 100.0], np.float32)
-    with StableDiffusion(path, threads=2) as sd:
+    model, masks = path
+    with StableDiffusion(model, threads=2, alter_masks=masks) as sd:
         both = sd.unet(latent, ts, context)
         one = [sd.unet(latent[i:i + 1], ts[i], context[i:i + 1]) for i in range(2)]
     np.testing.assert_allclose(both, np.concatenate(one), rtol=0, atol=1e-5)
 
 
-def _generate(path, **kwargs):
+def _generate(path, masks=None, **kwargs):
     from pysdcpp import StableDiffusion
 
-    with StableDiffusion(path, threads=2, **kwargs) as sd:
+    with StableDiffusion(path, threads=2, alter_masks=masks, **kwargs) as sd:
         result = sd.generate_with_info("a lighthouse at dusk", width=128, height=128, num_inference_steps=3,
                                        seed=5)
     return np.asarray(result.images[0]), result
@@ -162,14 +166,15 @@ def _generate(path, **kwargs):
 def test_all_ones_masks_reproduce_the_dense_image_bit_exactly(sd15_f16):
     units, _ = _expert_masks("sd1")
     ones = [[1] * len(units)] * 3
-    path = alter_gguf("sd1", "f16", "ones", ones)
     dense, _ = _generate(sd15_f16)
-    routed, info = _generate(path)
+    routed, info = _generate(sd15_f16, mask_file("sd1", "ones", ones))
     assert info.alter_steps and all(s.macs == s.dense_macs for s in info.alter_steps)
     np.testing.assert_array_equal(routed, dense)
 
 
-def test_drop_unused_gives_the_same_image_as_the_full_file():
+def test_drop_unused_gives_the_same_image_as_the_full_file(sd15_f16):
+    """A file converted with the masks and --drop-unused against the full model routed by the same masks given
+    at load time (which also holds the converted metadata against the JSON it came from)."""
     from pysdcpp import StableDiffusion
     from pysdcpp.errors import ModelLoadError
 
@@ -178,9 +183,8 @@ def test_drop_unused_gives_the_same_image_as_the_full_file():
              ["input_blocks.2.0", "output_blocks.1.0", "middle_block.1.transformer_blocks.0"]]
     _, rows = _expert_masks("sd1", skips)
     table = [1] * 500 + [0] * 500
-    full = alter_gguf("sd1", "f16", "full", rows, table)
     dropped = alter_gguf("sd1", "f16", "dropped", rows, table, drop_unused=True)
-    a, info = _generate(full)
+    a, info = _generate(sd15_f16, mask_file("sd1", "dropped", rows, table))
     b, _ = _generate(dropped)
     np.testing.assert_array_equal(a, b)
     assert {s.expert for s in info.alter_steps} == {0, 1}
@@ -190,14 +194,13 @@ def test_drop_unused_gives_the_same_image_as_the_full_file():
         StableDiffusion(dropped, backend="upstream")
 
 
-def test_per_step_report_follows_the_schedule():
+def test_per_step_report_follows_the_schedule(sd15_f16):
     """Each step's expert is the table's entry for the step's model timestep under sd.cpp's discrete schedule
     (computed independently in pysdcpp.alter_info), and its MACs are that expert's."""
     from pysdcpp.alter_info import discrete_step_timesteps
 
     _, rows = _expert_masks("sd1")
-    path = alter_gguf("sd1", "f16", "fixture", rows)
-    _, info = _generate(path)
+    _, info = _generate(sd15_f16, mask_file("sd1", "fixture", rows))
     expected_t = discrete_step_timesteps(3)
     macs = unet_macs("sd1", 16, 16)
     assert [s.step for s in info.alter_steps] == [1, 2, 3]
@@ -212,14 +215,40 @@ def test_alter_arguments(sd15_f16):
     from pysdcpp import StableDiffusion
 
     _, rows = _expert_masks("sd1")
-    path = alter_gguf("sd1", "f16", "fixture", rows)
+    masks = mask_file("sd1", "fixture", rows)
     with pytest.raises(ValueError, match="carries no ALTER routing"):
         StableDiffusion(sd15_f16, alter=True)
     with pytest.raises(ValueError, match="accelerated library"):
-        StableDiffusion(path, backend="upstream", alter=True)
+        StableDiffusion(sd15_f16, backend="upstream", alter_masks=masks)
     with pytest.raises(ValueError, match="alter_semantics"):
-        StableDiffusion(path, alter_semantics="skip")
+        StableDiffusion(sd15_f16, alter_masks=masks, alter_semantics="skip")
     with pytest.raises(ValueError, match="alter must be"):
-        StableDiffusion(path, alter="yes")
-    with StableDiffusion(path, backend="upstream") as sd:  # the dense model, in upstream's library
-        assert sd.alter is None
+        StableDiffusion(sd15_f16, alter="yes")
+    with pytest.raises(ValueError, match="give one or the other"):
+        StableDiffusion(sd15_f16, alter_masks=masks, alter=False)
+    with pytest.raises(ValueError, match="no such mask file"):
+        StableDiffusion(sd15_f16, alter_masks="/nonexistent.json")
+    bad = masks.with_name("bad-masks.json")
+    bad.write_text(json.dumps({"experts": [[2] * 34]}))
+    with pytest.raises(ValueError, match="0/1|0 or 1"):
+        StableDiffusion(sd15_f16, alter_masks=bad)
+
+
+
+def test_cli_generate_with_alter_masks(sd15_f16, tmp_path):
+    from click.testing import CliRunner
+
+    from pysdcpp.cli import main
+
+    _, rows = _expert_masks("sd1")
+    masks = mask_file("sd1", "fixture", rows)
+    out = tmp_path / "x.png"
+    res = CliRunner().invoke(main, ["generate", str(sd15_f16), "-p", "x", "-W", "64", "-H", "64", "--steps", "2",
+                                    "--alter-masks", str(masks), "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output[res.output.index("{"):])
+    assert [s["step"] for s in summary["alter_steps"]] == [1, 2]
+    assert all(0 < s["fraction_of_dense"] <= 1 for s in summary["alter_steps"])
+    res = CliRunner().invoke(main, ["generate", str(sd15_f16), "-p", "x", "--alter-masks", str(masks),
+                                    "--no-alter", "-o", str(out)])
+    assert res.exit_code == 1 and "give one or the other" in res.output
