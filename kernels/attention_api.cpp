@@ -73,6 +73,10 @@ extern "C" SD_API int pysdcpp_attention(const float* q, const float* k, const fl
         variant < PYSDCPP_ATTN_UPSTREAM || variant > PYSDCPP_ATTN_UPSTREAM_FLASH) {
         return attn_fail("invalid attention arguments");
     }
+    if (variant == PYSDCPP_ATTN_UPSTREAM_FLASH && N > 1) {
+        // Its output view ignores the batch (ggml asserts and aborts the process): not a path models use here.
+        return attn_fail("upstream's flash-attention path is measured with batch 1 only");
+    }
     ModeGuard guard;
     ggml_backend_t backend = nullptr;
     ggml_context* ctx      = nullptr;
@@ -96,6 +100,11 @@ extern "C" SD_API int pysdcpp_attention(const float* q, const float* k, const fl
         for (ggml_tensor* t : {tq, tk, tv}) {
             ggml_set_input(t);
         }
+        // Upstream's flash path pads the keys with a mask built from the runner's constant "one" tensor, which
+        // a GGMLRunner creates before every graph: the harness provides it too.
+        ggml_tensor* one = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, 1);
+        ggml_set_name(one, "ggml_runner_build_in_tensor:one");
+        ggml_set_input(one);
         ggml_tensor* y = build(ctx, backend, tq, tk, tv, n_head, variant);
         if (y == nullptr) {
             cleanup();
@@ -116,6 +125,10 @@ extern "C" SD_API int pysdcpp_attention(const float* q, const float* k, const fl
         ggml_backend_tensor_set(tq, q, 0, ggml_nbytes(tq));
         ggml_backend_tensor_set(tk, k, 0, ggml_nbytes(tk));
         ggml_backend_tensor_set(tv, v, 0, ggml_nbytes(tv));
+        if (one->buffer != nullptr) {  // allocated only when the graph uses it
+            const float value = 1.0f;
+            ggml_backend_tensor_set(one, &value, 0, sizeof(value));
+        }
         for (int r = 0; r < repeat; r++) {
             auto t0 = std::chrono::steady_clock::now();
             if (ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) {

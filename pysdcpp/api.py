@@ -369,6 +369,8 @@ class StableDiffusion:
         out = ffi.new("pysdcpp_tensor_t*")
         with self.native.lock:
             self._select_kernels()
+            if self.alter is not None:
+                lib.pysdcpp_alter_history_clear()  # only generate() reads it back; keep it from growing
             self.native.take_errors()
             rc = getattr(lib, fn_name)(*args, out)
             if rc != 0:
@@ -425,6 +427,13 @@ class StableDiffusion:
             raise ValueError(f"context must have shape ({n}, tokens, {width or 'hidden'}), got {c.shape}")
         if c.shape[0] != n:
             c = np.ascontiguousarray(np.broadcast_to(c, (n, *c.shape[1:])))
+        if self.alter is not None and n > 1:
+            # Elements routed to different experts: one call per run of equal experts keeps every graph to one
+            # UNet (the library would otherwise build one UNet per element into a single graph).
+            experts = [self.alter.routing.expert_for_timestep(float(v)) for v in t]
+            cuts = [0] + [i for i in range(1, n) if experts[i] != experts[i - 1]] + [n]
+            if len(cuts) > 2:
+                return np.concatenate([self.unet(x[a:b], t[a:b], c[a:b]) for a, b in zip(cuts, cuts[1:])])
         ffi = self.native.ffi
         x_ne = ffi.new("int64_t[4]", list(reversed(x.shape)))
         c_ne = ffi.new("int64_t[3]", list(reversed(c.shape)))

@@ -192,6 +192,9 @@ def test_drop_unused_gives_the_same_image_as_the_full_file(sd15_f16):
         StableDiffusion(dropped, alter=False)
     with pytest.raises(ModelLoadError, match="drop-unused"):
         StableDiffusion(dropped, backend="upstream")
+    # Masks given at load time must not keep what the file left out.
+    with pytest.raises(ModelLoadError, match="leaves out"):
+        StableDiffusion(dropped, alter_masks=mask_file("sd1", "fixture", _expert_masks("sd1")[1]))
 
 
 def test_per_step_report_follows_the_schedule(sd15_f16):

@@ -71,6 +71,24 @@ def test_attention_against_float64(shape, path, threads):
     assert len(secs) == 1 and nbytes > 0
 
 
+@pytest.mark.parametrize("shape", [(1, 64, 77, 2, 40), (1, 100, 256, 1, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_upstream_flash_path_for_the_bench(shape):
+    """Upstream's flash-attention path (benchmark baseline only): keys and values in F16, so a looser bound."""
+    n, lq, lk, heads, d = shape
+    q, k, v = _inputs(shape)
+    out, _, _ = attention(q, k, v, heads, variant="upstream_flash", threads=2)
+    ref = reference(q, k, v, heads)
+    assert float(np.linalg.norm(out - ref) / np.linalg.norm(ref)) <= 2e-3
+
+
+def test_upstream_flash_path_refuses_batches():
+    from pysdcpp.errors import GenerationError
+
+    q, k, v = _inputs((2, 16, 16, 1, 8))
+    with pytest.raises(GenerationError, match="batch 1"):
+        attention(q, k, v, 1, variant="upstream_flash")
+
+
 def test_fused_path_keeps_the_score_matrix_out_of_memory():
     """The point of the fused kernel: its graph never holds the L_q x L_k scores (upstream's does)."""
     shape = (1, 4096, 4096, 2, 40)
