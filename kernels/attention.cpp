@@ -416,9 +416,9 @@ ggml_tensor* attention(ggml_context* ctx, ggml_tensor* q, ggml_tensor* k, ggml_t
 AttentionVariant attention_choose(int64_t d_head, int64_t L_q, int64_t L_k) {
     (void)L_q;
     (void)L_k;
-    // Measured (docs/benchmarks.md, 2-core AVX2, 2 threads): the fused kernel beats upstream's path on every
-    // UNet attention of SD1.x/SD2.x (d = 40..160; 1.3-3.2x self-attention, 2.5-6.5x cross-attention) and the
-    // padded-GEMM arrangement never wins by more than noise. With one 512-wide head (the VAE's mid-block)
+    // Measured (docs/benchmarks.md, 2-core AVX2, 2 threads, steady state): the fused kernel beats upstream's
+    // path on every UNet attention of SD1.x/SD2.x (d = 40..160; 1.04-1.70x self-attention, 2.9-6.1x
+    // cross-attention) and the padded-GEMM arrangement never wins by more than noise. With one 512-wide head (the VAE's mid-block)
     // ggml's GEMM reaches ~110 GFLOP/s against our ~95: upstream's path stays there.
     return d_head > 256 ? AttentionVariant::none : AttentionVariant::fused;
 }

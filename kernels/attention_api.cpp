@@ -122,14 +122,15 @@ extern "C" SD_API int pysdcpp_attention(const float* q, const float* k, const fl
         if (compute_bytes != nullptr) {
             *compute_bytes = ggml_gallocr_get_buffer_size(galloc, 0);
         }
-        ggml_backend_tensor_set(tq, q, 0, ggml_nbytes(tq));
-        ggml_backend_tensor_set(tk, k, 0, ggml_nbytes(tk));
-        ggml_backend_tensor_set(tv, v, 0, ggml_nbytes(tv));
-        if (one->buffer != nullptr) {  // allocated only when the graph uses it
-            const float value = 1.0f;
-            ggml_backend_tensor_set(one, &value, 0, sizeof(value));
-        }
         for (int r = 0; r < repeat; r++) {
+            // The allocator may reuse the inputs' memory once they are consumed: set them before every run.
+            ggml_backend_tensor_set(tq, q, 0, ggml_nbytes(tq));
+            ggml_backend_tensor_set(tk, k, 0, ggml_nbytes(tk));
+            ggml_backend_tensor_set(tv, v, 0, ggml_nbytes(tv));
+            if (one->buffer != nullptr) {  // allocated only when the graph uses it
+                const float value = 1.0f;
+                ggml_backend_tensor_set(one, &value, 0, sizeof(value));
+            }
             auto t0 = std::chrono::steady_clock::now();
             if (ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) {
                 cleanup();

@@ -84,8 +84,10 @@ def render_attention(r: dict) -> list[str]:
     out = [f"### Attention layers of SD1.5 and SD2.1 (UNet and VAE) at {r['size']} px, median of {r['repeat']}", "",
            f"Machine: {_machine(r)}. F32 q, k, v in the layout the models hand over; `upstream` is upstream's own "
            "attention helper (hook off), `gemm` our padded-GEMM arrangement, `fused` the tiled kernel "
-           "(`attention=\"fast\"`). Memory: the graph's compute buffer (inputs included). Error: relative L2 "
-           "against float64 on the first 64 query rows.", "",
+           "(`attention=\"fast\"`). Times are the steady state (second run on an allocated compute buffer, as "
+           "in a sampling loop; the first run, with the buffer's page faults, is in the JSON as `first_call_s`). "
+           "Memory: the graph's compute buffer (inputs included). Error: relative L2 against float64 on the first "
+           "64 query rows.", "",
            "| L_q x L_k | heads x d | " + " | ".join(f"{a} ms" for a in vs) + " | " +
            " | ".join(f"speedup {a}" for a in vs if a != "upstream") + " | " + " | ".join(f"{a} MB" for a in vs) +
            " | GFLOP/s best | rel. error | layers |",

@@ -64,11 +64,12 @@ def test_attention_against_float64(shape, path, threads):
     if path == "fused_scalar" and lq * lk * d > 1024 * 1024 * 80:
         pytest.skip("the scalar build is for correctness; its largest shapes take minutes")
     q, k, v = _inputs(shape)
-    out, secs, nbytes = attention(q, k, v, heads, variant=path, threads=threads)
+    repeat = 2 if lq * lk <= 1024 * 1024 else 1  # a second run on the same graph must give the same output
+    out, secs, nbytes = attention(q, k, v, heads, variant=path, threads=threads, repeat=repeat)
     ref = reference(q, k, v, heads)
     err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
     assert err <= BOUND, f"{path}: relative L2 error {err:.2e}"
-    assert len(secs) == 1 and nbytes > 0
+    assert len(secs) == repeat and nbytes > 0
 
 
 @pytest.mark.parametrize("shape", [(1, 64, 77, 2, 40), (1, 100, 256, 1, 64)], ids=lambda s: "x".join(map(str, s)))
