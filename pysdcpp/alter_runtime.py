@@ -27,29 +27,25 @@ def routing_of(model_file, masks=None) -> AlterRouting | None:
         own = read_alter(model_file.metadata)
     except ConversionError as e:
         raise ModelLoadError(f"{model_file.path}: {e}") from None
+    if masks is None and own is None:
+        return None
+    if family not in ("sd1", "sd2"):
+        raise ModelLoadError(f"{model_file.path}: ALTER routing needs an SD1.x or SD2.x UNet; the file's family is "
+                             f"{family or 'unknown'}")
+    routing = own
     if masks is not None:
-        if family not in ("sd1", "sd2"):
-            raise ModelLoadError(f"{model_file.path}: ALTER masks need an SD1.x or SD2.x UNet; the file's family "
-                                 f"is {family or 'unknown'}")
         try:
             routing = read_mask_json(masks, family)
         except ConversionError as e:
             raise ValueError(str(e)) from None
         if own is not None and own.dropped:
             routing.dropped = list(own.dropped)  # those tensors are not in the file, whatever the masks say
-    else:
-        routing = own
-    if routing is None:
-        return None
     if routing.dropped:
         col = [routing.units.index(u) for u in routing.dropped if u in routing.units]
         kept = [routing.units[c] for c in col if routing.masks[:, c].any()]
         if kept or len(col) != len(routing.dropped):
             raise ModelLoadError(f"{model_file.path}: the routing keeps units whose weights the file leaves out "
                                  f"(--drop-unused): {', '.join(kept or routing.dropped)[:200]}")
-    if family not in ("sd1", "sd2"):
-        raise ModelLoadError(f"{model_file.path}: ALTER routing needs an SD1.x or SD2.x UNet; the file's family is "
-                             f"{family or 'unknown'}")
     known = {u.name for u in prunable_units(family)}
     unknown = [u for u in routing.units if u not in known]
     if unknown:

@@ -123,7 +123,8 @@ class StableDiffusion:
                  vae: str | os.PathLike | None = None, prediction: str = "auto", rng: str = "cuda",
                  vae_decode_only: bool = True, conv: str = "default", winograd_cache_mb: int | None = None,
                  attention: str = "default", alter: bool | None = None, alter_semantics: str = "default",
-                 alter_masks: str | os.PathLike | None = None, progress: Callable[[int, int, float], None] | None = None):
+                 alter_masks: str | os.PathLike | None = None,
+                 progress: Callable[[int, int, float], None] | None = None):
         self._ctx = None
         if backend not in _native.BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(_native.BACKENDS)}, not {backend!r}")
@@ -208,12 +209,12 @@ class StableDiffusion:
             raise ValueError(f"alter must be True, False or None (on when the file has routing), not {alter!r}")
         if semantics != "default" and semantics not in SEMANTICS:
             raise ValueError(f"alter_semantics must be default, {' or '.join(SEMANTICS)}, not {semantics!r}")
-        if masks is not None and alter is False:
-            raise ValueError("alter_masks with alter=False: give one or the other")
         if masks is not None:
+            if alter is False:
+                raise ValueError("alter_masks with alter=False: give one or the other")
+            if not Path(masks).is_file():
+                raise ValueError(f"{masks}: no such mask file")
             alter = True  # asking for masks is asking for routing
-        if masks is not None and not Path(masks).is_file():
-            raise ValueError(f"{masks}: no such mask file")
         routing = routing_of(self.model_file, masks) if self.model_file.format == "gguf" or masks else None
         path = self.model_file.path
         if routing is None:
