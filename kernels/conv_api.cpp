@@ -33,6 +33,9 @@ ggml_tensor* build_conv(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, ggml_
         case PYSDCPP_CONV_WINOGRAD_F2:
             y = winograd_conv2d(ctx, w, x, pad, WinogradVariant::f2x2);
             break;
+        case PYSDCPP_CONV_WINOGRAD_F4_IN_GRAPH:
+            y = winograd_conv2d(ctx, w, x, pad, WinogradVariant::f4x4, FilterSource::in_graph);
+            break;
         default:
             return nullptr;
     }
@@ -64,6 +67,18 @@ extern "C" SD_API size_t pysdcpp_winograd_cache_bytes(void) {
     return pysdcpp::winograd_cache_bytes();
 }
 
+extern "C" SD_API size_t pysdcpp_winograd_cache_peak_bytes(int reset) {
+    return pysdcpp::winograd_cache_peak_bytes(reset != 0);
+}
+
+extern "C" SD_API size_t pysdcpp_winograd_cache_budget(void) {
+    return pysdcpp::winograd_cache_budget();
+}
+
+extern "C" SD_API void pysdcpp_set_winograd_chunk_bytes(int64_t bytes) {
+    pysdcpp::set_winograd_chunk_bytes(bytes);
+}
+
 extern "C" SD_API void pysdcpp_winograd_cache_clear(void) {
     pysdcpp::winograd_cache_clear();
 }
@@ -74,7 +89,7 @@ extern "C" SD_API int pysdcpp_conv2d_3x3(const float* x, int64_t N, int64_t C, i
                                          int64_t K, const float* bias, int pad, int weight_f16, int algorithm,
                                          int n_threads, int repeat, float* y, double* seconds) {
     if (N < 1 || C < 1 || K < 1 || H < 1 || W < 1 || (pad != 0 && pad != 1) || n_threads < 1 || repeat < 1 ||
-        H + 2 * pad < 3 || W + 2 * pad < 3 || algorithm < 0 || algorithm > PYSDCPP_CONV_WINOGRAD_F2) {
+        H + 2 * pad < 3 || W + 2 * pad < 3 || algorithm < 0 || algorithm > PYSDCPP_CONV_WINOGRAD_F4_IN_GRAPH) {
         g_error = "invalid convolution arguments";
         return 1;
     }

@@ -30,19 +30,28 @@ int pysdcpp_unet(sd_ctx_t* ctx, const float* x, const int64_t* x_ne, const float
 int pysdcpp_decode(sd_ctx_t* ctx, const float* latent, const int64_t* latent_ne, pysdcpp_tensor_t* out);
 
 /* Convolution algorithms: the context-wide choice (pysdcpp_set_conv_algorithm: IM2COL or a WINOGRAD value, which
-   then picks F(4x4), F(2x2) or im2col per layer) and the explicit per-call variants of pysdcpp_conv2d_3x3. */
+   then picks F(4x4), F(2x2) or im2col per layer) and the explicit per-call variants of pysdcpp_conv2d_3x3
+   (WINOGRAD_F4/F2: filters from the cache; WINOGRAD_F4_IN_GRAPH: the filter transform as a graph node). */
 enum pysdcpp_conv_t {
-    PYSDCPP_CONV_IM2COL      = 0,
-    PYSDCPP_CONV_DIRECT      = 1,
-    PYSDCPP_CONV_WINOGRAD_F4 = 2,
-    PYSDCPP_CONV_WINOGRAD_F2 = 3
+    PYSDCPP_CONV_IM2COL               = 0,
+    PYSDCPP_CONV_DIRECT               = 1,
+    PYSDCPP_CONV_WINOGRAD_F4          = 2,
+    PYSDCPP_CONV_WINOGRAD_F2          = 3,
+    PYSDCPP_CONV_WINOGRAD_F4_IN_GRAPH = 4
 };
 void pysdcpp_set_conv_algorithm(int algorithm);
-/* Transformed Winograd filters are cached per weight (computed once, at the first graph that needs them) up to
-   a byte budget; layers beyond it transform their filters inside the graph at every evaluation. */
+/* Transformed Winograd filters are cached per weight up to a byte budget (default 1536 MB) while their model
+   component computes: released when stable-diffusion.cpp frees the component's compute buffer (end of sampling,
+   end of a decode). A filter's first use in such a scope transforms it inside the graph when it is small; layers
+   that the cache cannot take transform inside the graph or keep im2col (docs/benchmarks.md). peak_bytes: most
+   bytes cached at once since the last reset (reset != 0 restarts it from the current size). chunk_bytes: the
+   tiles of one node go through in chunks whose stages take at most this much (<= 0: the default, 64 MB). */
 void pysdcpp_set_winograd_cache_budget(size_t bytes);
+size_t pysdcpp_winograd_cache_budget(void);
 size_t pysdcpp_winograd_cache_bytes(void);
+size_t pysdcpp_winograd_cache_peak_bytes(int reset);
 void pysdcpp_winograd_cache_clear(void);
+void pysdcpp_set_winograd_chunk_bytes(int64_t bytes);
 const char* pysdcpp_conv_last_error(void);
 /* One 3x3 stride-1 convolution on host arrays through the graph nodes the models use (no model needed):
    x [N][C][H][W], w [K][C][3][3] (held as F16 when weight_f16), bias [K] or NULL, y [N][K][H+2p-2][W+2p-2].

@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -115,8 +116,9 @@ void filter_transform(const float* w, int64_t C, float* U, int64_t K, int64_t k0
 }
 
 // V = B^T d B for tiles [t0, t1); d is the (zero-padded) input patch of each tile.
+// V holds the tiles [t_base, t_base + g.T) (a chunk of the map, or all of it).
 template <int M>
-void input_transform(const float* x, const ConvGeometry& g, float* V, int64_t t0, int64_t t1) {
+void input_transform(const float* x, const ConvGeometry& g, float* V, int64_t t0, int64_t t1, int64_t t_base) {
     constexpr int A               = Mats<M>::A;
     const int64_t HW              = g.H * g.W;
     const int64_t tiles_per_image = g.tiles_h * g.tiles_w;
@@ -146,7 +148,7 @@ void input_transform(const float* x, const ConvGeometry& g, float* V, int64_t t0
             mul_rows(Mats<M>::BT, d, tmp);
             mul_cols(tmp, Mats<M>::BT, v);
             for (int p = 0; p < A * A; p++) {
-                std::memcpy(V + ((int64_t)p * g.T + t) * g.C + c0, v[p / A][p % A], sizeof(float) * cb);
+                std::memcpy(V + ((int64_t)p * g.T + t - t_base) * g.C + c0, v[p / A][p % A], sizeof(float) * cb);
             }
         }
     }
@@ -154,8 +156,9 @@ void input_transform(const float* x, const ConvGeometry& g, float* V, int64_t t0
 
 // y = A^T M A for tiles [t0, t1), clipped at the map's right and bottom edges. (The bias is still added by
 // upstream's ggml_add after the conv.)
+// Mt holds the tiles [t_base, t_base + g.T).
 template <int M>
-void output_transform(const float* Mt, const ConvGeometry& g, float* y, int64_t t0, int64_t t1) {
+void output_transform(const float* Mt, const ConvGeometry& g, float* y, int64_t t0, int64_t t1, int64_t t_base) {
     constexpr int A               = Mats<M>::A;
     const int64_t tiles_per_image = g.tiles_h * g.tiles_w;
     const int64_t OHW             = g.OH * g.OW;
@@ -173,7 +176,7 @@ void output_transform(const float* Mt, const ConvGeometry& g, float* y, int64_t 
                 std::memset(m, 0, sizeof(m));
             }
             for (int p = 0; p < A * A; p++) {
-                std::memcpy(m[p / A][p % A], Mt + ((int64_t)p * g.T + t) * g.K + k0, sizeof(float) * kb);
+                std::memcpy(m[p / A][p % A], Mt + ((int64_t)p * g.T + t - t_base) * g.K + k0, sizeof(float) * kb);
             }
             float tmp[M][A][CB], out[M][M][CB];
             mul_rows(Mats<M>::AT, m, tmp);
@@ -229,47 +232,15 @@ void filter_node(ggml_tensor* dst, int ith, int nth, void*) {
     }
 }
 
-// dst V [C, T, alpha^2] F32; src[0] = x [W, H, C, N] F32 contiguous; userdata -> padding.
-void input_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
-    const ggml_tensor* x = dst->src[0];
-    const int pad        = *(const int*)userdata;
-    const int m          = tile_of(dst->ne[2]);
-    ConvGeometry g       = ConvGeometry::make(x->ne[0], x->ne[1], x->ne[2], x->ne[3], 0, pad, m);
-    int64_t t0, t1;
-    split(g.T, ith, nth, &t0, &t1);
-    if (m == 4) {
-        input_transform<4>((const float*)x->data, g, (float*)dst->data, t0, t1);
-    } else {
-        input_transform<2>((const float*)x->data, g, (float*)dst->data, t0, t1);
-    }
-}
-
-// dst y [OW, OH, K, N] F32; src[0] = M [K, T, alpha^2] F32; userdata -> padding.
-void output_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
-    const ggml_tensor* Mt = dst->src[0];
-    const int pad         = *(const int*)userdata;
-    const int m           = tile_of(Mt->ne[2]);
-    // Recover the input size from the output size: OH = H + 2 pad - 2.
-    ConvGeometry g = ConvGeometry::make(dst->ne[0] - 2 * pad + 2, dst->ne[1] - 2 * pad + 2, 0, dst->ne[3],
-                                        dst->ne[2], pad, m);
-    int64_t t0, t1;
-    split(g.T, ith, nth, &t0, &t1);
-    if (m == 4) {
-        output_transform<4>((const float*)Mt->data, g, (float*)dst->data, t0, t1);
-    } else {
-        output_transform<2>((const float*)Mt->data, g, (float*)dst->data, t0, t1);
-    }
-}
-
-
-const int kPad[2] = {0, 1};
-
 std::atomic<int> g_algorithm{(int)ConvAlgorithm::im2col};
 
 // ---- the dependent stage, hoisted: transformed filters cached per weight tensor ----------------------------
 //
-// Graphs are rebuilt at every evaluation, but the weights do not change within a context: the filter transform
-// runs once per weight (at the first graph that uses it) and the graph reads the cached U as a leaf tensor.
+// Graphs are rebuilt at every evaluation, but the weights do not change: the filter transform runs once per
+// weight and scope, and later graphs read the cached U as a leaf tensor. A scope is the life of a model
+// component's compute buffer in stable-diffusion.cpp (a whole sampling loop for the UNet, one decode for the
+// VAE): patch 0005 reports the end of it (pysdcpp_weights_released) and the component's filters go with it, so
+// the memory they take is only held while that component runs (per-generation hoisting).
 // Key: the weight's address, shape and type, plus a fingerprint of its first and last bytes (a guard against a
 // freed model's address being reused; the binding also clears the cache whenever a context closes).
 
@@ -285,12 +256,16 @@ struct FilterKey {
 struct CachedFilter {
     std::vector<float> U;  // [alpha^2][K][C]
     uint64_t fingerprint;
+    const void* owner;  // the weight's backend buffer: the scope it belongs to
 };
 
 std::mutex g_cache_mutex;
 std::map<FilterKey, std::unique_ptr<CachedFilter>> g_cache;
+std::map<FilterKey, const void*> g_seen;  // weights a graph of the current scope has used, not cached (-> owner)
 size_t g_cache_bytes  = 0;
-size_t g_cache_budget = (size_t)2 << 30;  // 2 GiB; pysdcpp_set_winograd_cache_budget changes it
+size_t g_cache_peak   = 0;  // most bytes cached at once since the last reset
+size_t g_cache_budget = kDefaultCacheBudget;
+std::atomic<int64_t> g_chunk_bytes{kChunkBytes};
 
 uint64_t weight_fingerprint(const ggml_tensor* w) {
     const size_t n     = ggml_nbytes(w);
@@ -304,30 +279,34 @@ uint64_t weight_fingerprint(const ggml_tensor* w) {
     return h;
 }
 
-// U for weight w on all cores (one-off per weight), or nullptr when it does not fit the budget.
-const float* cached_filter(const ggml_tensor* w, int m, int64_t tiles) {
-    const int64_t C = w->ne[2], K = w->ne[3], P = (m + 2) * (m + 2);
-    const FilterKey key{w->data, C, K, (int)w->type, m};
-    const uint64_t fp = weight_fingerprint(w);
-    std::lock_guard<std::mutex> lock(g_cache_mutex);
-    auto it = g_cache.find(key);
-    if (it != g_cache.end()) {
-        if (it->second->fingerprint == fp) {
-            return it->second->U.data();
-        }
-        g_cache_bytes -= it->second->U.size() * sizeof(float);
-        g_cache.erase(it);
-    }
-    const size_t bytes = (size_t)(P * K * C) * sizeof(float);
-    // Gain per cached byte grows with the number of tiles, and the UNet (evaluated first) must not crowd out the
-    // VAE decoder (0.74 GB for SD1.5, 2-3x faster): layers with >= 256 tiles may fill the whole budget, >= 64
-    // tiles half of it, fewer a quarter. Measured at 512 px: the UNet then takes ~1 GB, the VAE the rest.
-    const size_t limit = tiles >= 256 ? g_cache_budget : tiles >= 64 ? g_cache_budget / 2 : g_cache_budget / 4;
-    if (g_cache_bytes + bytes > limit) {
+FilterKey key_of(const ggml_tensor* w, int m) {
+    return FilterKey{w->data, w->ne[2], w->ne[3], (int)w->type, m};
+}
+
+size_t filter_bytes(const ggml_tensor* w, int m) {
+    return (size_t)((m + 2) * (m + 2) * w->ne[2] * w->ne[3]) * sizeof(float);
+}
+
+// The cached U of w, or nullptr. Call with g_cache_mutex held.
+const float* lookup_locked(const ggml_tensor* w, int m) {
+    auto it = g_cache.find(key_of(w, m));
+    if (it == g_cache.end()) {
         return nullptr;
     }
+    if (it->second->fingerprint == weight_fingerprint(w)) {
+        return it->second->U.data();
+    }
+    g_cache_bytes -= it->second->U.size() * sizeof(float);
+    g_cache.erase(it);
+    return nullptr;
+}
+
+// Computes U for w on all cores (once per weight and scope) and caches it. Call with g_cache_mutex held.
+const float* insert_locked(const ggml_tensor* w, int m) {
+    const int64_t C = w->ne[2], K = w->ne[3], P = (m + 2) * (m + 2);
     auto entry         = std::make_unique<CachedFilter>();
-    entry->fingerprint = fp;
+    entry->fingerprint = weight_fingerprint(w);
+    entry->owner       = w->buffer;
     entry->U.resize((size_t)(P * K * C));
     std::vector<float> wf((size_t)(K * C * 9));
     if (w->type == GGML_TYPE_F32) {
@@ -350,10 +329,55 @@ const float* cached_filter(const ggml_tensor* w, int m, int64_t tiles) {
     for (auto& t : pool) {
         t.join();
     }
-    g_cache_bytes += bytes;
+    g_cache_bytes += entry->U.size() * sizeof(float);
+    g_cache_peak = std::max(g_cache_peak, g_cache_bytes);
+    g_seen.erase(key_of(w, m));
     const float* U = entry->U.data();
-    g_cache[key]   = std::move(entry);
+    g_cache[key_of(w, m)] = std::move(entry);
     return U;
+}
+
+// U for weight w from the cache, computed now if absent (no budget check: the caller decided).
+const float* cached_filter(const ggml_tensor* w, int m) {
+    std::lock_guard<std::mutex> lock(g_cache_mutex);
+    if (const float* U = lookup_locked(w, m)) {
+        return U;
+    }
+    return insert_locked(w, m);
+}
+
+// Where a layer's transformed filters come from at this graph build (the cost model's memory half).
+struct FilterPlan {
+    enum Kind { im2col, in_graph, cached } kind;
+    const float* U;
+};
+
+FilterPlan plan_filter(const ggml_tensor* w, int m, int64_t tiles) {
+    const size_t bytes = filter_bytes(w, m);
+    std::lock_guard<std::mutex> lock(g_cache_mutex);
+    if (const float* U = lookup_locked(w, m)) {
+        return {FilterPlan::cached, U};
+    }
+    const FilterKey key   = key_of(w, m);
+    const bool first_use  = g_seen.emplace(key, w->buffer).second;
+    // Transforming in the graph costs ~C*K work per evaluation against a gain ~T*C*K: it pays from ~64 tiles on
+    // (measured), and its U lives in the compute buffer, which keeps its peak size for the whole scope: small
+    // filters only.
+    const bool in_graph_ok = tiles >= kMinTilesInGraph && bytes <= kMaxInGraphBytes;
+    // The first use of a small filter transforms in the graph: a component evaluated once per scope (the VAE
+    // decode) then never holds its transformed filters beyond the layer that uses them.
+    if (first_use && in_graph_ok) {
+        return {FilterPlan::in_graph, nullptr};
+    }
+    // Gain per cached byte grows with the tiles: ~1-5 ms per MB per evaluation at >= 64 tiles, ~0.1 below
+    // (docs/benchmarks.md, layer table), so layers with fewer tiles only get budget beyond the default.
+    const size_t limit = tiles >= kMinTilesInGraph ? g_cache_budget
+                         : g_cache_budget > kDefaultCacheBudget ? g_cache_budget - kDefaultCacheBudget
+                                                                : 0;
+    if (g_cache_bytes + bytes <= limit) {
+        return {FilterPlan::cached, insert_locked(w, m)};
+    }
+    return {in_graph_ok ? FilterPlan::in_graph : FilterPlan::im2col, nullptr};
 }
 
 }  // namespace
@@ -361,12 +385,46 @@ const float* cached_filter(const ggml_tensor* w, int m, int64_t tiles) {
 void winograd_cache_clear() {
     std::lock_guard<std::mutex> lock(g_cache_mutex);
     g_cache.clear();
+    g_seen.clear();
     g_cache_bytes = 0;
+}
+
+void winograd_release(const void* owner) {
+    std::lock_guard<std::mutex> lock(g_cache_mutex);
+    for (auto it = g_cache.begin(); it != g_cache.end();) {
+        if (it->second->owner == owner) {
+            g_cache_bytes -= it->second->U.size() * sizeof(float);
+            it = g_cache.erase(it);
+        } else {
+            ++it;
+        }
+    }
+    for (auto it = g_seen.begin(); it != g_seen.end();) {
+        it = it->second == owner ? g_seen.erase(it) : std::next(it);
+    }
 }
 
 size_t winograd_cache_bytes() {
     std::lock_guard<std::mutex> lock(g_cache_mutex);
     return g_cache_bytes;
+}
+
+size_t winograd_cache_peak_bytes(bool reset) {
+    std::lock_guard<std::mutex> lock(g_cache_mutex);
+    const size_t peak = g_cache_peak;
+    if (reset) {
+        g_cache_peak = g_cache_bytes;
+    }
+    return peak;
+}
+
+size_t winograd_cache_budget() {
+    std::lock_guard<std::mutex> lock(g_cache_mutex);
+    return g_cache_budget;
+}
+
+void set_winograd_chunk_bytes(int64_t bytes) {
+    g_chunk_bytes.store(bytes > 0 ? bytes : kChunkBytes);
 }
 
 void set_winograd_cache_budget(size_t bytes) {
@@ -393,37 +451,112 @@ void winograd_filter_transform(const float* w, int64_t K, int64_t C, int m, floa
     }
 }
 
+namespace {
+
+// Tile range and padding of one chunk of a convolution (node userdata: interned, so the pointers outlive every
+// graph that uses them).
+struct ChunkArgs {
+    int pad;
+    int64_t t0, t1;
+    bool operator<(const ChunkArgs& o) const { return std::tie(pad, t0, t1) < std::tie(o.pad, o.t0, o.t1); }
+};
+
+const ChunkArgs* intern_chunk(int pad, int64_t t0, int64_t t1) {
+    static std::mutex mutex;
+    static std::set<ChunkArgs> chunks;
+    std::lock_guard<std::mutex> lock(mutex);
+    return &*chunks.insert(ChunkArgs{pad, t0, t1}).first;
+}
+
+// dst V [C, t1 - t0, alpha^2] F32 for the chunk's tiles; src[0] = x [W, H, C, N] F32 contiguous.
+void input_chunk_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
+    const ggml_tensor* x = dst->src[0];
+    const auto* a        = (const ChunkArgs*)userdata;
+    const int m          = tile_of(dst->ne[2]);
+    ConvGeometry g       = ConvGeometry::make(x->ne[0], x->ne[1], x->ne[2], x->ne[3], 0, a->pad, m);
+    g.T                  = a->t1 - a->t0;  // V's tile count (the tiles' positions come from tiles_w, tiles_h)
+    int64_t b, e;
+    split(g.T, ith, nth, &b, &e);
+    if (m == 4) {
+        input_transform<4>((const float*)x->data, g, (float*)dst->data, a->t0 + b, a->t0 + e, a->t0);
+    } else {
+        input_transform<2>((const float*)x->data, g, (float*)dst->data, a->t0 + b, a->t0 + e, a->t0);
+    }
+}
+
+// The chunk's output tiles into y [OW, OH, K, N] from its M [K, t1 - t0, alpha^2].
+void output_chunk(ggml_tensor* y, const ggml_tensor* Mt, const ChunkArgs* a, int ith, int nth) {
+    const int m = tile_of(Mt->ne[2]);
+    // Recover the input size from the output size: OH = H + 2 pad - 2.
+    ConvGeometry g = ConvGeometry::make(y->ne[0] - 2 * a->pad + 2, y->ne[1] - 2 * a->pad + 2, 0, y->ne[3],
+                                        y->ne[2], a->pad, m);
+    g.T = a->t1 - a->t0;
+    int64_t b, e;
+    split(g.T, ith, nth, &b, &e);
+    if (m == 4) {
+        output_transform<4>((const float*)Mt->data, g, (float*)y->data, a->t0 + b, a->t0 + e, a->t0);
+    } else {
+        output_transform<2>((const float*)Mt->data, g, (float*)y->data, a->t0 + b, a->t0 + e, a->t0);
+    }
+}
+
+// First chunk: dst y is a new tensor, src[0] = M.
+void output_first_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
+    output_chunk(dst, dst->src[0], (const ChunkArgs*)userdata, ith, nth);
+}
+
+// Later chunks: dst is a view of src[0] (the output so far, written in place), src[1] = M.
+void output_next_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
+    output_chunk(dst, dst->src[1], (const ChunkArgs*)userdata, ith, nth);
+}
+
+}  // namespace
+
 ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int pad, WinogradVariant variant,
-                             bool transform_in_graph) {
+                             FilterSource source) {
     const int m         = (int)variant;
     const int64_t alpha = m + 2;
     ConvGeometry g      = ConvGeometry::make(x->ne[0], x->ne[1], x->ne[2], x->ne[3], w->ne[3], pad, m);
     const int64_t P     = alpha * alpha;
-    ggml_tensor* U = nullptr;
+    ggml_tensor* U      = nullptr;
     const bool host_weights = w->data != nullptr && (w->buffer == nullptr || ggml_backend_buffer_is_host(w->buffer));
-    if (host_weights) {
-        if (const float* cached = cached_filter(w, m, g.T)) {
-            U       = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, g.C, g.K, P);
-            U->data = (void*)cached;  // a leaf outside every backend buffer: the allocator leaves it alone
-            ggml_set_name(U, "winograd_U_cached");
+    if (source == FilterSource::cached && host_weights) {
+        U       = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, g.C, g.K, P);
+        U->data = (void*)cached_filter(w, m);  // a leaf outside every backend buffer: the allocator leaves it alone
+        ggml_set_name(U, "winograd_U_cached");
+    } else {
+        // x is a source only for the order: ggml lists a node after its sources in order, so without it the
+        // transform (which needs only the weights) would run at the start of the graph and every in-graph U of
+        // the model would be alive at once; after x, it runs just before its layer and is freed right after.
+        ggml_tensor* wargs[2] = {w, x};
+        U = ggml_custom_4d(ctx, GGML_TYPE_F32, g.C, g.K, P, 1, wargs, 2, filter_node, GGML_N_TASKS_MAX, nullptr);
+    }
+    // The tiles go through in chunks whose V and M together stay under kChunkBytes: the working memory of a big
+    // map (the VAE's last blocks: 2 x 302 MB at 512 px in one piece) shrinks to one chunk's, at no cost in speed
+    // (each chunk's GEMMs are still ~1800 columns wide there).
+    const int64_t per_tile = (g.C + g.K) * P * (int64_t)sizeof(float);
+    const int64_t chunk    = std::max<int64_t>(1, std::min<int64_t>(g.T, g_chunk_bytes.load() / per_tile));
+    ggml_tensor* y         = nullptr;
+    for (int64_t t0 = 0; t0 < g.T; t0 += chunk) {
+        const int64_t t1      = std::min(g.T, t0 + chunk);
+        const ChunkArgs* args = intern_chunk(pad, t0, t1);
+        ggml_tensor* xargs[1] = {x};
+        ggml_tensor* V = ggml_custom_4d(ctx, GGML_TYPE_F32, g.C, t1 - t0, P, 1, xargs, 1, input_chunk_node,
+                                        GGML_N_TASKS_MAX, (void*)args);
+        // F32 x F32 through ggml's GEMM. (An F16 U would make ggml round V to F16 too, and F(4x4)'s output
+        // transform amplifies those roundings to ~4e-3 normalised error; measured, see docs/benchmarks.md.)
+        ggml_tensor* Mt = ggml_mul_mat(ctx, U, V);  // [K, t1 - t0, P]
+        if (y == nullptr) {
+            ggml_tensor* margs[1] = {Mt};
+            // First chunk: a fresh output tensor (the other chunks' tiles are written by the nodes after it).
+            y = ggml_custom_4d(ctx, GGML_TYPE_F32, g.OW, g.OH, g.K, g.N, margs, 1, output_first_node,
+                               GGML_N_TASKS_MAX, (void*)args);
+        } else {
+            ggml_tensor* margs[1] = {Mt};
+            y = ggml_custom_inplace(ctx, y, margs, 1, output_next_node, GGML_N_TASKS_MAX, (void*)args);
         }
     }
-    if (U == nullptr) {  // over budget (or weights not on the host yet)
-        if (!transform_in_graph) {
-            return nullptr;
-        }
-        ggml_tensor* wargs[1] = {w};
-        U = ggml_custom_4d(ctx, GGML_TYPE_F32, g.C, g.K, P, 1, wargs, 1, filter_node, GGML_N_TASKS_MAX, nullptr);
-    }
-    ggml_tensor* xargs[1] = {x};
-    ggml_tensor* V = ggml_custom_4d(ctx, GGML_TYPE_F32, g.C, g.T, P, 1, xargs, 1, input_node, GGML_N_TASKS_MAX,
-                                    (void*)&kPad[pad]);
-    // F32 x F32 through ggml's GEMM. (An F16 U would make ggml round V to F16 too, and F(4x4)'s output transform
-    // amplifies those roundings to ~4e-3 normalised error; measured, see docs/benchmarks.md.)
-    ggml_tensor* Mt = ggml_mul_mat(ctx, U, V);  // [K, T, P]
-    ggml_tensor* margs[1] = {Mt};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, g.OW, g.OH, g.K, g.N, margs, 1, output_node, GGML_N_TASKS_MAX,
-                          (void*)&kPad[pad]);
+    return y;
 }
 
 WinogradVariant winograd_choose(int64_t OW, int64_t OH, int64_t C, int64_t N, int64_t K) {
@@ -467,6 +600,25 @@ ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor*
     if (v == WinogradVariant::none) {
         return nullptr;
     }
-    // Only with the filter transform hoisted (cached): recomputing it every evaluation costs more than im2col.
-    return winograd_conv2d(ctx, w, x, p0, v, /*transform_in_graph=*/false);
+    const int m         = (int)v;
+    const bool host     = w->data != nullptr && (w->buffer == nullptr || ggml_backend_buffer_is_host(w->buffer));
+    const int64_t tiles = ConvGeometry::make(x->ne[0], x->ne[1], x->ne[2], x->ne[3], w->ne[3], p0, m).T;
+    if (!host) {
+        return nullptr;
+    }
+    const FilterPlan plan = plan_filter(w, m, tiles);
+    switch (plan.kind) {
+        case FilterPlan::cached:
+            return winograd_conv2d(ctx, w, x, p0, v, FilterSource::cached);
+        case FilterPlan::in_graph:
+            return winograd_conv2d(ctx, w, x, p0, v, FilterSource::in_graph);
+        default:
+            return nullptr;
+    }
+}
+
+void pysdcpp_weights_released(const void* buffer) {
+    if (buffer != nullptr) {
+        pysdcpp::winograd_release(buffer);
+    }
 }

@@ -34,17 +34,32 @@ struct ConvGeometry {
 // for output channels [k0, k1), alpha = m + 2.
 void winograd_filter_transform(const float* w, int64_t K, int64_t C, int m, float* U, int64_t k0, int64_t k1);
 
-// Graph builder: the Winograd convolution of x [W, H, C, N] with w [3, 3, C, K] (F16 or F32) and padding 0
-// or 1, returning y [OW, OH, K, N] in F32 (bias not added). `variant` must not be `none`. The filter transform
-// comes from the cache; when the cache cannot take it, it runs inside the graph if `transform_in_graph`, else
-// the call returns nullptr (the caller keeps im2col).
-ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int pad, WinogradVariant variant,
-                             bool transform_in_graph = true);
+// Memory policy of the transformed filters (the cost model's memory half; measured, docs/benchmarks.md).
+constexpr size_t kDefaultCacheBudget = (size_t)1536 << 20;  // keeps a 512 px SD1.5 generation under upstream's peak
+constexpr int64_t kMinTilesInGraph   = 64;                  // in-graph transform pays from here on; below, a layer
+                                                            // gets cache only beyond the default budget
+constexpr size_t kMaxInGraphBytes    = (size_t)48 << 20;    // largest U transformed inside a graph (VAE: 38 MB)
+constexpr int64_t kChunkBytes        = (int64_t)64 << 20;   // V + M of one chunk of tiles
 
-// Cache of transformed filters (the hoisted dependent stage), bounded by a byte budget.
+// Where the graph's transformed filters U come from: the process-wide cache (computed now if absent) or a
+// filter-transform node inside the graph (its U lives in the compute buffer only while the layer runs).
+enum class FilterSource : int { cached = 0, in_graph = 1 };
+
+// Graph builder: the Winograd convolution of x [W, H, C, N] with w [3, 3, C, K] (F16 or F32) and padding 0
+// or 1, returning y [OW, OH, K, N] in F32 (bias not added). `variant` must not be `none`. Weights not on the
+// host take the in-graph transform.
+ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int pad, WinogradVariant variant,
+                             FilterSource source = FilterSource::cached);
+
+// Cache of transformed filters (the hoisted dependent stage), bounded by a byte budget. winograd_release drops
+// the filters (and the use records) of the weights in one backend buffer: the end of a component's scope.
 void winograd_cache_clear();
+void winograd_release(const void* weight_buffer);
 size_t winograd_cache_bytes();
+size_t winograd_cache_peak_bytes(bool reset);
+size_t winograd_cache_budget();
 void set_winograd_cache_budget(size_t bytes);
+void set_winograd_chunk_bytes(int64_t bytes);  // tests and tuning; <= 0 restores kChunkBytes
 
 // The per-layer choice (cost model): which variant, or none to keep im2col.
 WinogradVariant winograd_choose(int64_t OW, int64_t OH, int64_t C, int64_t N, int64_t K);
@@ -54,6 +69,10 @@ ConvAlgorithm conv_algorithm();
 void set_conv_algorithm(ConvAlgorithm a);
 
 }  // namespace pysdcpp
+
+// The hook patch 0005 calls from GGMLRunner::free_compute_buffer with the runner's weight buffer: the component
+// is done computing for now, its cached filters are released.
+void pysdcpp_weights_released(const void* buffer);
 
 // The hook patch 0002 calls from ggml_ext_conv_2d: a replacement for ggml_conv_2d, or nullptr to keep it.
 ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int s0, int s1, int p0, int p1,

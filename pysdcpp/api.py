@@ -26,6 +26,9 @@ StepCallback = Callable[[int, int, float], None]
 # F(4x4), F(2x2) or im2col per layer).
 CONV_ALGORITHMS = {"upstream": ("im2col", "direct"), "accelerated": ("im2col", "direct", "winograd")}
 DEFAULT_CONV = {"upstream": "im2col", "accelerated": "winograd"}
+# Memory for Winograd's transformed filters while a component computes (kernels/winograd.h kDefaultCacheBudget;
+# measured in docs/benchmarks.md: keeps a 512 px and a 256 px generation's peak RSS under upstream's).
+WINOGRAD_CACHE_MB_DEFAULT = 1536
 ATTENTION_PATHS = {"upstream": ("upstream",), "accelerated": ("upstream", "fast")}
 DEFAULT_ATTENTION = {"upstream": "upstream", "accelerated": "fast"}
 
@@ -152,9 +155,7 @@ class StableDiffusion:
         self.native = _native.load(backend)
         ffi, lib = self.native.ffi, self.native.lib
         self.threads = _threads(threads, self.native)
-        if winograd_cache_mb is not None and self.native.has_components:
-            # Process-wide: transformed filters of every context in this process share the budget.
-            self.native.lib.pysdcpp_set_winograd_cache_budget(int(winograd_cache_mb) << 20)
+        self.winograd_cache_mb = WINOGRAD_CACHE_MB_DEFAULT if winograd_cache_mb is None else int(winograd_cache_mb)
         self.samplers = self.native.enum_names("sd_sample_method_name", int(lib.SAMPLE_METHOD_COUNT))
         self.schedulers = self.native.enum_names("sd_scheduler_name", int(lib.SCHEDULER_COUNT))
         rngs = self.native.enum_names("sd_rng_type_name", int(lib.RNG_TYPE_COUNT))
@@ -280,6 +281,7 @@ class StableDiffusion:
                                            else lib.PYSDCPP_CONV_IM2COL)
             lib.pysdcpp_set_attention_mode(lib.PYSDCPP_ATTN_FAST if self.attention == "fast"
                                            else lib.PYSDCPP_ATTN_UPSTREAM)
+            lib.pysdcpp_set_winograd_cache_budget(self.winograd_cache_mb << 20)
             if self.alter is not None:
                 self.alter.install(self.native.ffi, lib)
             else:

@@ -90,7 +90,8 @@ class _StepBar:
               show_default=True, help="Attention path: fast (fused, tiled; the accelerated library's default) or "
                                       "upstream.")
 @click.option("--winograd-cache-mb", type=click.IntRange(min=0), default=None,
-              help="Memory for Winograd's transformed filters (default 2048); layers beyond it use im2col.")
+              help="Memory for Winograd's transformed filters while the UNet samples (default 1536); "
+                   "layers beyond it transform their filters every evaluation or use im2col.")
 @click.option("--no-alter", is_flag=True, help="Run an ALTER file's dense model (routing off).")
 @click.option("--alter-masks", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Route with the masks of this JSON file (docs/alter-gguf.md) instead of the file's own.")
@@ -367,7 +368,8 @@ def inspect(model, as_json, list_tensors, size, steps):
                    "fast-attention, upstream-direct, dense (an ALTER file with routing off); NAME@STEPS gives a "
                    "variant its own step count (e.g. upstream@50,accelerated with --steps 20).")
 @click.option("--algorithms", default="im2col,winograd_f4,winograd_f2", show_default=True,
-              help="With --layers: im2col, direct, winograd_f4, winograd_f2.")
+              help="With --layers: im2col, direct, winograd_f4, winograd_f2, winograd_f4_in_graph (the filter "
+                   "transform inside the graph, every evaluation).")
 @click.option("--paths", default="upstream,gemm,fused", show_default=True,
               help="With --attention: upstream, gemm, fused, fused_scalar, fast, upstream_flash.")
 @click.option("--only", default=None, help="With --layers: only shapes of layers whose name contains this.")

@@ -10,7 +10,8 @@ from .errors import GenerationError
 
 # Per-call convolution variants: names of pysdcpp_ext.h's enum pysdcpp_conv_t values (read through cffi).
 CONV_VARIANTS = {"im2col": "PYSDCPP_CONV_IM2COL", "direct": "PYSDCPP_CONV_DIRECT",
-                 "winograd_f4": "PYSDCPP_CONV_WINOGRAD_F4", "winograd_f2": "PYSDCPP_CONV_WINOGRAD_F2"}
+                 "winograd_f4": "PYSDCPP_CONV_WINOGRAD_F4", "winograd_f2": "PYSDCPP_CONV_WINOGRAD_F2",
+                 "winograd_f4_in_graph": "PYSDCPP_CONV_WINOGRAD_F4_IN_GRAPH"}
 
 
 def conv2d_3x3(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, pad: int = 1,

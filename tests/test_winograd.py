@@ -23,7 +23,7 @@ SHAPES = [  # N, C, H, W, K, pad
 ]
 # Normalised max error |y - ref|max / |ref|max, per variant, against the float64 convolution of the weights
 # the layer holds (F16-rounded when the layer holds F16).
-BOUNDS = {"winograd_f4": 2e-5, "winograd_f2": 5e-6, "im2col": 2e-3}
+BOUNDS = {"winograd_f4": 2e-5, "winograd_f4_in_graph": 2e-5, "winograd_f2": 5e-6, "im2col": 2e-3}
 
 
 def reference_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int) -> np.ndarray:
@@ -33,7 +33,7 @@ def reference_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int) -> np.
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("algorithm", ["winograd_f4", "winograd_f2", "im2col"])
+@pytest.mark.parametrize("algorithm", ["winograd_f4", "winograd_f4_in_graph", "winograd_f2", "im2col"])
 @pytest.mark.parametrize("weight_f16", [True, False], ids=["f16w", "f32w"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_conv_against_float64(shape, algorithm, weight_f16, threads):
@@ -51,6 +51,52 @@ def test_conv_against_float64(shape, algorithm, weight_f16, threads):
     if algorithm == "im2col" and not weight_f16:
         bound = 2e-5
     assert err <= bound, f"normalised max error {err:.2e} > {bound:.0e}"
+
+
+def _problem(shape, seed=0):
+    n, c, h, wd, k, pad = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, wd)).astype(np.float32)
+    w = (rng.standard_normal((k, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+    b = rng.standard_normal(k).astype(np.float32)
+    return x, w, b, pad
+
+
+def test_in_graph_transform_equals_cached():
+    """The filter transform as a graph node and the hoisted (cached) one are the same computation."""
+    x, w, b, pad = _problem((2, 33, 17, 13, 24, 1))
+    cached, _ = conv2d_3x3(x, w, b, pad=pad, algorithm="winograd_f4", threads=2)
+    in_graph, _ = conv2d_3x3(x, w, b, pad=pad, algorithm="winograd_f4_in_graph", threads=2)
+    assert np.array_equal(cached, in_graph)
+
+
+@pytest.fixture
+def small_chunks():
+    """Makes every Winograd node split its tiles into chunks of 3 (for the shapes below), then restores."""
+    from pysdcpp import _native
+
+    lib = _native.load("accelerated").lib
+
+    def set_tiles(c, k, tiles):
+        lib.pysdcpp_set_winograd_chunk_bytes((c + k) * 36 * 4 * tiles)
+
+    yield set_tiles
+    lib.pysdcpp_set_winograd_chunk_bytes(0)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 9, 11, 13, 1), (1, 33, 17, 13, 24, 0), (2, 20, 1, 1, 3, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("algorithm", ["winograd_f4", "winograd_f4_in_graph"])
+def test_chunked_tiles(shape, algorithm, small_chunks):
+    """Tiles in chunks (each chunk's output transform writing into the same output in place), against float64
+    and against the whole map in one piece."""
+    x, w, b, pad = _problem(shape, seed=5)
+    whole, _ = conv2d_3x3(x, w, b, pad=pad, algorithm=algorithm, threads=2)
+    small_chunks(shape[1], shape[4], 3)
+    chunked, _ = conv2d_3x3(x, w, b, pad=pad, algorithm=algorithm, threads=2, repeat=2)
+    ref = reference_conv(x, w.astype(np.float16).astype(np.float32), b, pad)
+    assert np.abs(chunked - ref).max() / np.abs(ref).max() <= BOUNDS["winograd_f4"]
+    assert np.abs(chunked - whole).max() <= 1e-6 * np.abs(whole).max()
 
 
 def test_bad_arguments():
@@ -81,3 +127,36 @@ def test_unet_and_vae_winograd_vs_im2col(family):
             out[conv] = (sd.unet(latent, 500.0, context), sd.decode(latent))
     assert rel_l2(out["winograd"][0], out["im2col"][0]) <= 2e-3
     assert rel_l2(out["winograd"][1], out["im2col"][1]) <= 2e-3
+
+
+def test_filter_cache_lives_with_the_component(tmp_path):
+    """Transformed filters are cached while the UNet samples and released with its compute buffer; a VAE decode
+    (one evaluation) transforms its filters inside the graph and caches nothing; the scope's end changes no
+    result: two generations in one context give the same image, equal to a fresh context's."""
+    from conftest import gguf_from_folder
+
+    from pysdcpp import StableDiffusion, _native
+
+    lib = _native.load("accelerated").lib
+    path = gguf_from_folder("sd1", "f16")
+    kw = dict(width=256, height=256, num_inference_steps=2, sampler="euler", seed=7)
+    with StableDiffusion(path, threads=2) as sd:
+        lib.pysdcpp_winograd_cache_peak_bytes(1)
+        first = np.asarray(sd.generate("a cat", **kw)[0])
+        peak = lib.pysdcpp_winograd_cache_peak_bytes(1)
+        assert 0 < peak <= sd.winograd_cache_mb << 20
+        assert lib.pysdcpp_winograd_cache_bytes() == 0
+        second = np.asarray(sd.generate("a cat", **kw)[0])
+        assert lib.pysdcpp_winograd_cache_bytes() == 0
+        latent = np.random.default_rng(0).standard_normal((1, 4, 32, 32)).astype(np.float32)
+        lib.pysdcpp_winograd_cache_peak_bytes(1)
+        sd.decode(latent)
+        assert lib.pysdcpp_winograd_cache_peak_bytes(1) == 0
+    assert np.array_equal(first, second)
+    with StableDiffusion(path, threads=2, winograd_cache_mb=0) as sd:
+        lib.pysdcpp_winograd_cache_peak_bytes(1)
+        no_cache = np.asarray(sd.generate("a cat", **kw)[0])
+        assert lib.pysdcpp_winograd_cache_peak_bytes(1) == 0
+    # Without a cache the big filters' layers keep im2col: a slightly different, still close, image.
+    diff = first.astype(np.float64) - no_cache.astype(np.float64)
+    assert 10 * np.log10(255.0**2 / max(np.mean(diff**2), 1e-12)) > 40
