@@ -27,15 +27,13 @@ ggml_tensor* build_conv(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, ggml_
         case PYSDCPP_CONV_DIRECT:
             y = ggml_conv_2d_direct(ctx, w, x, 1, 1, pad, pad, 1, 1);
             break;
+        // The Winograd variants add the bias in their output transform, as in the models.
         case PYSDCPP_CONV_WINOGRAD_F4:
-            y = winograd_conv2d(ctx, w, x, pad, WinogradVariant::f4x4);
-            break;
+            return winograd_conv2d(ctx, w, x, pad, WinogradVariant::f4x4, FilterSource::cached, b);
         case PYSDCPP_CONV_WINOGRAD_F2:
-            y = winograd_conv2d(ctx, w, x, pad, WinogradVariant::f2x2);
-            break;
+            return winograd_conv2d(ctx, w, x, pad, WinogradVariant::f2x2, FilterSource::cached, b);
         case PYSDCPP_CONV_WINOGRAD_F4_IN_GRAPH:
-            y = winograd_conv2d(ctx, w, x, pad, WinogradVariant::f4x4, FilterSource::in_graph);
-            break;
+            return winograd_conv2d(ctx, w, x, pad, WinogradVariant::f4x4, FilterSource::in_graph, b);
         default:
             return nullptr;
     }

@@ -156,9 +156,10 @@ void input_transform(const float* x, const ConvGeometry& g, float* V, int64_t t0
 
 // y = A^T M A for tiles [t0, t1), clipped at the map's right and bottom edges. (The bias is still added by
 // upstream's ggml_add after the conv.)
-// Mt holds the tiles [t_base, t_base + g.T).
+// Mt holds the tiles [t_base, t_base + g.T); bias [K] or nullptr (the conv's bias, fused here).
 template <int M>
-void output_transform(const float* Mt, const ConvGeometry& g, float* y, int64_t t0, int64_t t1, int64_t t_base) {
+void output_transform(const float* Mt, const ConvGeometry& g, const float* bias, float* y, int64_t t0, int64_t t1,
+                      int64_t t_base) {
     constexpr int A               = Mats<M>::A;
     const int64_t tiles_per_image = g.tiles_h * g.tiles_w;
     const int64_t OHW             = g.OH * g.OW;
@@ -182,10 +183,11 @@ void output_transform(const float* Mt, const ConvGeometry& g, float* y, int64_t 
             mul_rows(Mats<M>::AT, m, tmp);
             mul_cols(tmp, Mats<M>::AT, out);
             for (int q = 0; q < kb; q++) {
-                float* yk = y + (n * g.K + k0 + q) * OHW;
+                float* yk       = y + (n * g.K + k0 + q) * OHW;
+                const float add = bias != nullptr ? bias[k0 + q] : 0.f;
                 for (int i = 0; i < rows; i++) {
                     for (int j = 0; j < cols; j++) {
-                        yk[(oy + i) * g.OW + ox + j] = out[i][j][q];
+                        yk[(oy + i) * g.OW + ox + j] = out[i][j][q] + add;
                     }
                 }
             }
@@ -484,36 +486,38 @@ void input_chunk_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
     }
 }
 
-// The chunk's output tiles into y [OW, OH, K, N] from its M [K, t1 - t0, alpha^2].
-void output_chunk(ggml_tensor* y, const ggml_tensor* Mt, const ChunkArgs* a, int ith, int nth) {
+// The chunk's output tiles into y [OW, OH, K, N] from its M [K, t1 - t0, alpha^2], plus the bias if any.
+void output_chunk(ggml_tensor* y, const ggml_tensor* Mt, const ggml_tensor* b, const ChunkArgs* a, int ith,
+                  int nth) {
     const int m = tile_of(Mt->ne[2]);
     // Recover the input size from the output size: OH = H + 2 pad - 2.
     ConvGeometry g = ConvGeometry::make(y->ne[0] - 2 * a->pad + 2, y->ne[1] - 2 * a->pad + 2, 0, y->ne[3],
                                         y->ne[2], a->pad, m);
     g.T = a->t1 - a->t0;
-    int64_t b, e;
-    split(g.T, ith, nth, &b, &e);
+    int64_t lo, hi;
+    split(g.T, ith, nth, &lo, &hi);
+    const float* bias = b != nullptr ? (const float*)b->data : nullptr;
     if (m == 4) {
-        output_transform<4>((const float*)Mt->data, g, (float*)y->data, a->t0 + b, a->t0 + e, a->t0);
+        output_transform<4>((const float*)Mt->data, g, bias, (float*)y->data, a->t0 + lo, a->t0 + hi, a->t0);
     } else {
-        output_transform<2>((const float*)Mt->data, g, (float*)y->data, a->t0 + b, a->t0 + e, a->t0);
+        output_transform<2>((const float*)Mt->data, g, bias, (float*)y->data, a->t0 + lo, a->t0 + hi, a->t0);
     }
 }
 
-// First chunk: dst y is a new tensor, src[0] = M.
+// First chunk: dst y is a new tensor, src[0] = M, src[1] = bias or none.
 void output_first_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
-    output_chunk(dst, dst->src[0], (const ChunkArgs*)userdata, ith, nth);
+    output_chunk(dst, dst->src[0], dst->src[1], (const ChunkArgs*)userdata, ith, nth);
 }
 
-// Later chunks: dst is a view of src[0] (the output so far, written in place), src[1] = M.
+// Later chunks: dst is a view of src[0] (the output so far, written in place), src[1] = M, src[2] = bias.
 void output_next_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
-    output_chunk(dst, dst->src[1], (const ChunkArgs*)userdata, ith, nth);
+    output_chunk(dst, dst->src[1], dst->src[2], (const ChunkArgs*)userdata, ith, nth);
 }
 
 }  // namespace
 
 ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int pad, WinogradVariant variant,
-                             FilterSource source) {
+                             FilterSource source, ggml_tensor* bias) {
     const int m         = (int)variant;
     const int64_t alpha = m + 2;
     ConvGeometry g      = ConvGeometry::make(x->ne[0], x->ne[1], x->ne[2], x->ne[3], w->ne[3], pad, m);
@@ -546,14 +550,14 @@ ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, 
         // F32 x F32 through ggml's GEMM. (An F16 U would make ggml round V to F16 too, and F(4x4)'s output
         // transform amplifies those roundings to ~4e-3 normalised error; measured, see docs/benchmarks.md.)
         ggml_tensor* Mt = ggml_mul_mat(ctx, U, V);  // [K, t1 - t0, P]
+        ggml_tensor* margs[2] = {Mt, bias};
+        const int n_margs     = bias != nullptr ? 2 : 1;
         if (y == nullptr) {
-            ggml_tensor* margs[1] = {Mt};
             // First chunk: a fresh output tensor (the other chunks' tiles are written by the nodes after it).
-            y = ggml_custom_4d(ctx, GGML_TYPE_F32, g.OW, g.OH, g.K, g.N, margs, 1, output_first_node,
+            y = ggml_custom_4d(ctx, GGML_TYPE_F32, g.OW, g.OH, g.K, g.N, margs, n_margs, output_first_node,
                                GGML_N_TASKS_MAX, (void*)args);
         } else {
-            ggml_tensor* margs[1] = {Mt};
-            y = ggml_custom_inplace(ctx, y, margs, 1, output_next_node, GGML_N_TASKS_MAX, (void*)args);
+            y = ggml_custom_inplace(ctx, y, margs, n_margs, output_next_node, GGML_N_TASKS_MAX, (void*)args);
         }
     }
     return y;
@@ -582,8 +586,8 @@ void set_conv_algorithm(ConvAlgorithm a) {
 
 }  // namespace pysdcpp
 
-ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int s0, int s1, int p0, int p1,
-                                 int d0, int d1) {
+ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, ggml_tensor* b, bool* bias_done,
+                                 int s0, int s1, int p0, int p1, int d0, int d1) {
     using namespace pysdcpp;
     if (conv_algorithm() != ConvAlgorithm::winograd) {
         return nullptr;
@@ -607,14 +611,18 @@ ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor*
         return nullptr;
     }
     const FilterPlan plan = plan_filter(w, m, tiles);
-    switch (plan.kind) {
-        case FilterPlan::cached:
-            return winograd_conv2d(ctx, w, x, p0, v, FilterSource::cached);
-        case FilterPlan::in_graph:
-            return winograd_conv2d(ctx, w, x, p0, v, FilterSource::in_graph);
-        default:
-            return nullptr;
+    if (plan.kind == FilterPlan::im2col) {
+        return nullptr;
     }
+    // The bias goes into the output transform (one pass over the output less) when it is a plain F32 vector.
+    const bool fuse = b != nullptr && b->type == GGML_TYPE_F32 && ggml_is_contiguous(b) &&
+                      ggml_nelements(b) == w->ne[3];
+    if (bias_done != nullptr) {
+        *bias_done = fuse;
+    }
+    return winograd_conv2d(ctx, w, x, p0, v,
+                           plan.kind == FilterPlan::cached ? FilterSource::cached : FilterSource::in_graph,
+                           fuse ? b : nullptr);
 }
 
 void pysdcpp_weights_released(const void* buffer) {

@@ -46,10 +46,10 @@ constexpr int64_t kChunkBytes        = (int64_t)64 << 20;   // V + M of one chun
 enum class FilterSource : int { cached = 0, in_graph = 1 };
 
 // Graph builder: the Winograd convolution of x [W, H, C, N] with w [3, 3, C, K] (F16 or F32) and padding 0
-// or 1, returning y [OW, OH, K, N] in F32 (bias not added). `variant` must not be `none`. Weights not on the
-// host take the in-graph transform.
+// or 1, returning y [OW, OH, K, N] in F32, plus bias (F32 [K], or nullptr) added in the output transform.
+// `variant` must not be `none`. Weights not on the host take the in-graph transform.
 ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int pad, WinogradVariant variant,
-                             FilterSource source = FilterSource::cached);
+                             FilterSource source = FilterSource::cached, ggml_tensor* bias = nullptr);
 
 // Cache of transformed filters (the hoisted dependent stage), bounded by a byte budget. winograd_release drops
 // the filters (and the use records) of the weights in one backend buffer: the end of a component's scope.
@@ -74,6 +74,7 @@ void set_conv_algorithm(ConvAlgorithm a);
 // is done computing for now, its cached filters are released.
 void pysdcpp_weights_released(const void* buffer);
 
-// The hook patch 0002 calls from ggml_ext_conv_2d: a replacement for ggml_conv_2d, or nullptr to keep it.
-ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int s0, int s1, int p0, int p1,
-                                 int d0, int d1);
+// The hook patch 0002 calls from ggml_ext_conv_2d: a replacement for ggml_conv_2d, or nullptr to keep it. b (may
+// be nullptr) is the conv's bias: *bias_done says whether the replacement added it.
+ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, ggml_tensor* b, bool* bias_done,
+                                 int s0, int s1, int p0, int p1, int d0, int d1);

@@ -70,6 +70,20 @@ def test_in_graph_transform_equals_cached():
     assert np.array_equal(cached, in_graph)
 
 
+@pytest.mark.parametrize("algorithm", ["winograd_f4", "winograd_f2"])
+def test_fused_bias(algorithm):
+    """The output transform adds the bias (the layers above all pass one): with and without it, against
+    float64, and the difference is exactly the bias broadcast."""
+    x, w, b, pad = _problem((2, 20, 10, 9, 12, 1), seed=9)
+    held = w.astype(np.float16).astype(np.float32)
+    with_bias, _ = conv2d_3x3(x, w, b, pad=pad, algorithm=algorithm, threads=2)
+    no_bias, _ = conv2d_3x3(x, w, None, pad=pad, algorithm=algorithm, threads=2)
+    ref = reference_conv(x, held, np.zeros_like(b), pad)
+    assert np.abs(no_bias - ref).max() / np.abs(ref).max() <= BOUNDS[algorithm]
+    np.testing.assert_allclose(with_bias - no_bias, np.broadcast_to(b[None, :, None, None], ref.shape),
+                               rtol=0, atol=1e-5 * np.abs(with_bias).max())
+
+
 @pytest.fixture
 def small_chunks():
     """Makes every Winograd node split its tiles into chunks of 3 (for the shapes below), then restores."""
