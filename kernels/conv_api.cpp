@@ -52,9 +52,9 @@ extern "C" SD_API const char* pysdcpp_conv_last_error(void) {
 }
 
 extern "C" SD_API void pysdcpp_set_conv_algorithm(int algorithm) {
-    pysdcpp::set_conv_algorithm(algorithm == PYSDCPP_CONV_WINOGRAD_F4 || algorithm == PYSDCPP_CONV_WINOGRAD_F2
-                                    ? pysdcpp::ConvAlgorithm::winograd
-                                    : pysdcpp::ConvAlgorithm::im2col);
+    const bool winograd = algorithm == PYSDCPP_CONV_WINOGRAD_F4 || algorithm == PYSDCPP_CONV_WINOGRAD_F2 ||
+                          algorithm == PYSDCPP_CONV_WINOGRAD_F4_IN_GRAPH;
+    pysdcpp::set_conv_algorithm(winograd ? pysdcpp::ConvAlgorithm::winograd : pysdcpp::ConvAlgorithm::im2col);
 }
 
 extern "C" SD_API void pysdcpp_set_winograd_cache_budget(size_t bytes) {

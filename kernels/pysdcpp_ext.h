@@ -29,8 +29,9 @@ int pysdcpp_unet(sd_ctx_t* ctx, const float* x, const int64_t* x_ne, const float
 /* VAE decode of a diffusion latent [W, H, C, N]: the decoder's raw output (about -1..1), before clamping. */
 int pysdcpp_decode(sd_ctx_t* ctx, const float* latent, const int64_t* latent_ne, pysdcpp_tensor_t* out);
 
-/* Convolution algorithms: the context-wide choice (pysdcpp_set_conv_algorithm: IM2COL or a WINOGRAD value, which
-   then picks F(4x4), F(2x2) or im2col per layer) and the explicit per-call variants of pysdcpp_conv2d_3x3
+/* Convolution algorithms: the context-wide choice (pysdcpp_set_conv_algorithm: IM2COL, or any WINOGRAD value: the
+   cost model then picks F(4x4) or im2col and where the filters come from, per layer) and the explicit per-call
+   variants of pysdcpp_conv2d_3x3
    (WINOGRAD_F4/F2: filters from the cache; WINOGRAD_F4_IN_GRAPH: the filter transform as a graph node). */
 enum pysdcpp_conv_t {
     PYSDCPP_CONV_IM2COL               = 0,

@@ -88,6 +88,67 @@ inline void mul_cols(const float (&in)[N][K][CB], const float (&Rm)[R][K], float
     }
 }
 
+// n <= CB floats; a whole block is a fixed-size copy the compiler turns into vector moves (a variable-size
+// memcpy became `rep movs`, 18% of the input transform in a profile).
+inline void copy_block(float* dst, const float* src, int n) {
+    if (n == CB) {
+        std::memcpy(dst, src, sizeof(float) * CB);
+    } else {
+        std::memcpy(dst, src, sizeof(float) * n);
+    }
+}
+
+// F(4x4)'s input and output transforms written out: B^T and A^T are mostly 0, +-1 and powers of two, so the
+// products above spend two thirds of their multiply-adds on zeros. One 1-D pass over a block of CB channels:
+// d (six rows of CB floats, ds apart) -> r (six or four rows, rs apart). Profile at 512 px (VAE decoder, F(4x4)):
+// the two transforms took 47% of the layer time with the generic products.
+inline void bt4_1d(const float* d, int64_t ds, float* r, int64_t rs) {
+    for (int q = 0; q < CB; q++) {
+        const float d0 = d[q], d1 = d[ds + q], d2 = d[2 * ds + q], d3 = d[3 * ds + q], d4 = d[4 * ds + q],
+                    d5 = d[5 * ds + q];
+        const float a = d4 - 4.f * d2, b = d3 - 4.f * d1, c = d4 - d2, e = 2.f * (d3 - d1);
+        r[q]          = 4.f * d0 - 5.f * d2 + d4;
+        r[rs + q]     = a + b;
+        r[2 * rs + q] = a - b;
+        r[3 * rs + q] = c + e;
+        r[4 * rs + q] = c - e;
+        r[5 * rs + q] = 4.f * d1 - 5.f * d3 + d5;
+    }
+}
+
+inline void at4_1d(const float* m, int64_t ms, float* o, int64_t os) {
+    for (int q = 0; q < CB; q++) {
+        const float m0 = m[q], m1 = m[ms + q], m2 = m[2 * ms + q], m3 = m[3 * ms + q], m4 = m[4 * ms + q],
+                    m5 = m[5 * ms + q];
+        const float a = m1 + m2, b = m1 - m2, c = m3 + m4, e = m3 - m4;
+        o[q]          = m0 + a + c;
+        o[os + q]     = b + 2.f * e;
+        o[2 * os + q] = a + 4.f * c;
+        o[3 * os + q] = b + 8.f * e + m5;
+    }
+}
+
+// v = B^T d B and out = A^T m A for F(4x4), through the 1-D passes (rows, then columns).
+inline void input_tile4(const float (&d)[6][6][CB], float (&v)[6][6][CB]) {
+    float tmp[6][6][CB];
+    for (int j = 0; j < 6; j++) {
+        bt4_1d(&d[0][j][0], 6 * CB, &tmp[0][j][0], 6 * CB);
+    }
+    for (int i = 0; i < 6; i++) {
+        bt4_1d(&tmp[i][0][0], CB, &v[i][0][0], CB);
+    }
+}
+
+inline void output_tile4(const float (&m)[6][6][CB], float (&out)[4][4][CB]) {
+    float tmp[4][6][CB];
+    for (int j = 0; j < 6; j++) {
+        at4_1d(&m[0][j][0], 6 * CB, &tmp[0][j][0], 6 * CB);
+    }
+    for (int i = 0; i < 4; i++) {
+        at4_1d(&tmp[i][0][0], CB, &out[i][0][0], CB);
+    }
+}
+
 // U = G g G^T. w points at the weights of output channel k0; every store to U is a contiguous run of channels.
 template <int M>
 void filter_transform(const float* w, int64_t C, float* U, int64_t K, int64_t k0, int64_t k1) {
@@ -134,28 +195,43 @@ void input_transform(const float* x, const ConvGeometry& g, float* V, int64_t t0
             if (cb < CB) {
                 std::memset(d, 0, sizeof(d));
             }
-            for (int q = 0; q < cb; q++) {
-                const float* xc = x + (n * g.C + c0 + q) * HW;
-                for (int i = 0; i < A; i++) {
-                    for (int j = 0; j < A; j++) {
-                        const int64_t yy = iy + i, xx = ix + j;
-                        const bool ok    = inside || (yy >= 0 && yy < g.H && xx >= 0 && xx < g.W);
-                        d[i][j][q]       = ok ? xc[yy * g.W + xx] : 0.f;
+            if (inside) {  // most tiles: no bounds to check
+                for (int q = 0; q < cb; q++) {
+                    const float* xc = x + (n * g.C + c0 + q) * HW + iy * g.W + ix;
+                    for (int i = 0; i < A; i++) {
+                        for (int j = 0; j < A; j++) {
+                            d[i][j][q] = xc[i * g.W + j];
+                        }
+                    }
+                }
+            } else {
+                for (int q = 0; q < cb; q++) {
+                    const float* xc = x + (n * g.C + c0 + q) * HW;
+                    for (int i = 0; i < A; i++) {
+                        for (int j = 0; j < A; j++) {
+                            const int64_t yy = iy + i, xx = ix + j;
+                            const bool ok    = yy >= 0 && yy < g.H && xx >= 0 && xx < g.W;
+                            d[i][j][q]       = ok ? xc[yy * g.W + xx] : 0.f;
+                        }
                     }
                 }
             }
-            float tmp[A][A][CB], v[A][A][CB];
-            mul_rows(Mats<M>::BT, d, tmp);
-            mul_cols(tmp, Mats<M>::BT, v);
+            float v[A][A][CB];
+            if constexpr (M == 4) {
+                input_tile4(d, v);
+            } else {
+                float tmp[A][A][CB];
+                mul_rows(Mats<M>::BT, d, tmp);
+                mul_cols(tmp, Mats<M>::BT, v);
+            }
             for (int p = 0; p < A * A; p++) {
-                std::memcpy(V + ((int64_t)p * g.T + t - t_base) * g.C + c0, v[p / A][p % A], sizeof(float) * cb);
+                copy_block(V + ((int64_t)p * g.T + t - t_base) * g.C + c0, v[p / A][p % A], cb);
             }
         }
     }
 }
 
-// y = A^T M A for tiles [t0, t1), clipped at the map's right and bottom edges. (The bias is still added by
-// upstream's ggml_add after the conv.)
+// y = A^T M A (+ bias) for tiles [t0, t1), clipped at the map's right and bottom edges.
 // Mt holds the tiles [t_base, t_base + g.T); bias [K] or nullptr (the conv's bias, fused here).
 template <int M>
 void output_transform(const float* Mt, const ConvGeometry& g, const float* bias, float* y, int64_t t0, int64_t t1,
@@ -177,11 +253,16 @@ void output_transform(const float* Mt, const ConvGeometry& g, const float* bias,
                 std::memset(m, 0, sizeof(m));
             }
             for (int p = 0; p < A * A; p++) {
-                std::memcpy(m[p / A][p % A], Mt + ((int64_t)p * g.T + t - t_base) * g.K + k0, sizeof(float) * kb);
+                copy_block(m[p / A][p % A], Mt + ((int64_t)p * g.T + t - t_base) * g.K + k0, kb);
             }
-            float tmp[M][A][CB], out[M][M][CB];
-            mul_rows(Mats<M>::AT, m, tmp);
-            mul_cols(tmp, Mats<M>::AT, out);
+            float out[M][M][CB];
+            if constexpr (M == 4) {
+                output_tile4(m, out);
+            } else {
+                float tmp[M][A][CB];
+                mul_rows(Mats<M>::AT, m, tmp);
+                mul_cols(tmp, Mats<M>::AT, out);
+            }
             for (int q = 0; q < kb; q++) {
                 float* yk       = y + (n * g.K + k0 + q) * OHW;
                 const float add = bias != nullptr ? bias[k0 + q] : 0.f;
@@ -426,7 +507,7 @@ size_t winograd_cache_budget() {
 }
 
 void set_winograd_chunk_bytes(int64_t bytes) {
-    g_chunk_bytes.store(bytes > 0 ? bytes : kChunkBytes);
+    g_chunk_bytes.store(bytes > 0 ? bytes : kChunkBytes);  // any positive size: kMaxChunks bounds the node count
 }
 
 void set_winograd_cache_budget(size_t bytes) {
@@ -539,7 +620,11 @@ ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, 
     // map (the VAE's last blocks: 2 x 302 MB at 512 px in one piece) shrinks to one chunk's, at no cost in speed
     // (each chunk's GEMMs are still ~1800 columns wide there).
     const int64_t per_tile = (g.C + g.K) * P * (int64_t)sizeof(float);
-    const int64_t chunk    = std::max<int64_t>(1, std::min<int64_t>(g.T, g_chunk_bytes.load() / per_tile));
+    // At most kMaxChunks chunks (3 graph nodes each), whatever the map and the chunk size: graphs have a fixed
+    // node capacity (stable-diffusion.cpp builds the VAE's with ggml's default of 2048; 33 convs x 8 chunks x 3
+    // nodes stay well inside it).
+    int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(g.T, g_chunk_bytes.load() / per_tile));
+    chunk         = std::max<int64_t>(chunk, (g.T + kMaxChunks - 1) / kMaxChunks);
     ggml_tensor* y         = nullptr;
     for (int64_t t0 = 0; t0 < g.T; t0 += chunk) {
         const int64_t t1      = std::min(g.T, t0 + chunk);

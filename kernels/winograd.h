@@ -40,6 +40,8 @@ constexpr int64_t kMinTilesInGraph   = 64;                  // in-graph transfor
                                                             // gets cache only beyond the default budget
 constexpr size_t kMaxInGraphBytes    = (size_t)48 << 20;    // largest U transformed inside a graph (VAE: 38 MB)
 constexpr int64_t kChunkBytes        = (int64_t)64 << 20;   // V + M of one chunk of tiles
+constexpr int64_t kMaxChunks         = 8;                   // chunks per conv, at most: 3 graph nodes each, and
+                                                            // the VAE's graph holds ggml's default 2048 nodes
 
 // Where the graph's transformed filters U come from: the process-wide cache (computed now if absent) or a
 // filter-transform node inside the graph (its U lives in the compute buffer only while the layer runs).
@@ -47,7 +49,7 @@ enum class FilterSource : int { cached = 0, in_graph = 1 };
 
 // Graph builder: the Winograd convolution of x [W, H, C, N] with w [3, 3, C, K] (F16 or F32) and padding 0
 // or 1, returning y [OW, OH, K, N] in F32, plus bias (F32 [K], or nullptr) added in the output transform.
-// `variant` must not be `none`. Weights not on the host take the in-graph transform.
+// `variant` must not be `none`; w must be in host memory (the hook declines other weights).
 ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int pad, WinogradVariant variant,
                              FilterSource source = FilterSource::cached, ggml_tensor* bias = nullptr);
 

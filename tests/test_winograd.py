@@ -86,7 +86,7 @@ def test_fused_bias(algorithm):
 
 @pytest.fixture
 def small_chunks():
-    """Makes every Winograd node split its tiles into chunks of 3 (for the shapes below), then restores."""
+    """Makes every Winograd node split its tiles into chunks of a given count, then restores the default."""
     from pysdcpp import _native
 
     lib = _native.load("accelerated").lib
@@ -98,15 +98,16 @@ def small_chunks():
     lib.pysdcpp_set_winograd_chunk_bytes(0)
 
 
-@pytest.mark.parametrize("shape", [(2, 7, 9, 11, 13, 1), (1, 33, 17, 13, 24, 0), (2, 20, 1, 1, 3, 1)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape,tiles", [((2, 7, 9, 11, 13, 1), 4), ((1, 33, 17, 13, 24, 0), 5),
+                                         ((2, 9, 14, 10, 7, 1), 5)],
+                         ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else f"chunk{s}")
 @pytest.mark.parametrize("algorithm", ["winograd_f4", "winograd_f4_in_graph"])
-def test_chunked_tiles(shape, algorithm, small_chunks):
-    """Tiles in chunks (each chunk's output transform writing into the same output in place), against float64
-    and against the whole map in one piece."""
+def test_chunked_tiles(shape, tiles, algorithm, small_chunks):
+    """Tiles in chunks (each chunk's output transform writing into the same output in place; uneven last
+    chunks, chunks across two images of the batch), against float64 and against the whole map in one piece."""
     x, w, b, pad = _problem(shape, seed=5)
     whole, _ = conv2d_3x3(x, w, b, pad=pad, algorithm=algorithm, threads=2)
-    small_chunks(shape[1], shape[4], 3)
+    small_chunks(shape[1], shape[4], tiles)
     chunked, _ = conv2d_3x3(x, w, b, pad=pad, algorithm=algorithm, threads=2, repeat=2)
     ref = reference_conv(x, w.astype(np.float16).astype(np.float32), b, pad)
     assert np.abs(chunked - ref).max() / np.abs(ref).max() <= BOUNDS["winograd_f4"]
@@ -174,3 +175,19 @@ def test_filter_cache_lives_with_the_component(tmp_path):
     # Without a cache the big filters' layers keep im2col: a slightly different, still close, image.
     diff = first.astype(np.float64) - no_cache.astype(np.float64)
     assert 10 * np.log10(255.0**2 / max(np.mean(diff**2), 1e-12)) > 40
+
+
+def test_chunked_vae_decode_batch2(small_chunks):
+    """A batch-2 VAE decode with the smallest chunks (every Winograd conv at the 8-chunk cap, 3 nodes each: the
+    decoder's graph, ggml's default 2048 nodes, must hold them) against the default chunking: the graph
+    allocator's handling of the in-place chunk nodes, in a real model graph."""
+    from conftest import gguf_from_folder, rel_l2
+
+    from pysdcpp import StableDiffusion
+
+    latent = np.random.default_rng(4).standard_normal((2, 4, 32, 32)).astype(np.float32)
+    with StableDiffusion(gguf_from_folder("sd1", "f16"), threads=2) as sd:
+        default = sd.decode(latent)
+        small_chunks(128, 128, 1)
+        chunked = sd.decode(latent)
+    assert rel_l2(chunked, default) <= 1e-6
