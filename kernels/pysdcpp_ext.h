@@ -23,7 +23,9 @@ int pysdcpp_api_version(void);
 int pysdcpp_tokenize(sd_ctx_t* ctx, const char* text, int32_t* out_ids, int capacity, int* out_count);
 /* Text-encoder hidden states [n_tokens, hidden] for `text`; clip_skip <= 0 takes the model's default. */
 int pysdcpp_encode_prompt(sd_ctx_t* ctx, const char* text, int clip_skip, pysdcpp_tensor_t* out);
-/* One diffusion-model evaluation: x [W, H, C, N], timesteps [N], context [hidden, tokens, N] -> model output. */
+/* One diffusion-model evaluation: x [W, H, C, N], timesteps [N], context [hidden, tokens, N] -> model output. The
+   UNet's working memory (and the Winograd filters cached for it) stays between calls, as in a sampling loop,
+   until a generation's sampling ends or the context closes. */
 int pysdcpp_unet(sd_ctx_t* ctx, const float* x, const int64_t* x_ne, const float* timesteps,
                  const float* context, const int64_t* context_ne, pysdcpp_tensor_t* out);
 /* VAE decode of a diffusion latent [W, H, C, N]: the decoder's raw output (about -1..1), before clamping. */

@@ -411,7 +411,9 @@ class StableDiffusion:
         return {"sd1": 768, "sd2": 1024}.get(self.model_file.family or "", 0)
 
     def unet(self, latent: np.ndarray, timestep, context: np.ndarray) -> np.ndarray:
-        """One diffusion-model evaluation: latent (N, 4, h, w), timestep scalar or (N,), context (N, T, D)."""
+        """One diffusion-model evaluation: latent (N, 4, h, w), timestep scalar or (N,), context (N, T, D).
+        The UNet's working memory and cached Winograd filters stay between calls (a loop of calls pays the
+        filter transforms once) until a generation's sampling ends or the context closes."""
         ctx = self._components()
         x = np.ascontiguousarray(latent, dtype=np.float32)
         if x.ndim != 4 or x.shape[1] != 4:

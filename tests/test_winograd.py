@@ -145,7 +145,8 @@ def test_unet_and_vae_winograd_vs_im2col(family):
 
 
 def test_filter_cache_lives_with_the_component(tmp_path):
-    """Transformed filters are cached while the UNet samples and released with its compute buffer; a VAE decode
+    """Transformed filters are cached while the UNet samples (or a caller loops over sd.unet()) and released
+    with its compute buffer when sampling ends; a VAE decode
     (one evaluation) transforms its filters inside the graph and caches nothing; the scope's end changes no
     result: two generations in one context give the same image, equal to a fresh context's."""
     from conftest import gguf_from_folder
@@ -156,6 +157,13 @@ def test_filter_cache_lives_with_the_component(tmp_path):
     path = gguf_from_folder("sd1", "f16")
     kw = dict(width=256, height=256, num_inference_steps=2, sampler="euler", seed=7)
     with StableDiffusion(path, threads=2) as sd:
+        # sd.unet() calls share one scope (a caller's own sampling loop): the filters stay between calls...
+        latent = np.random.default_rng(0).standard_normal((1, 4, 32, 32)).astype(np.float32)
+        context = np.random.default_rng(1).standard_normal((1, 77, 768)).astype(np.float32)
+        sd.unet(latent, 500.0, context)
+        sd.unet(latent, 400.0, context)
+        assert lib.pysdcpp_winograd_cache_bytes() > 0
+        # ... until a generation's sampling ends.
         lib.pysdcpp_winograd_cache_peak_bytes(1)
         first = np.asarray(sd.generate("a cat", **kw)[0])
         peak = lib.pysdcpp_winograd_cache_peak_bytes(1)
@@ -163,7 +171,6 @@ def test_filter_cache_lives_with_the_component(tmp_path):
         assert lib.pysdcpp_winograd_cache_bytes() == 0
         second = np.asarray(sd.generate("a cat", **kw)[0])
         assert lib.pysdcpp_winograd_cache_bytes() == 0
-        latent = np.random.default_rng(0).standard_normal((1, 4, 32, 32)).astype(np.float32)
         lib.pysdcpp_winograd_cache_peak_bytes(1)
         sd.decode(latent)
         assert lib.pysdcpp_winograd_cache_peak_bytes(1) == 0
