@@ -69,8 +69,8 @@ extern "C" SD_API size_t pysdcpp_winograd_cache_peak_bytes(int reset) {
     return pysdcpp::winograd_cache_peak_bytes(reset != 0);
 }
 
-extern "C" SD_API size_t pysdcpp_winograd_cache_budget(void) {
-    return pysdcpp::winograd_cache_budget();
+extern "C" SD_API size_t pysdcpp_winograd_cache_default_budget(void) {
+    return pysdcpp::kDefaultCacheBudget;
 }
 
 extern "C" SD_API void pysdcpp_set_winograd_chunk_bytes(int64_t bytes) {

@@ -50,7 +50,7 @@ void pysdcpp_set_conv_algorithm(int algorithm);
    bytes cached at once since the last reset (reset != 0 restarts it from the current size). chunk_bytes: the
    tiles of one node go through in chunks whose stages take at most this much (<= 0: the default, 64 MB). */
 void pysdcpp_set_winograd_cache_budget(size_t bytes);
-size_t pysdcpp_winograd_cache_budget(void);
+size_t pysdcpp_winograd_cache_default_budget(void);
 size_t pysdcpp_winograd_cache_bytes(void);
 size_t pysdcpp_winograd_cache_peak_bytes(int reset);
 void pysdcpp_winograd_cache_clear(void);

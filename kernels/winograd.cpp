@@ -350,6 +350,11 @@ size_t g_cache_peak   = 0;  // most bytes cached at once since the last reset
 size_t g_cache_budget = kDefaultCacheBudget;
 std::atomic<int64_t> g_chunk_bytes{kChunkBytes};
 
+// Weights whose bytes the host can read (the filter transform reads them on the CPU).
+bool host_weights(const ggml_tensor* w) {
+    return w->data != nullptr && (w->buffer == nullptr || ggml_backend_buffer_is_host(w->buffer));
+}
+
 uint64_t weight_fingerprint(const ggml_tensor* w) {
     const size_t n     = ggml_nbytes(w);
     const size_t probe = std::min<size_t>(n, 256);
@@ -429,17 +434,15 @@ const float* cached_filter(const ggml_tensor* w, int m) {
     return insert_locked(w, m);
 }
 
-// Where a layer's transformed filters come from at this graph build (the cost model's memory half).
-struct FilterPlan {
-    enum Kind { im2col, in_graph, cached } kind;
-    const float* U;
-};
+// Where a layer's transformed filters come from at this graph build (the cost model's memory half); a
+// `cached` plan has put them in the cache.
+enum class FilterPlan { im2col, in_graph, cached };
 
 FilterPlan plan_filter(const ggml_tensor* w, int m, int64_t tiles) {
     const size_t bytes = filter_bytes(w, m);
     std::lock_guard<std::mutex> lock(g_cache_mutex);
-    if (const float* U = lookup_locked(w, m)) {
-        return {FilterPlan::cached, U};
+    if (lookup_locked(w, m) != nullptr) {
+        return FilterPlan::cached;
     }
     const FilterKey key   = key_of(w, m);
     const bool first_use  = g_seen.emplace(key, w->buffer).second;
@@ -450,7 +453,7 @@ FilterPlan plan_filter(const ggml_tensor* w, int m, int64_t tiles) {
     // The first use of a small filter transforms in the graph: a component evaluated once per scope (the VAE
     // decode) then never holds its transformed filters beyond the layer that uses them.
     if (first_use && in_graph_ok) {
-        return {FilterPlan::in_graph, nullptr};
+        return FilterPlan::in_graph;
     }
     // Gain per cached byte grows with the tiles: ~1-5 ms per MB per evaluation at >= 64 tiles, ~0.1 below
     // (docs/benchmarks.md, layer table), so layers with fewer tiles only get budget beyond the default.
@@ -458,9 +461,10 @@ FilterPlan plan_filter(const ggml_tensor* w, int m, int64_t tiles) {
                          : g_cache_budget > kDefaultCacheBudget ? g_cache_budget - kDefaultCacheBudget
                                                                 : 0;
     if (g_cache_bytes + bytes <= limit) {
-        return {FilterPlan::cached, insert_locked(w, m)};
+        insert_locked(w, m);
+        return FilterPlan::cached;
     }
-    return {in_graph_ok ? FilterPlan::in_graph : FilterPlan::im2col, nullptr};
+    return in_graph_ok ? FilterPlan::in_graph : FilterPlan::im2col;
 }
 
 }  // namespace
@@ -499,11 +503,6 @@ size_t winograd_cache_peak_bytes(bool reset) {
         g_cache_peak = g_cache_bytes;
     }
     return peak;
-}
-
-size_t winograd_cache_budget() {
-    std::lock_guard<std::mutex> lock(g_cache_mutex);
-    return g_cache_budget;
 }
 
 void set_winograd_chunk_bytes(int64_t bytes) {
@@ -604,8 +603,7 @@ ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, 
     ConvGeometry g      = ConvGeometry::make(x->ne[0], x->ne[1], x->ne[2], x->ne[3], w->ne[3], pad, m);
     const int64_t P     = alpha * alpha;
     ggml_tensor* U      = nullptr;
-    const bool host_weights = w->data != nullptr && (w->buffer == nullptr || ggml_backend_buffer_is_host(w->buffer));
-    if (source == FilterSource::cached && host_weights) {
+    if (source == FilterSource::cached && host_weights(w)) {
         U       = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, g.C, g.K, P);
         U->data = (void*)cached_filter(w, m);  // a leaf outside every backend buffer: the allocator leaves it alone
         ggml_set_name(U, "winograd_U_cached");
@@ -689,14 +687,13 @@ ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor*
     if (v == WinogradVariant::none) {
         return nullptr;
     }
-    const int m         = (int)v;
-    const bool host     = w->data != nullptr && (w->buffer == nullptr || ggml_backend_buffer_is_host(w->buffer));
-    const int64_t tiles = ConvGeometry::make(x->ne[0], x->ne[1], x->ne[2], x->ne[3], w->ne[3], p0, m).T;
-    if (!host) {
+    if (!host_weights(w)) {
         return nullptr;
     }
+    const int m           = (int)v;
+    const int64_t tiles   = ConvGeometry::make(x->ne[0], x->ne[1], x->ne[2], x->ne[3], w->ne[3], p0, m).T;
     const FilterPlan plan = plan_filter(w, m, tiles);
-    if (plan.kind == FilterPlan::im2col) {
+    if (plan == FilterPlan::im2col) {
         return nullptr;
     }
     // The bias goes into the output transform (one pass over the output less) when it is a plain F32 vector.
@@ -706,7 +703,7 @@ ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor*
         *bias_done = fuse;
     }
     return winograd_conv2d(ctx, w, x, p0, v,
-                           plan.kind == FilterPlan::cached ? FilterSource::cached : FilterSource::in_graph,
+                           plan == FilterPlan::cached ? FilterSource::cached : FilterSource::in_graph,
                            fuse ? b : nullptr);
 }
 

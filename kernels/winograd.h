@@ -59,7 +59,6 @@ void winograd_cache_clear();
 void winograd_release(const void* weight_buffer);
 size_t winograd_cache_bytes();
 size_t winograd_cache_peak_bytes(bool reset);
-size_t winograd_cache_budget();
 void set_winograd_cache_budget(size_t bytes);
 void set_winograd_chunk_bytes(int64_t bytes);  // tests and tuning; <= 0 restores kChunkBytes
 

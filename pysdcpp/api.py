@@ -26,9 +26,6 @@ StepCallback = Callable[[int, int, float], None]
 # F(4x4), F(2x2) or im2col per layer).
 CONV_ALGORITHMS = {"upstream": ("im2col", "direct"), "accelerated": ("im2col", "direct", "winograd")}
 DEFAULT_CONV = {"upstream": "im2col", "accelerated": "winograd"}
-# Memory for Winograd's transformed filters while a component computes (kernels/winograd.h kDefaultCacheBudget;
-# measured in docs/benchmarks.md: keeps a 512 px and a 256 px generation's peak RSS under upstream's).
-WINOGRAD_CACHE_MB_DEFAULT = 1536
 ATTENTION_PATHS = {"upstream": ("upstream",), "accelerated": ("upstream", "fast")}
 DEFAULT_ATTENTION = {"upstream": "upstream", "accelerated": "fast"}
 
@@ -155,7 +152,12 @@ class StableDiffusion:
         self.native = _native.load(backend)
         ffi, lib = self.native.ffi, self.native.lib
         self.threads = _threads(threads, self.native)
-        self.winograd_cache_mb = WINOGRAD_CACHE_MB_DEFAULT if winograd_cache_mb is None else int(winograd_cache_mb)
+        # Memory for Winograd's transformed filters while a component computes; the default is the library's
+        # (1536 MB, measured in docs/benchmarks.md). Set before every compute: budgets are per context.
+        if winograd_cache_mb is None:
+            winograd_cache_mb = (int(lib.pysdcpp_winograd_cache_default_budget()) >> 20
+                                 if self.native.has_components else 0)
+        self.winograd_cache_mb = int(winograd_cache_mb)
         self.samplers = self.native.enum_names("sd_sample_method_name", int(lib.SAMPLE_METHOD_COUNT))
         self.schedulers = self.native.enum_names("sd_scheduler_name", int(lib.SCHEDULER_COUNT))
         rngs = self.native.enum_names("sd_rng_type_name", int(lib.RNG_TYPE_COUNT))

@@ -37,11 +37,7 @@ def reference_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int) -> np.
 @pytest.mark.parametrize("weight_f16", [True, False], ids=["f16w", "f32w"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_conv_against_float64(shape, algorithm, weight_f16, threads):
-    n, c, h, wd, k, pad = shape
-    rng = np.random.default_rng(hash(shape) % 2**32)
-    x = rng.standard_normal((n, c, h, wd)).astype(np.float32)
-    w = (rng.standard_normal((k, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
-    b = rng.standard_normal(k).astype(np.float32)
+    x, w, b, pad = _problem(shape, seed=hash(shape) % 2**32)
     held = w.astype(np.float16).astype(np.float32) if weight_f16 else w
     y, _ = conv2d_3x3(x, w, b, pad=pad, algorithm=algorithm, weight_f16=weight_f16, threads=threads)
     ref = reference_conv(x, held, b, pad)
