@@ -34,6 +34,12 @@ ggml_tensor* build_conv(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, ggml_
             return winograd_conv2d(ctx, w, x, pad, WinogradVariant::f2x2, FilterSource::cached, b);
         case PYSDCPP_CONV_WINOGRAD_F4_IN_GRAPH:
             return winograd_conv2d(ctx, w, x, pad, WinogradVariant::f4x4, FilterSource::in_graph, b);
+        case PYSDCPP_CONV_WINOGRAD_F4_GGML_GEMM:
+            return winograd_conv2d(ctx, w, x, pad, WinogradVariant::f4x4, FilterSource::cached, b,
+                                   WinogradGemm::ggml);
+        case PYSDCPP_CONV_WINOGRAD_F4_SCALAR:
+            return winograd_conv2d(ctx, w, x, pad, WinogradVariant::f4x4, FilterSource::cached, b,
+                                   WinogradGemm::own_scalar);
         default:
             return nullptr;
     }
@@ -52,8 +58,7 @@ extern "C" SD_API const char* pysdcpp_conv_last_error(void) {
 }
 
 extern "C" SD_API void pysdcpp_set_conv_algorithm(int algorithm) {
-    const bool winograd = algorithm == PYSDCPP_CONV_WINOGRAD_F4 || algorithm == PYSDCPP_CONV_WINOGRAD_F2 ||
-                          algorithm == PYSDCPP_CONV_WINOGRAD_F4_IN_GRAPH;
+    const bool winograd = algorithm >= PYSDCPP_CONV_WINOGRAD_F4 && algorithm <= PYSDCPP_CONV_WINOGRAD_F4_SCALAR;
     pysdcpp::set_conv_algorithm(winograd ? pysdcpp::ConvAlgorithm::winograd : pysdcpp::ConvAlgorithm::im2col);
 }
 
@@ -87,7 +92,7 @@ extern "C" SD_API int pysdcpp_conv2d_3x3(const float* x, int64_t N, int64_t C, i
                                          int64_t K, const float* bias, int pad, int weight_f16, int algorithm,
                                          int n_threads, int repeat, float* y, double* seconds) {
     if (N < 1 || C < 1 || K < 1 || H < 1 || W < 1 || (pad != 0 && pad != 1) || n_threads < 1 || repeat < 1 ||
-        H + 2 * pad < 3 || W + 2 * pad < 3 || algorithm < 0 || algorithm > PYSDCPP_CONV_WINOGRAD_F4_IN_GRAPH) {
+        H + 2 * pad < 3 || W + 2 * pad < 3 || algorithm < 0 || algorithm > PYSDCPP_CONV_WINOGRAD_F4_SCALAR) {
         g_error = "invalid convolution arguments";
         return 1;
     }

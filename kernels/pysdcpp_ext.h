@@ -34,13 +34,17 @@ int pysdcpp_decode(sd_ctx_t* ctx, const float* latent, const int64_t* latent_ne,
 /* Convolution algorithms: the context-wide choice (pysdcpp_set_conv_algorithm: IM2COL, or any WINOGRAD value: the
    cost model then picks F(4x4) or im2col and where the filters come from, per layer) and the explicit per-call
    variants of pysdcpp_conv2d_3x3
-   (WINOGRAD_F4/F2: filters from the cache; WINOGRAD_F4_IN_GRAPH: the filter transform as a graph node). */
+   (WINOGRAD_F4/F2: filters from the cache; WINOGRAD_F4_IN_GRAPH: the filter transform as a graph node;
+   WINOGRAD_F4_GGML_GEMM: the products through ggml's GEMM instead of ours; WINOGRAD_F4_SCALAR: our GEMM's portable
+   scalar build). */
 enum pysdcpp_conv_t {
     PYSDCPP_CONV_IM2COL               = 0,
     PYSDCPP_CONV_DIRECT               = 1,
     PYSDCPP_CONV_WINOGRAD_F4          = 2,
     PYSDCPP_CONV_WINOGRAD_F2          = 3,
-    PYSDCPP_CONV_WINOGRAD_F4_IN_GRAPH = 4
+    PYSDCPP_CONV_WINOGRAD_F4_IN_GRAPH = 4,
+    PYSDCPP_CONV_WINOGRAD_F4_GGML_GEMM = 5,
+    PYSDCPP_CONV_WINOGRAD_F4_SCALAR   = 6
 };
 void pysdcpp_set_conv_algorithm(int algorithm);
 /* Transformed Winograd filters are cached per weight up to a byte budget (default 1536 MB) while their model
@@ -62,6 +66,20 @@ const char* pysdcpp_conv_last_error(void);
 int pysdcpp_conv2d_3x3(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, const float* w, int64_t K,
                        const float* bias, int pad, int weight_f16, int algorithm, int n_threads, int repeat,
                        float* y, double* seconds);
+
+/* Linear layers: the context-wide choice (pysdcpp_set_linear_mode: UPSTREAM = ggml's mul_mat, FAST = our GEMM
+   with F32 activations, kernels/linear.h) and the explicit per-call paths of pysdcpp_linear (FAST_SCALAR: our
+   GEMM's portable scalar build). pysdcpp_linear: y [rows][N] = x [rows][K] w[N][K]^T (+ bias [N]), w held in F16
+   when weight_f16; returns 0, or 1 with pysdcpp_linear_last_error() set. */
+enum pysdcpp_linear_t {
+    PYSDCPP_LINEAR_UPSTREAM    = 0,
+    PYSDCPP_LINEAR_FAST        = 1,
+    PYSDCPP_LINEAR_FAST_SCALAR = 2
+};
+void pysdcpp_set_linear_mode(int mode);
+int pysdcpp_linear(const float* x, int64_t rows, int64_t K, const float* w, int64_t N, const float* bias,
+                   int weight_f16, int path, int n_threads, int repeat, float* y, double* seconds);
+const char* pysdcpp_linear_last_error(void);
 
 /* Attention: the context-wide choice (pysdcpp_set_attention_mode: UPSTREAM, or FAST = the accelerated path
    chosen per shape) and the explicit per-call variants of pysdcpp_attention (UPSTREAM_FLASH: upstream's

@@ -14,6 +14,8 @@
 
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
+#include "gemm.h"
+#include "work_items.h"
 
 
 namespace pysdcpp {
@@ -149,9 +151,10 @@ inline void output_tile4(const float (&m)[6][6][CB], float (&out)[4][4][CB]) {
     }
 }
 
-// U = G g G^T. w points at the weights of output channel k0; every store to U is a contiguous run of channels.
+// U = G g G^T. w points at the weights of output channel k0. U is [alpha^2][K][C], or with `packed` each
+// position's [K][C] matrix is stored as our GEMM's packed operand (gemm.h: panels of output channels).
 template <int M>
-void filter_transform(const float* w, int64_t C, float* U, int64_t K, int64_t k0, int64_t k1) {
+void filter_transform(const float* w, int64_t C, float* U, int64_t K, int64_t k0, int64_t k1, bool packed) {
     constexpr int A = Mats<M>::A;
     for (int64_t k = k0; k < k1; k++) {
         for (int64_t c0 = 0; c0 < C; c0 += CB) {
@@ -170,7 +173,14 @@ void filter_transform(const float* w, int64_t C, float* U, int64_t K, int64_t k0
             mul_rows(Mats<M>::G, g, tmp);
             mul_cols(tmp, Mats<M>::G, u);
             for (int p = 0; p < A * A; p++) {
-                std::memcpy(U + ((int64_t)p * K + k) * C + c0, u[p / A][p % A], sizeof(float) * cb);
+                if (packed) {
+                    float* Up = U + p * gemm_packed_floats(C, K);
+                    for (int q = 0; q < cb; q++) {
+                        Up[gemm_packed_index(C, c0 + q, k)] = u[p / A][p % A][q];
+                    }
+                } else {
+                    std::memcpy(U + ((int64_t)p * K + k) * C + c0, u[p / A][p % A], sizeof(float) * cb);
+                }
             }
         }
     }
@@ -288,13 +298,42 @@ int tile_of(int64_t positions) {
 
 // ---- ggml custom-op bodies -----------------------------------------------------------------------------
 
-// dst U [C, K, alpha^2] F32; src[0] = w [3, 3, C, K] (F16 or F32, contiguous).
-void filter_node(ggml_tensor* dst, int ith, int nth, void*) {
+// Zeroes the padding columns [K, Kp) of the packed U's last panel, for every position and channel.
+void zero_packed_padding(float* U, int64_t C, int64_t K, int64_t P) {
+    const int64_t pad = gemm_packed_floats(C, K) / C - K;
+    for (int64_t p = 0; pad > 0 && p < P; p++) {
+        float* Up = U + p * gemm_packed_floats(C, K);
+        for (int64_t c = 0; c < C; c++) {
+            std::memset(Up + gemm_packed_index(C, c, K), 0, sizeof(float) * pad);
+        }
+    }
+}
+
+// Output channels [k0, k1) of thread ith: whole panels of the packed layout (no two threads share one).
+void split_channels(int64_t K, bool packed, int ith, int nth, int64_t* k0, int64_t* k1) {
+    if (!packed) {
+        split(K, ith, nth, k0, k1);
+        return;
+    }
+    split((K + kGemmPanel - 1) / kGemmPanel, ith, nth, k0, k1);
+    *k0 = std::min(K, *k0 * kGemmPanel);
+    *k1 = std::min(K, *k1 * kGemmPanel);
+}
+
+// Node userdata that marks U as packed for our GEMM (no userdata: the [alpha^2][K][C] layout ggml's GEMM takes).
+const bool kPackedU = true;
+
+// dst U (see kPackedU) F32, alpha^2 positions in ne[2]; src[0] = w [3, 3, C, K] (F16 or F32, contiguous).
+void filter_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
     const ggml_tensor* w = dst->src[0];
     const int64_t C = w->ne[2], K = w->ne[3];
-    const int m = tile_of(dst->ne[2]);
+    const int m       = tile_of(dst->ne[2]);
+    const bool packed = userdata != nullptr;
     int64_t k0, k1;
-    split(K, ith, nth, &k0, &k1);
+    split_channels(K, packed, ith, nth, &k0, &k1);
+    if (packed && k1 == K && k0 < k1) {
+        zero_packed_padding((float*)dst->data, C, K, dst->ne[2]);
+    }
     if (k0 >= k1) {
         return;
     }
@@ -309,9 +348,9 @@ void filter_node(ggml_tensor* dst, int ith, int nth, void*) {
     }
     float* U = (float*)dst->data;
     if (m == 4) {
-        filter_transform<4>(wf, C, U, K, k0, k1);
+        filter_transform<4>(wf, C, U, K, k0, k1, packed);
     } else {
-        filter_transform<2>(wf, C, U, K, k0, k1);
+        filter_transform<2>(wf, C, U, K, k0, k1, packed);
     }
 }
 
@@ -324,20 +363,21 @@ std::atomic<int> g_algorithm{(int)ConvAlgorithm::im2col};
 // component's compute buffer in stable-diffusion.cpp (a whole sampling loop for the UNet, one decode for the
 // VAE): patch 0005 reports the end of it (pysdcpp_weights_released) and the component's filters go with it, so
 // the memory they take is only held while that component runs (per-generation hoisting).
-// Key: the weight's address, shape and type, plus a fingerprint of its first and last bytes (a guard against a
+// Key: the weight's address, shape and type, the tile size and U's layout, plus a fingerprint of its first and last bytes (a guard against a
 // freed model's address being reused; the binding also clears the cache whenever a context closes).
 
 struct FilterKey {
     const void* data;
     int64_t C, K;
     int type, m;
+    bool packed;
     bool operator<(const FilterKey& o) const {
-        return std::tie(data, C, K, type, m) < std::tie(o.data, o.C, o.K, o.type, o.m);
+        return std::tie(data, C, K, type, m, packed) < std::tie(o.data, o.C, o.K, o.type, o.m, o.packed);
     }
 };
 
 struct CachedFilter {
-    std::vector<float> U;  // [alpha^2][K][C]
+    std::vector<float> U;  // [alpha^2][K][C], or packed per position (FilterKey::packed)
     uint64_t fingerprint;
     const void* owner;  // the weight's backend buffer: the scope it belongs to
 };
@@ -367,17 +407,22 @@ uint64_t weight_fingerprint(const ggml_tensor* w) {
     return h;
 }
 
-FilterKey key_of(const ggml_tensor* w, int m) {
-    return FilterKey{w->data, w->ne[2], w->ne[3], (int)w->type, m};
+FilterKey key_of(const ggml_tensor* w, int m, bool packed) {
+    return FilterKey{w->data, w->ne[2], w->ne[3], (int)w->type, m, packed};
 }
 
-size_t filter_bytes(const ggml_tensor* w, int m) {
-    return (size_t)((m + 2) * (m + 2) * w->ne[2] * w->ne[3]) * sizeof(float);
+// Floats of U: alpha^2 positions of K x C (packed: K rounded up to whole panels).
+int64_t filter_floats(int64_t C, int64_t K, int m, bool packed) {
+    return (m + 2) * (m + 2) * (packed ? gemm_packed_floats(C, K) : C * K);
+}
+
+size_t filter_bytes(const ggml_tensor* w, int m, bool packed) {
+    return (size_t)filter_floats(w->ne[2], w->ne[3], m, packed) * sizeof(float);
 }
 
 // The cached U of w, or nullptr. Call with g_cache_mutex held.
-const float* lookup_locked(const ggml_tensor* w, int m) {
-    auto it = g_cache.find(key_of(w, m));
+const float* lookup_locked(const ggml_tensor* w, int m, bool packed) {
+    auto it = g_cache.find(key_of(w, m, packed));
     if (it == g_cache.end()) {
         return nullptr;
     }
@@ -390,12 +435,12 @@ const float* lookup_locked(const ggml_tensor* w, int m) {
 }
 
 // Computes U for w on all cores (once per weight and scope) and caches it. Call with g_cache_mutex held.
-const float* insert_locked(const ggml_tensor* w, int m) {
-    const int64_t C = w->ne[2], K = w->ne[3], P = (m + 2) * (m + 2);
+const float* insert_locked(const ggml_tensor* w, int m, bool packed) {
+    const int64_t C = w->ne[2], K = w->ne[3];
     auto entry         = std::make_unique<CachedFilter>();
     entry->fingerprint = weight_fingerprint(w);
     entry->owner       = w->buffer;
-    entry->U.resize((size_t)(P * K * C));
+    entry->U.resize((size_t)filter_floats(C, K, m, packed));  // zeroed: the packed padding columns stay 0
     std::vector<float> wf((size_t)(K * C * 9));
     if (w->type == GGML_TYPE_F32) {
         std::memcpy(wf.data(), w->data, wf.size() * sizeof(float));
@@ -408,9 +453,9 @@ const float* insert_locked(const ggml_tensor* w, int m) {
     for (int i = 0; i < nth; i++) {
         pool.emplace_back([&, i]() {
             int64_t k0, k1;
-            split(K, i, nth, &k0, &k1);
+            split_channels(K, packed, i, nth, &k0, &k1);
             if (k0 < k1) {
-                winograd_filter_transform(wf.data(), K, C, m, entry->U.data(), k0, k1);
+                winograd_filter_transform(wf.data(), K, C, m, entry->U.data(), k0, k1, packed);
             }
         });
     }
@@ -419,32 +464,32 @@ const float* insert_locked(const ggml_tensor* w, int m) {
     }
     g_cache_bytes += entry->U.size() * sizeof(float);
     g_cache_peak = std::max(g_cache_peak, g_cache_bytes);
-    g_seen.erase(key_of(w, m));
+    g_seen.erase(key_of(w, m, packed));
     const float* U = entry->U.data();
-    g_cache[key_of(w, m)] = std::move(entry);
+    g_cache[key_of(w, m, packed)] = std::move(entry);
     return U;
 }
 
 // U for weight w from the cache, computed now if absent (no budget check: the caller decided).
-const float* cached_filter(const ggml_tensor* w, int m) {
+const float* cached_filter(const ggml_tensor* w, int m, bool packed) {
     std::lock_guard<std::mutex> lock(g_cache_mutex);
-    if (const float* U = lookup_locked(w, m)) {
+    if (const float* U = lookup_locked(w, m, packed)) {
         return U;
     }
-    return insert_locked(w, m);
+    return insert_locked(w, m, packed);
 }
 
 // Where a layer's transformed filters come from at this graph build (the cost model's memory half); a
 // `cached` plan has put them in the cache.
 enum class FilterPlan { im2col, in_graph, cached };
 
-FilterPlan plan_filter(const ggml_tensor* w, int m, int64_t tiles) {
-    const size_t bytes = filter_bytes(w, m);
+FilterPlan plan_filter(const ggml_tensor* w, int m, bool packed, int64_t tiles) {
+    const size_t bytes = filter_bytes(w, m, packed);
     std::lock_guard<std::mutex> lock(g_cache_mutex);
-    if (lookup_locked(w, m) != nullptr) {
+    if (lookup_locked(w, m, packed) != nullptr) {
         return FilterPlan::cached;
     }
-    const FilterKey key   = key_of(w, m);
+    const FilterKey key   = key_of(w, m, packed);
     const bool first_use  = g_seen.emplace(key, w->buffer).second;
     // Transforming in the graph costs ~C*K work per evaluation against a gain ~T*C*K: it pays from ~64 tiles on
     // (measured), and its U lives in the compute buffer, which keeps its peak size for the whole scope: small
@@ -461,7 +506,7 @@ FilterPlan plan_filter(const ggml_tensor* w, int m, int64_t tiles) {
                          : g_cache_budget > kDefaultCacheBudget ? g_cache_budget - kDefaultCacheBudget
                                                                 : 0;
     if (g_cache_bytes + bytes <= limit) {
-        insert_locked(w, m);
+        insert_locked(w, m, packed);
         return FilterPlan::cached;
     }
     return in_graph_ok ? FilterPlan::in_graph : FilterPlan::im2col;
@@ -525,11 +570,12 @@ ConvGeometry ConvGeometry::make(int64_t W, int64_t H, int64_t C, int64_t N, int6
     return g;
 }
 
-void winograd_filter_transform(const float* w, int64_t K, int64_t C, int m, float* U, int64_t k0, int64_t k1) {
+void winograd_filter_transform(const float* w, int64_t K, int64_t C, int m, float* U, int64_t k0, int64_t k1,
+                               bool packed) {
     if (m == 4) {
-        filter_transform<4>(w + k0 * C * 9, C, U, K, k0, k1);
+        filter_transform<4>(w + k0 * C * 9, C, U, K, k0, k1, packed);
     } else {
-        filter_transform<2>(w + k0 * C * 9, C, U, K, k0, k1);
+        filter_transform<2>(w + k0 * C * 9, C, U, K, k0, k1, packed);
     }
 }
 
@@ -594,25 +640,57 @@ void output_next_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
     output_chunk(dst, dst->src[1], dst->src[2], (const ChunkArgs*)userdata, ith, nth);
 }
 
+// Tiles per work item of the GEMM node: the item's slice of V (kGemmDepth channels) stays in L2 next to the
+// block of packed filters it meets.
+constexpr int64_t kGemmItemTiles = 96;
+
+// Node userdata selecting the GEMM's build (gemm.h): the SIMD kernel, or the portable scalar one (tests).
+const bool kGemmVector = true, kGemmScalar = false;
+
+// dst M [K, T, alpha^2] = per position p: V_p [T][C] times U_p^T (packed); src[0] = U, src[1] = V [C, T, alpha^2].
+// Work items are (position, block of kGemmItemTiles tiles), claimed dynamically in position order (consecutive
+// items mostly share their filters).
+void gemm_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
+    (void)ith;
+    const ggml_tensor* U = dst->src[0];
+    const ggml_tensor* V = dst->src[1];
+    const int64_t C = V->ne[0], T = V->ne[1], P = V->ne[2], K = dst->ne[0];
+    const int64_t blocks = (T + kGemmItemTiles - 1) / kGemmItemTiles;
+    const bool vector    = *(const bool*)userdata;
+    WorkItems items(dst, nth, P * blocks);
+    for (int64_t item; (item = items.next()) >= 0;) {
+        const int64_t p = item / blocks, t0 = (item % blocks) * kGemmItemTiles;
+        const int64_t t1 = std::min(T, t0 + kGemmItemTiles);
+        const float* Vp  = (const float*)V->data + p * T * C;
+        const float* Up  = (const float*)U->data + p * gemm_packed_floats(C, K);
+        float* Mp        = (float*)dst->data + p * T * K;
+        gemm_packed_b(Vp, C, Up, C, K, Mp, K, t0, t1, vector);
+    }
+}
+
 }  // namespace
 
 ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int pad, WinogradVariant variant,
-                             FilterSource source, ggml_tensor* bias) {
+                             FilterSource source, ggml_tensor* bias, WinogradGemm gemm) {
     const int m         = (int)variant;
     const int64_t alpha = m + 2;
     ConvGeometry g      = ConvGeometry::make(x->ne[0], x->ne[1], x->ne[2], x->ne[3], w->ne[3], pad, m);
     const int64_t P     = alpha * alpha;
-    ggml_tensor* U      = nullptr;
+    const bool packed   = gemm != WinogradGemm::ggml;
+    // U's shape: [C, K, P] for ggml's GEMM, [packed floats of one position, 1, P] for ours.
+    const int64_t u0 = packed ? gemm_packed_floats(g.C, g.K) : g.C, u1 = packed ? 1 : g.K;
+    ggml_tensor* U   = nullptr;
     if (source == FilterSource::cached && host_weights(w)) {
-        U       = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, g.C, g.K, P);
-        U->data = (void*)cached_filter(w, m);  // a leaf outside every backend buffer: the allocator leaves it alone
+        U       = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, u0, u1, P);
+        U->data = (void*)cached_filter(w, m, packed);  // a leaf outside every backend buffer: the allocator leaves it alone
         ggml_set_name(U, "winograd_U_cached");
     } else {
         // x is a source only for the order: ggml lists a node after its sources in order, so without it the
         // transform (which needs only the weights) would run at the start of the graph and every in-graph U of
         // the model would be alive at once; after x, it runs just before its layer and is freed right after.
         ggml_tensor* wargs[2] = {w, x};
-        U = ggml_custom_4d(ctx, GGML_TYPE_F32, g.C, g.K, P, 1, wargs, 2, filter_node, GGML_N_TASKS_MAX, nullptr);
+        U = ggml_custom_4d(ctx, GGML_TYPE_F32, u0, u1, P, 1, wargs, 2, filter_node, GGML_N_TASKS_MAX,
+                           packed ? (void*)&kPackedU : nullptr);
     }
     // The tiles go through in chunks whose V and M together stay under kChunkBytes: the working memory of a big
     // map (the VAE's last blocks: 2 x 302 MB at 512 px in one piece) shrinks to one chunk's, at no cost in speed
@@ -630,9 +708,19 @@ ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, 
         ggml_tensor* xargs[1] = {x};
         ggml_tensor* V = ggml_custom_4d(ctx, GGML_TYPE_F32, g.C, t1 - t0, P, 1, xargs, 1, input_chunk_node,
                                         GGML_N_TASKS_MAX, (void*)args);
-        // F32 x F32 through ggml's GEMM. (An F16 U would make ggml round V to F16 too, and F(4x4)'s output
-        // transform amplifies those roundings to ~4e-3 normalised error; measured, see docs/benchmarks.md.)
-        ggml_tensor* Mt = ggml_mul_mat(ctx, U, V);  // [K, t1 - t0, P]
+        // F32 x F32. Ours reads the packed U as it is; ggml's GEMM (kept as a measured alternative) packs nothing
+        // either, with tinyBLAS's 4x3 dot-product tiles. (An F16 U would make ggml round V to F16 too, and
+        // F(4x4)'s output transform amplifies those roundings to ~4e-3 normalised error; measured, see
+        // docs/benchmarks.md.)
+        ggml_tensor* Mt = nullptr;  // [K, t1 - t0, P]
+        if (packed) {
+            ggml_tensor* gargs[2] = {U, V};
+            const void* build     = gemm == WinogradGemm::own_scalar ? &kGemmScalar : &kGemmVector;
+            Mt = ggml_custom_4d(ctx, GGML_TYPE_F32, g.K, t1 - t0, P, 1, gargs, 2, gemm_node, GGML_N_TASKS_MAX,
+                                (void*)build);
+        } else {
+            Mt = ggml_mul_mat(ctx, U, V);
+        }
         ggml_tensor* margs[2] = {Mt, bias};
         const int n_margs     = bias != nullptr ? 2 : 1;
         if (y == nullptr) {
@@ -692,7 +780,7 @@ ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor*
     }
     const int m           = (int)v;
     const int64_t tiles   = ConvGeometry::make(x->ne[0], x->ne[1], x->ne[2], x->ne[3], w->ne[3], p0, m).T;
-    const FilterPlan plan = plan_filter(w, m, tiles);
+    const FilterPlan plan = plan_filter(w, m, /*packed=*/true, tiles);
     if (plan == FilterPlan::im2col) {
         return nullptr;
     }

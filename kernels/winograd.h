@@ -3,7 +3,7 @@
 // y = A^T [ (G g G^T) (.) (B^T d B) ] A per output tile, split into stages:
 //   filter transform  U[p][k][c]  (depends only on the weights: the "dependent" stage)
 //   input transform   V[p][t][c]  (per tile t, all channels: independent)
-//   36 (or 16) GEMMs  M[p] = U[p] V[p]^T  (ggml_mul_mat, batched over p)
+//   36 (or 16) GEMMs  M[p] = U[p] V[p]^T  (our packed GEMM, gemm.h; or ggml_mul_mat)
 //   output transform  y[n][k][oh][ow] = A^T M A  (per tile: independent)
 // F(4x4,3x3): 6x6 input tiles, 36 multiplies per 16 outputs; F(2x2,3x3): 4x4 tiles, 16 per 4.
 #pragma once
@@ -31,8 +31,10 @@ struct ConvGeometry {
 };
 
 // Filter transform on host arrays (the hoisted dependent stage): w [K][C][3][3] float -> U [alpha^2][K][C]
-// for output channels [k0, k1), alpha = m + 2.
-void winograd_filter_transform(const float* w, int64_t K, int64_t C, int m, float* U, int64_t k0, int64_t k1);
+// for output channels [k0, k1), alpha = m + 2; with `packed`, each position's K x C matrix in the packed layout
+// of our GEMM (gemm.h), k0 and k1 on panel boundaries (the padding columns are left as they are).
+void winograd_filter_transform(const float* w, int64_t K, int64_t C, int m, float* U, int64_t k0, int64_t k1,
+                               bool packed = false);
 
 // Memory policy of the transformed filters (the cost model's memory half; measured, docs/benchmarks.md).
 constexpr size_t kDefaultCacheBudget = (size_t)1536 << 20;  // keeps a 512 px SD1.5 generation under upstream's peak
@@ -47,11 +49,16 @@ constexpr int64_t kMaxChunks         = 8;                   // chunks per conv, 
 // filter-transform node inside the graph (its U lives in the compute buffer only while the layer runs).
 enum class FilterSource : int { cached = 0, in_graph = 1 };
 
+// Which GEMM computes the products: ours on the packed filters (SIMD, or its portable scalar build), or ggml's
+// mul_mat on the plain layout (kept as the measured alternative: `pysdcpp bench --layers`).
+enum class WinogradGemm : int { own = 0, own_scalar = 1, ggml = 2 };
+
 // Graph builder: the Winograd convolution of x [W, H, C, N] with w [3, 3, C, K] (F16 or F32) and padding 0
 // or 1, returning y [OW, OH, K, N] in F32, plus bias (F32 [K], or nullptr) added in the output transform.
 // `variant` must not be `none`; w must be in host memory (the hook declines other weights).
 ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int pad, WinogradVariant variant,
-                             FilterSource source = FilterSource::cached, ggml_tensor* bias = nullptr);
+                             FilterSource source = FilterSource::cached, ggml_tensor* bias = nullptr,
+                             WinogradGemm gemm = WinogradGemm::own);
 
 // Cache of transformed filters (the hoisted dependent stage), bounded by a byte budget. winograd_release drops
 // the filters (and the use records) of the weights in one backend buffer: the end of a component's scope.

@@ -28,6 +28,8 @@ CONV_ALGORITHMS = {"upstream": ("im2col", "direct"), "accelerated": ("im2col", "
 DEFAULT_CONV = {"upstream": "im2col", "accelerated": "winograd"}
 ATTENTION_PATHS = {"upstream": ("upstream",), "accelerated": ("upstream", "fast")}
 DEFAULT_ATTENTION = {"upstream": "upstream", "accelerated": "fast"}
+LINEAR_PATHS = {"upstream": ("upstream",), "accelerated": ("upstream", "fast")}
+DEFAULT_LINEAR = {"upstream": "upstream", "accelerated": "fast"}
 
 
 @dataclass
@@ -122,7 +124,8 @@ class StableDiffusion:
     def __init__(self, model: str | os.PathLike, *, threads: int | None = None, backend: str = "accelerated",
                  vae: str | os.PathLike | None = None, prediction: str = "auto", rng: str = "cuda",
                  vae_decode_only: bool = True, conv: str = "default", winograd_cache_mb: int | None = None,
-                 attention: str = "default", alter: bool | None = None, alter_semantics: str = "default",
+                 attention: str = "default", linear: str = "default", alter: bool | None = None,
+                 alter_semantics: str = "default",
                  alter_masks: str | os.PathLike | None = None,
                  progress: Callable[[int, int, float], None] | None = None):
         self._ctx = None
@@ -140,6 +143,12 @@ class StableDiffusion:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS[backend])} with the {backend} "
                              f"library, not {attention!r}")
         self.attention = attention
+        if linear == "default":
+            linear = DEFAULT_LINEAR[backend]
+        if linear not in LINEAR_PATHS[backend]:
+            raise ValueError(f"linear must be one of {', '.join(LINEAR_PATHS[backend])} with the {backend} "
+                             f"library, not {linear!r}")
+        self.linear = linear
         if winograd_cache_mb is not None and (not isinstance(winograd_cache_mb, (int, np.integer))
                                               or winograd_cache_mb < 0):
             raise ValueError(f"winograd_cache_mb must be a non-negative integer, got {winograd_cache_mb!r}")
@@ -283,6 +292,8 @@ class StableDiffusion:
                                            else lib.PYSDCPP_CONV_IM2COL)
             lib.pysdcpp_set_attention_mode(lib.PYSDCPP_ATTN_FAST if self.attention == "fast"
                                            else lib.PYSDCPP_ATTN_UPSTREAM)
+            lib.pysdcpp_set_linear_mode(lib.PYSDCPP_LINEAR_FAST if self.linear == "fast"
+                                        else lib.PYSDCPP_LINEAR_UPSTREAM)
             lib.pysdcpp_set_winograd_cache_budget(self.winograd_cache_mb << 20)
             if self.alter is not None:
                 self.alter.install(self.native.ffi, lib)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 PHASES = ["model_load", "text_encoding", "sampling", "vae_decode", "total"]
@@ -22,32 +23,46 @@ def _machine(r: dict) -> str:
             f"{r['threads']} threads; {r['date'][:10]}")
 
 
+def _later_step(r: dict, name: str) -> float | None:
+    """Median of a variant's steps after each generation's first (also for reports written before the summary
+    carried it: the runs hold every step)."""
+    if "later_step" in r["summary"].get(name, {}):
+        return r["summary"][name]["later_step"]["median"]
+    later = [s for run in r.get("runs", {}).get(name, []) if run.get("ok") for s in run.get("steps", [])[1:]]
+    return statistics.median(later) if later else None
+
+
 def render_model(r: dict) -> list[str]:
     base = r["baseline"]
     out = [f"### Generation, {r['size']} px, {r['steps']} steps, median of {r['repeat']}",
            "", f"Machine: {_machine(r)}. Model: `{Path(r['model']).name}`. Variants: " +
            ", ".join(f"`{k}` = {v}" for k, v in r["variants"].items()) + ".", "",
-           "| variant | " + " | ".join(PHASES) + " | per step | peak RSS | UNet compute buffer | UNet MACs | PSNR vs "
-           + base + " |",
-           "|---" * (len(PHASES) + 6) + "|"]
+           "| variant | " + " | ".join(PHASES) + " | per step | per later step | peak RSS | UNet compute buffer | "
+           "UNet MACs | PSNR vs " + base + " |",
+           "|---" * (len(PHASES) + 7) + "|"]
     for name, e in r["summary"].items():
         if "phases" not in e:
-            out.append(f"| {name} | failed: {'; '.join(e['failed'])} |" + " |" * (len(PHASES) + 4))
+            out.append(f"| {name} | failed: {'; '.join(e['failed'])} |" + " |" * (len(PHASES) + 5))
             continue
         cells = []
         for p in PHASES:
             ph, sp = e["phases"].get(p), e["speedup"].get(p)
             cells.append("-" if not ph else f"{ph['median']:.2f} s" + (f" ({sp:.2f}x)" if sp and name != base else ""))
         step = e.get("step", {}).get("median")
+        later, base_later = _later_step(r, name), _later_step(r, base)
+        later_cell = "-" if later is None else f"{later:.2f} s" + (
+            f" ({base_later / later:.2f}x)" if name != base and base_later else "")
         ps = e.get("psnr_vs_" + base)
         psnr = "-" if ps is None else "identical" if ps == float("inf") else f"{ps:.1f} dB"
         buf = e.get("compute_buffers_mb", {}).get("unet")
         frac = e.get("alter", {}).get("fraction_of_dense_macs")
         steps = r["variants"].get(name, {}).get("steps", r["steps"])
         out.append(f"| {name}" + (f" ({steps} steps)" if steps != r["steps"] else "") + " | " + " | ".join(cells) +
-                   f" | {step:.2f} s | {e['peak_rss'] / 2**20:.0f} MB | " + (f"{buf:.0f} MB" if buf else "-") +
+                   f" | {step:.2f} s | {later_cell} | {e['peak_rss'] / 2**20:.0f} MB | " + (f"{buf:.0f} MB" if buf else "-") +
                    " | " + (f"{100 * frac:.0f}% (ALTER)" if frac is not None else "dense") + f" | {psnr} |")
-    out += ["", "(x): speedup against the baseline, computed repetition by repetition. UNet compute buffer: the "
+    out += ["", "(x): speedup against the baseline, computed repetition by repetition (per later step: ratio of "
+            "the medians). Per later step: the steps after each generation's first, the steady state once the "
+            "first step's one-off work (hoisted filter transforms, buffer allocation) is done. UNet compute buffer: the "
             "working memory of the UNet graph as stable-diffusion.cpp allocates it (weights not included).", ""]
     return out
 

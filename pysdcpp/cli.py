@@ -89,6 +89,9 @@ class _StepBar:
 @click.option("--attention", type=click.Choice(["default", "upstream", "fast"]), default="default",
               show_default=True, help="Attention path: fast (fused, tiled; the accelerated library's default) or "
                                       "upstream.")
+@click.option("--linear", type=click.Choice(["default", "upstream", "fast"]), default="default",
+              show_default=True, help="Linear layers: fast (our GEMM, F32 activations; the accelerated library's "
+                                      "default) or upstream (ggml's, activations rounded to F16).")
 @click.option("--winograd-cache-mb", type=click.IntRange(min=0), default=None,
               help="Memory for Winograd's transformed filters while the UNet samples (default 1536); "
                    "layers beyond it transform their filters every evaluation or use im2col.")
@@ -103,7 +106,8 @@ class _StepBar:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-v", "--verbose", count=True, help="-v: library info log, -vv: debug log.")
 def generate(model, demo, prompt, negative_prompt, width, height, steps, guidance_scale, sampler, scheduler,
-             seed, batch_size, clip_skip, threads, backend, prediction, conv, attention, winograd_cache_mb, no_alter,
+             seed, batch_size, clip_skip, threads, backend, prediction, conv, attention, linear, winograd_cache_mb,
+             no_alter,
              alter_masks, alter_semantics, output, as_json, verbose):
     """Text to image. Writes PNGs carrying their generation parameters (A1111 `parameters` chunk).
 
@@ -144,7 +148,7 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
         loading = _StepBar("loading", show)
         try:
             sd = StableDiffusion(model, threads=threads, backend=backend, prediction=prediction, conv=conv,
-                                 attention=attention, winograd_cache_mb=winograd_cache_mb,
+                                 attention=attention, linear=linear, winograd_cache_mb=winograd_cache_mb,
                                  alter=False if no_alter else None, alter_semantics=alter_semantics,
                                  alter_masks=alter_masks,
                                  progress=loading)
@@ -168,7 +172,7 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
     except (PySDCppError, ValueError, TypeError) as e:
         _fail(str(e))
     summary = {"images": [str(p) for p in paths], "model": str(model), "backend": backend,
-               "conv": sd.conv, "attention": sd.attention, "threads": sd.threads,
+               "conv": sd.conv, "attention": sd.attention, "linear": sd.linear, "threads": sd.threads,
                "alter_steps": [s.as_dict() for s in result.alter_steps], "load_seconds": round(load_s, 3),
                "generate_seconds": round(result.seconds, 3), "parameters": text}
     if as_json:
@@ -365,11 +369,12 @@ def inspect(model, as_json, list_tensors, size, steps):
 @click.option("--repeat", type=int, default=2, show_default=True, help="Interleaved repetitions per variant.")
 @click.option("--variants", default="upstream,accelerated", show_default=True,
               help="Comma-separated, the first is the baseline: upstream, accelerated, im2col, direct, winograd, "
-                   "fast-attention, upstream-direct, dense (an ALTER file with routing off); NAME@STEPS gives a "
+                   "fast-attention, fast-linear, upstream-direct, dense (an ALTER file with routing off); NAME@STEPS gives a "
                    "variant its own step count (e.g. upstream@50,accelerated with --steps 20).")
 @click.option("--algorithms", default="im2col,winograd_f4,winograd_f2", show_default=True,
               help="With --layers: im2col, direct, winograd_f4, winograd_f2, winograd_f4_in_graph (the filter "
-                   "transform inside the graph, every evaluation).")
+                   "transform inside the graph, every evaluation), winograd_f4_ggml_gemm (the products through "
+                   "ggml's GEMM instead of ours), winograd_f4_scalar (our GEMM's portable scalar build).")
 @click.option("--paths", default="upstream,gemm,fused", show_default=True,
               help="With --attention: upstream, gemm, fused, fused_scalar, fast, upstream_flash.")
 @click.option("--only", default=None, help="With --layers: only shapes of layers whose name contains this.")

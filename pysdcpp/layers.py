@@ -11,7 +11,9 @@ from .errors import GenerationError
 # Per-call convolution variants: names of pysdcpp_ext.h's enum pysdcpp_conv_t values (read through cffi).
 CONV_VARIANTS = {"im2col": "PYSDCPP_CONV_IM2COL", "direct": "PYSDCPP_CONV_DIRECT",
                  "winograd_f4": "PYSDCPP_CONV_WINOGRAD_F4", "winograd_f2": "PYSDCPP_CONV_WINOGRAD_F2",
-                 "winograd_f4_in_graph": "PYSDCPP_CONV_WINOGRAD_F4_IN_GRAPH"}
+                 "winograd_f4_in_graph": "PYSDCPP_CONV_WINOGRAD_F4_IN_GRAPH",
+                 "winograd_f4_ggml_gemm": "PYSDCPP_CONV_WINOGRAD_F4_GGML_GEMM",
+                 "winograd_f4_scalar": "PYSDCPP_CONV_WINOGRAD_F4_SCALAR"}
 
 
 def conv2d_3x3(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, pad: int = 1,
@@ -86,3 +88,41 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int, *, varia
         if rc != 0:
             raise GenerationError(ffi.string(lib.lib.pysdcpp_attention_last_error()).decode())
     return out, secs.tolist(), int(nbytes[0])
+
+
+# Per-call linear-layer paths: names of pysdcpp_ext.h's enum pysdcpp_linear_t values.
+LINEAR_PATHS = {"upstream": "PYSDCPP_LINEAR_UPSTREAM", "fast": "PYSDCPP_LINEAR_FAST",
+                "fast_scalar": "PYSDCPP_LINEAR_FAST_SCALAR"}
+
+
+def linear(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, path: str = "fast",
+           weight_f16: bool = True, threads: int = 1, repeat: int = 1) -> tuple[np.ndarray, list[float]]:
+    """y = x w^T + bias; x (..., K), w (N, K), bias (N,). Returns (y (..., N), seconds per repetition)."""
+    if path not in LINEAR_PATHS:
+        raise ValueError(f"path must be one of {', '.join(LINEAR_PATHS)}, not {path!r}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"need x (..., K) and w (N, K); got {x.shape} and {w.shape}")
+    if x.size == 0 or w.size == 0:
+        raise ValueError(f"empty operands: x {x.shape}, w {w.shape}")
+    n_out, k = w.shape
+    b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+    if b is not None and b.shape != (n_out,):
+        raise ValueError(f"bias must have shape ({n_out},), got {b.shape}")
+    if threads < 1 or repeat < 1:
+        raise ValueError("threads and repeat must be at least 1")
+    rows = x.size // k
+    lib = _native.load("accelerated")
+    ffi = lib.ffi
+    y = np.empty(x.shape[:-1] + (n_out,), dtype=np.float32)
+    secs = np.zeros(repeat, dtype=np.float64)
+    with lib.lock:
+        rc = lib.lib.pysdcpp_linear(
+            ffi.from_buffer("float[]", x), rows, k, ffi.from_buffer("float[]", w), n_out,
+            ffi.NULL if b is None else ffi.from_buffer("float[]", b), int(weight_f16),
+            getattr(lib.lib, LINEAR_PATHS[path]), int(threads), int(repeat), ffi.from_buffer("float[]", y),
+            ffi.from_buffer("double[]", secs))
+        if rc != 0:
+            raise GenerationError(ffi.string(lib.lib.pysdcpp_linear_last_error()).decode())
+    return y, secs.tolist()

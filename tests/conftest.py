@@ -126,3 +126,28 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def unet_against_diffusers(family: str, seed: int, variants: dict[str, dict]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One UNet evaluation (f32 fixture, 256 px latent, batch 2 as with guidance, t = 500) per variant (name ->
+    StableDiffusion keyword arguments), and diffusers' float32 original on the same inputs."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from pysdcpp import StableDiffusion
+
+    path = gguf_from_folder(family, "f32")
+    rng = np.random.default_rng(seed)
+    width = 768 if family == "sd1" else 1024
+    latent = rng.standard_normal((2, 4, 32, 32)).astype(np.float32)
+    context = rng.standard_normal((2, 77, width)).astype(np.float32)
+    out = {}
+    for name, kwargs in variants.items():
+        with StableDiffusion(path, threads=2, **kwargs) as sd:
+            out[name] = sd.unet(latent, 500.0, context)
+    torch.set_num_threads(2)
+    unet = UNet2DConditionModel.from_pretrained(diffusers_folder(family) / "unet").eval()
+    with torch.no_grad():
+        ref = unet(torch.from_numpy(latent), torch.tensor([500.0, 500.0]),
+                   encoder_hidden_states=torch.from_numpy(context)).sample.numpy()
+    return out, ref

@@ -123,27 +123,10 @@ def test_unet_fast_attention_vs_upstream_and_diffusers(family):
     the same size as each path's distance to the float32 original. Measured (SD1.5 / SD2.1 fixtures): fast vs
     upstream 1.10e-3 / 0.91e-3; vs diffusers 1.363e-3 and 1.363e-3 / 1.155e-3 and 1.149e-3. So the fast path
     must be as close to the original as upstream's (within 5%), and within 1.5e-3 of upstream."""
-    import torch
-    from conftest import diffusers_folder, gguf_from_folder, rel_l2
-    from diffusers import UNet2DConditionModel
+    from conftest import rel_l2, unet_against_diffusers
 
-    from pysdcpp import StableDiffusion
-
-    path = gguf_from_folder(family, "f32")
-    rng = np.random.default_rng(5)
-    width = 768 if family == "sd1" else 1024
-    latent = rng.standard_normal((2, 4, 32, 32)).astype(np.float32)  # batch 2, as with guidance
-    context = rng.standard_normal((2, 77, width)).astype(np.float32)
-    out = {}
-    for mode in ("upstream", "fast"):
-        with StableDiffusion(path, threads=2, conv="im2col", attention=mode) as sd:
-            out[mode] = sd.unet(latent, 500.0, context)
-    torch.set_num_threads(2)
-    unet = UNet2DConditionModel.from_pretrained(diffusers_folder(family) / "unet").eval()
-    with torch.no_grad():
-        ref = unet(torch.from_numpy(latent), torch.tensor([500.0, 500.0]),
-                   encoder_hidden_states=torch.from_numpy(context)).sample.numpy()
-    del unet
+    out, ref = unet_against_diffusers(family, 5, {mode: dict(conv="im2col", attention=mode, linear="upstream")
+                                                  for mode in ("upstream", "fast")})
     err = {mode: rel_l2(o, ref) for mode, o in out.items()}
     assert err["fast"] <= 2e-3 and err["upstream"] <= 2e-3, err
     assert err["fast"] <= 1.05 * err["upstream"], err

@@ -25,6 +25,7 @@ def test_generate_demo(runner, tmp_path, monkeypatch, cache_root):
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout[res.stdout.index("{"):])
     assert summary["images"] == [str(out)]
+    assert (summary["conv"], summary["attention"], summary["linear"]) == ("winograd", "fast", "fast")  # defaults
     img = Image.open(out)
     assert img.size == (128, 128)
     assert "Steps: 2" in img.text["parameters"]

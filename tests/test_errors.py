@@ -66,6 +66,10 @@ def test_bad_constructor_arguments(sd15_f16):
         StableDiffusion(sd15_f16, backend="upstream", attention="fast")
     with pytest.raises(ValueError, match="attention must be one of upstream, fast"):
         StableDiffusion(sd15_f16, attention="flash")
+    with pytest.raises(ValueError, match="linear must be one of upstream with the upstream library"):
+        StableDiffusion(sd15_f16, backend="upstream", linear="fast")
+    with pytest.raises(ValueError, match="linear must be one of upstream, fast"):
+        StableDiffusion(sd15_f16, linear="blas")
 
 
 @pytest.fixture(scope="module")

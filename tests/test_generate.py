@@ -22,7 +22,8 @@ def images(sd15_f16):
     # The accelerated library with its accelerations off (im2col convs, upstream attention) must be upstream,
     # bit for bit.
     for backend in ("upstream", "accelerated"):
-        with StableDiffusion(sd15_f16, backend=backend, threads=2, conv="im2col", attention="upstream") as sd:
+        with StableDiffusion(sd15_f16, backend=backend, threads=2, conv="im2col", attention="upstream",
+                             linear="upstream") as sd:
             out[backend] = sd.generate(**SETTINGS)
     return out
 

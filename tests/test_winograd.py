@@ -1,8 +1,11 @@
 """Winograd F(4x4,3x3) and F(2x2,3x3) graph nodes against a float64 direct convolution over awkward shapes:
 batch 2, odd sizes, H or W below a tile, padding 0 and 1, channel counts not multiples of 8, 1 and 2 threads,
-F16 and F32 weights. Upstream's im2col runs through the same harness as a control."""
+F16 and F32 weights; the products through our GEMM (SIMD and portable scalar builds) and through ggml's.
+Upstream's im2col runs through the same harness as a control."""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pytest
@@ -20,10 +23,15 @@ SHAPES = [  # N, C, H, W, K, pad
     (2, 20, 1, 1, 3, 1),
     (1, 12, 3, 4, 6, 0),
     (1, 130, 10, 10, 17, 1),
+    # Our GEMM's blocking: more tiles than one work item (96) and not a multiple of its 6-row tiles, a
+    # reduction longer than one block (256 channels), several column blocks (128) and a partial last panel.
+    (2, 300, 26, 30, 147, 1),
 ]
 # Normalised max error |y - ref|max / |ref|max, per variant, against the float64 convolution of the weights
 # the layer holds (F16-rounded when the layer holds F16).
-BOUNDS = {"winograd_f4": 2e-5, "winograd_f4_in_graph": 2e-5, "winograd_f2": 5e-6, "im2col": 2e-3}
+BOUNDS = {"winograd_f4": 2e-5, "winograd_f4_in_graph": 2e-5, "winograd_f4_scalar": 2e-5,
+          "winograd_f4_ggml_gemm": 2e-5, "winograd_f2": 5e-6, "im2col": 2e-3}
+FAST_PATHS = ["winograd_f4", "winograd_f4_in_graph", "winograd_f4_scalar", "winograd_f4_ggml_gemm", "winograd_f2"]
 
 
 def reference_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int) -> np.ndarray:
@@ -33,20 +41,27 @@ def reference_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int) -> np.
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("algorithm", ["winograd_f4", "winograd_f4_in_graph", "winograd_f2", "im2col"])
+@pytest.mark.parametrize("algorithm", FAST_PATHS + ["im2col"])
 @pytest.mark.parametrize("weight_f16", [True, False], ids=["f16w", "f32w"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_conv_against_float64(shape, algorithm, weight_f16, threads):
     x, w, b, pad = _problem(shape, seed=hash(shape) % 2**32)
-    held = w.astype(np.float16).astype(np.float32) if weight_f16 else w
     y, _ = conv2d_3x3(x, w, b, pad=pad, algorithm=algorithm, weight_f16=weight_f16, threads=threads)
-    ref = reference_conv(x, held, b, pad)
+    ref = _reference_of(shape, weight_f16)
     assert y.shape == ref.shape
     err = np.abs(y - ref).max() / np.abs(ref).max()
     bound = BOUNDS[algorithm]
     if algorithm == "im2col" and not weight_f16:
         bound = 2e-5
     assert err <= bound, f"normalised max error {err:.2e} > {bound:.0e}"
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_of(shape, weight_f16):
+    """The float64 result for test_conv_against_float64's problem (computed once per shape and weight type)."""
+    x, w, b, pad = _problem(shape, seed=hash(shape) % 2**32)
+    held = w.astype(np.float16).astype(np.float32) if weight_f16 else w
+    return reference_conv(x, held, b, pad)
 
 
 def _problem(shape, seed=0):
@@ -64,6 +79,19 @@ def test_in_graph_transform_equals_cached():
     cached, _ = conv2d_3x3(x, w, b, pad=pad, algorithm="winograd_f4", threads=2)
     in_graph, _ = conv2d_3x3(x, w, b, pad=pad, algorithm="winograd_f4_in_graph", threads=2)
     assert np.array_equal(cached, in_graph)
+
+
+def test_gemm_builds_agree():
+    """Our GEMM's SIMD and scalar builds run the same blocking and summation order per output: equal up to
+    the FMA contraction the SIMD build may use; ggml's GEMM sums in another order, so only close."""
+    x, w, b, pad = _problem((2, 300, 26, 30, 147, 1), seed=4)
+    own, _ = conv2d_3x3(x, w, b, pad=pad, algorithm="winograd_f4", threads=2)
+    scalar, _ = conv2d_3x3(x, w, b, pad=pad, algorithm="winograd_f4_scalar", threads=1)
+    ggml, _ = conv2d_3x3(x, w, b, pad=pad, algorithm="winograd_f4_ggml_gemm", threads=2)
+    scale = np.abs(own).max()
+    assert np.abs(own - scalar).max() <= 1e-6 * scale
+    assert np.abs(own - ggml).max() <= 2e-5 * scale
+    assert not np.array_equal(own, ggml)  # the two products really are different code
 
 
 @pytest.mark.parametrize("algorithm", ["winograd_f4", "winograd_f2"])
@@ -134,7 +162,7 @@ def test_unet_and_vae_winograd_vs_im2col(family):
     context = rng.standard_normal((1, 77, width)).astype(np.float32)
     out = {}
     for conv in ("im2col", "winograd"):
-        with StableDiffusion(path, threads=2, conv=conv, attention="upstream") as sd:
+        with StableDiffusion(path, threads=2, conv=conv, attention="upstream", linear="upstream") as sd:
             out[conv] = (sd.unet(latent, 500.0, context), sd.decode(latent))
     assert rel_l2(out["winograd"][0], out["im2col"][0]) <= 2e-3
     assert rel_l2(out["winograd"][1], out["im2col"][1]) <= 2e-3

@@ -1,0 +1,253 @@
+// Linear layers through our GEMM (see linear.h), and the harness that runs one on host arrays.
+#include "linear.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "gemm.h"
+#include "simd.h"
+#include "work_items.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+
+extern "C" {
+#include "stable-diffusion.h"
+#include "pysdcpp_ext.h"
+}
+
+namespace pysdcpp {
+
+namespace {
+
+std::atomic<int> g_linear_mode{(int)LinearMode::upstream};
+
+const bool kVector = true, kScalar = false;  // node userdata: which build of the GEMM
+
+// c[m] = column m of the 8x8 block whose rows are r[0..7] (three rounds of two-vector shuffles).
+inline void transpose8(const simd::v8f (&r)[8], simd::v8f (&c)[8]) {
+    using simd::v8f;
+    v8f t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i]     = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i]     = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    for (int m = 0; m < 4; m++) {
+        c[m]     = __builtin_shufflevector(u[m], u[m + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        c[m + 4] = __builtin_shufflevector(u[m], u[m + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+}
+
+// Packs columns [j0, j1) of W^T, depth [l0, l0 + kd), as panels of kGemmPanel columns (kd * kGemmPanel floats
+// apart): W [N][K] row-major (ggml's [K, N]), F16 or F32, converted to F32 on the way. A panel's 16 weight rows
+// are converted into `rows` (16 x kGemmDepth floats) and turned into the panel's columns 8x8 blocks at a time;
+// padding columns of the last panel are zeros. (Element-wise stores made packing ~6% of a 256-row layer.)
+void pack_block(const ggml_tensor* w, int64_t j0, int64_t j1, int64_t l0, int64_t kd, float* P, float* rows) {
+    const int64_t K = w->ne[0];
+    for (int64_t p0 = j0; p0 < j1; p0 += kGemmPanel) {
+        const float* src[kGemmPanel];
+        for (int q = 0; q < kGemmPanel; q++) {
+            float* buf = rows + q * kGemmDepth;
+            if (p0 + q >= j1) {
+                std::fill(buf, buf + kd, 0.0f);
+                src[q] = buf;
+            } else if (w->type == GGML_TYPE_F32) {
+                src[q] = (const float*)w->data + (p0 + q) * K + l0;
+            } else {
+                ggml_cpu_fp16_to_fp32((const ggml_fp16_t*)w->data + (p0 + q) * K + l0, buf, kd);
+                src[q] = buf;
+            }
+        }
+        float* panel = P + ((p0 - j0) / kGemmPanel) * kd * kGemmPanel;
+        int64_t l    = 0;
+        for (; l + 8 <= kd; l += 8) {
+            for (int h = 0; h < kGemmPanel; h += 8) {
+                simd::v8f r[8], c[8];
+                for (int i = 0; i < 8; i++) {
+                    r[i] = simd::load<simd::v8f>(src[h + i] + l);
+                }
+                transpose8(r, c);
+                for (int m = 0; m < 8; m++) {
+                    simd::store(panel + (l + m) * kGemmPanel + h, c[m]);
+                }
+            }
+        }
+        for (; l < kd; l++) {
+            for (int q = 0; q < kGemmPanel; q++) {
+                panel[l * kGemmPanel + q] = src[q][l];
+            }
+        }
+    }
+}
+
+// Rows per pass: a pass packs each (kGemmDepth x kGemmCols) block of W^T once and multiplies it by the pass's
+// rows, whose outputs for the column block (kLinearRows x kGemmCols floats, 128 KB) stay in L2 next to the packed
+// block (128 KB) while the reduction walks K. (All rows in one pass streamed the outputs through L3 once per
+// block: 1.0x of ggml on 2560-deep layers; measured.)
+constexpr int64_t kLinearRows = 256;
+
+// dst y [N, rows...] F32; src[0] = x [K, rows...] F32, src[1] = w [K, N], src[2] = bias [N] or absent.
+// Work items are (column block, pass of rows), claimed dynamically; with a single pass of rows the column blocks
+// are narrower (two panels), so that a small layer still has enough items for every thread.
+void linear_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
+    (void)ith;
+    const ggml_tensor* x = dst->src[0];
+    const ggml_tensor* w = dst->src[1];
+    const ggml_tensor* b = dst->src[2];
+    const int64_t K = w->ne[0], N = w->ne[1], rows = ggml_nelements(x) / K;
+    const bool vector    = *(const bool*)userdata;
+    const int64_t width  = rows <= kLinearRows ? 2 * kGemmPanel : kGemmCols;
+    const int64_t n_cols = (N + width - 1) / width;
+    const int64_t n_rows = (rows + kLinearRows - 1) / kLinearRows;
+    thread_local std::vector<float> pack, rows_f32;
+    pack.resize((size_t)(kGemmDepth * kGemmCols));
+    rows_f32.resize((size_t)(kGemmDepth * kGemmPanel));
+    const float* X = (const float*)x->data;
+    float* Y       = (float*)dst->data;
+    WorkItems items(dst, nth, n_cols * n_rows);
+    for (int64_t item; (item = items.next()) >= 0;) {
+        const int64_t j0 = (item / n_rows) * width, j1 = std::min(N, j0 + width);
+        const int64_t i0 = (item % n_rows) * kLinearRows, i1 = std::min(rows, i0 + kLinearRows);
+        for (int64_t l0 = 0; l0 < K; l0 += kGemmDepth) {
+            const int64_t kd = std::min(kGemmDepth, K - l0);
+            pack_block(w, j0, j1, l0, kd, pack.data(), rows_f32.data());
+            gemm_block(X + l0, K, pack.data(), kd * kGemmPanel, kd, j1 - j0, Y + j0, N, i0, i1, l0 > 0, vector);
+        }
+        if (b != nullptr) {
+            const float* bias = (const float*)b->data;
+            for (int64_t i = i0; i < i1; i++) {
+                float* y = Y + i * N;
+                for (int64_t j = j0; j < j1; j++) {
+                    y[j] += bias[j];
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+LinearMode linear_mode() {
+    return (LinearMode)g_linear_mode.load(std::memory_order_relaxed);
+}
+
+void set_linear_mode(LinearMode mode) {
+    g_linear_mode.store((int)mode, std::memory_order_relaxed);
+}
+
+ggml_tensor* linear(ggml_context* ctx, ggml_tensor* x, ggml_tensor* w, ggml_tensor* b, bool vector) {
+    ggml_tensor* args[3] = {x, w, b};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], x->ne[1], x->ne[2], x->ne[3], args, b != nullptr ? 3 : 2,
+                          linear_node, GGML_N_TASKS_MAX, (void*)(vector ? &kVector : &kScalar));
+}
+
+}  // namespace pysdcpp
+
+ggml_tensor* pysdcpp_linear_hook(ggml_context* ctx, ggml_tensor* x, ggml_tensor* w, ggml_tensor* b,
+                                 bool* bias_done) {
+    using namespace pysdcpp;
+    if (linear_mode() != LinearMode::fast) {
+        return nullptr;
+    }
+    const bool host     = w->data != nullptr && (w->buffer == nullptr || ggml_backend_buffer_is_host(w->buffer));
+    const bool eligible = host && x->type == GGML_TYPE_F32 && ggml_is_contiguous(x) &&
+                          (w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_F32) && ggml_is_contiguous(w) &&
+                          w->ne[2] == 1 && w->ne[3] == 1 && x->ne[0] == w->ne[0] &&
+                          ggml_nelements(x) / x->ne[0] >= kMinLinearRows;
+    if (!eligible) {
+        return nullptr;
+    }
+    const bool fuse = b != nullptr && b->type == GGML_TYPE_F32 && ggml_is_contiguous(b) &&
+                      ggml_nelements(b) == w->ne[1];
+    if (bias_done != nullptr) {
+        *bias_done = fuse;
+    }
+    return linear(ctx, x, w, fuse ? b : nullptr);
+}
+
+// ---- harness: one linear layer on host arrays (kernel tests, benchmarks) -------------------------------------
+
+namespace {
+std::string g_linear_error;
+}
+
+extern "C" SD_API const char* pysdcpp_linear_last_error(void) {
+    return g_linear_error.c_str();
+}
+
+extern "C" SD_API void pysdcpp_set_linear_mode(int mode) {
+    pysdcpp::set_linear_mode(mode == PYSDCPP_LINEAR_FAST ? pysdcpp::LinearMode::fast : pysdcpp::LinearMode::upstream);
+}
+
+extern "C" SD_API int pysdcpp_linear(const float* x, int64_t rows, int64_t K, const float* w, int64_t N,
+                                     const float* bias, int weight_f16, int path, int n_threads, int repeat,
+                                     float* y, double* seconds) {
+    using namespace pysdcpp;
+    if (rows < 1 || K < 1 || N < 1 || n_threads < 1 || repeat < 1 || path < PYSDCPP_LINEAR_UPSTREAM ||
+        path > PYSDCPP_LINEAR_FAST_SCALAR) {
+        g_linear_error = "invalid linear-layer arguments";
+        return 1;
+    }
+    try {
+        // Every tensor (x, w, bias, y), ggml's work buffer (x converted to F16 for an F16 w) and slack, twice over:
+        // ggml aborts the process when a context runs out.
+        const size_t bytes = 2 * sizeof(float) * (size_t)(rows * K * 2 + K * N + N + rows * N) + (32 << 20);
+        ggml_init_params params = {bytes, nullptr, false};
+        ggml_context* ctx       = ggml_init(params);
+        if (ctx == nullptr) {
+            g_linear_error = "out of memory for the linear-layer graph";
+            return 1;
+        }
+        ggml_tensor* tx = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, K, rows);
+        std::memcpy(tx->data, x, sizeof(float) * (size_t)(rows * K));
+        ggml_tensor* tw = ggml_new_tensor_2d(ctx, weight_f16 ? GGML_TYPE_F16 : GGML_TYPE_F32, K, N);
+        if (weight_f16) {
+            ggml_fp32_to_fp16_row(w, (ggml_fp16_t*)tw->data, K * N);
+        } else {
+            std::memcpy(tw->data, w, sizeof(float) * (size_t)(K * N));
+        }
+        ggml_tensor* tb = nullptr;
+        if (bias != nullptr) {
+            tb = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, N);
+            std::memcpy(tb->data, bias, sizeof(float) * (size_t)N);
+        }
+        ggml_tensor* out = nullptr;
+        if (path == PYSDCPP_LINEAR_UPSTREAM) {  // what ggml_ext_linear builds without the hook
+            out = ggml_mul_mat(ctx, tw, tx);
+            if (tb != nullptr) {
+                out = ggml_add_inplace(ctx, out, tb);
+            }
+        } else {
+            out = linear(ctx, tx, tw, tb, path == PYSDCPP_LINEAR_FAST);
+        }
+        ggml_cgraph* gf = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gf, out);
+        for (int r = 0; r < repeat; r++) {
+            auto t0 = std::chrono::steady_clock::now();
+            if (ggml_graph_compute_with_ctx(ctx, gf, n_threads) != GGML_STATUS_SUCCESS) {
+                ggml_free(ctx);
+                g_linear_error = "graph compute failed";
+                return 1;
+            }
+            if (seconds != nullptr) {
+                seconds[r] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            }
+        }
+        std::memcpy(y, out->data, sizeof(float) * (size_t)(rows * N));
+        ggml_free(ctx);
+        return 0;
+    } catch (const std::exception& e) {
+        g_linear_error = e.what();
+        return 1;
+    }
+}

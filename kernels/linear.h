@@ -1,0 +1,35 @@
+// Linear layers (y = x W^T + b) through our GEMM (gemm.h) instead of ggml's mul_mat: the transformer blocks'
+// projections and feed-forward layers, a third or more of a UNet evaluation.
+//
+// ggml multiplies F16 weights by first rounding the activations to F16 and then runs tinyBLAS's dot-product tiles.
+// Here the activations stay F32 (read in place, broadcast six rows at a time) and the weights are converted to
+// F32 block by block while being packed into the GEMM's column panels (kGemmDepth x kGemmCols floats, L2-sized),
+// each block then multiplied by up to 256 rows of x. The threads claim (column block, rows) items dynamically.
+#pragma once
+
+#include <cstdint>
+
+#include "ggml.h"
+
+namespace pysdcpp {
+
+enum class LinearMode : int { upstream = 0, fast = 1 };
+
+LinearMode linear_mode();
+void set_linear_mode(LinearMode mode);
+
+// Below this many rows (tokens x batch) a layer keeps ggml's path (the time embedding's single row: packing
+// would not be repaid). Measured on the UNet's shapes (2-core Zen 3, 2 threads, median of 15 interleaved runs;
+// ggml's F16 path runs at 100-163 GFLOP/s there, near the FMA peak of ~176): ours 1.08-1.50x at 1024 and 4096
+// rows, 1.03-1.13x at 256, 1.10-1.20x at 77 (cross-attention keys and values), 1.00x at 64.
+constexpr int64_t kMinLinearRows = 64;
+
+// y [N, ...x's rows] = x [K, ...] W^T (+ b), x F32 contiguous, w [K, N] F16 or F32 contiguous in host memory,
+// b F32 [N] or nullptr. `vector`: the SIMD build of the GEMM, else its portable scalar build (tests).
+ggml_tensor* linear(ggml_context* ctx, ggml_tensor* x, ggml_tensor* w, ggml_tensor* b, bool vector = true);
+
+}  // namespace pysdcpp
+
+// The hook patch 0006 calls from ggml_ext_linear: our linear layer, or nullptr to keep upstream's. b may be
+// nullptr; *bias_done says whether the replacement added it.
+ggml_tensor* pysdcpp_linear_hook(ggml_context* ctx, ggml_tensor* x, ggml_tensor* w, ggml_tensor* b, bool* bias_done);

@@ -1,0 +1,56 @@
+// Dynamic distribution of a graph node's work items over the threads ggml runs it on: each thread takes the next
+// unclaimed item until none is left, so a thread slowed down (by another process, a page fault, a busier core)
+// takes fewer items instead of holding the node up. ggml gives a custom op only (ith, nth), with no state shared
+// across its threads, so the counter is kept here, keyed by the node, from the first thread that arrives until
+// the last of the nth threads is done with it.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <mutex>
+
+namespace pysdcpp {
+
+class WorkItems {
+public:
+    // Every one of the node's nth threads must construct one (ggml runs a custom op on all of them).
+    WorkItems(const void* node, int nth, int64_t count) : node_(node), nth_(nth), count_(count) {
+        std::lock_guard<std::mutex> lock(mutex());
+        counter_ = &counters()[node];
+    }
+    ~WorkItems() {
+        if (counter_->done.fetch_add(1) + 1 == nth_) {  // the last thread: the node is finished everywhere
+            std::lock_guard<std::mutex> lock(mutex());
+            counters().erase(node_);
+        }
+    }
+    WorkItems(const WorkItems&)            = delete;
+    WorkItems& operator=(const WorkItems&) = delete;
+
+    // The next unclaimed item, or -1 when all are taken.
+    int64_t next() {
+        const int64_t item = counter_->next.fetch_add(1, std::memory_order_relaxed);
+        return item < count_ ? item : -1;
+    }
+
+private:
+    struct Counter {
+        std::atomic<int64_t> next{0};
+        std::atomic<int> done{0};
+    };
+    static std::mutex& mutex() {
+        static std::mutex m;
+        return m;
+    }
+    static std::map<const void*, Counter>& counters() {
+        static std::map<const void*, Counter> c;
+        return c;
+    }
+    const void* node_;
+    int nth_;
+    int64_t count_;
+    Counter* counter_;
+};
+
+}  // namespace pysdcpp
