@@ -1,5 +1,6 @@
 // Fused and GEMM-arranged attention nodes (see attention.h).
 #include "attention.h"
+#include "gemm_tile.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -137,64 +138,13 @@ struct Geometry {
 // S[MR_QK][NR] tile of the scores: Q rows r0.. times K^T columns j0.. (Q pre-scaled).
 template <class V>
 inline void qk_tile(const float* Q, const float* KT, float* S, int64_t d, int64_t dp, int64_t bk) {
-    constexpr int W  = lanes<V>();
-    constexpr int NV = NR / W;
-    V acc[MR_QK][NV];
-    for (int r = 0; r < MR_QK; r++) {
-        for (int x = 0; x < NV; x++) {
-            acc[r][x] = V{};
-        }
-    }
-    // Unrolled by four (as our GEMM, gemm.cpp): loop overhead kept such kernels at ~75% of the FMA peak.
-#pragma GCC unroll 4
-    for (int64_t c = 0; c < d; c++) {
-        V kv[NV];
-        for (int x = 0; x < NV; x++) {
-            kv[x] = load<V>(KT + c * bk + x * W);
-        }
-        for (int r = 0; r < MR_QK; r++) {
-            const float qv = Q[r * dp + c];
-            for (int x = 0; x < NV; x++) {
-                acc[r][x] += qv * kv[x];
-            }
-        }
-    }
-    for (int r = 0; r < MR_QK; r++) {
-        for (int x = 0; x < NV; x++) {
-            store<V>(S + r * bk + x * W, acc[r][x]);
-        }
-    }
+    gemm_tile<V, MR_QK, NR>(Q, dp, KT, bk, d, S, bk, false);
 }
 
 // O[MR_PV][NC] += P[MR_PV][nk] Vb[nk][NC] for the columns c0..c0+NC of the output rows r0..
 template <class V, int NC>
 inline void pv_tile(const float* P, const float* Vb, float* O, int64_t nk, int64_t dp, int64_t bk) {
-    constexpr int W  = lanes<V>();
-    constexpr int NV = NC / W;
-    V acc[MR_PV][NV];
-    for (int r = 0; r < MR_PV; r++) {
-        for (int x = 0; x < NV; x++) {
-            acc[r][x] = load<V>(O + r * dp + x * W);
-        }
-    }
-#pragma GCC unroll 4
-    for (int64_t j = 0; j < nk; j++) {
-        V vv[NV];
-        for (int x = 0; x < NV; x++) {
-            vv[x] = load<V>(Vb + j * dp + x * W);
-        }
-        for (int r = 0; r < MR_PV; r++) {
-            const float p = P[r * bk + j];
-            for (int x = 0; x < NV; x++) {
-                acc[r][x] += p * vv[x];
-            }
-        }
-    }
-    for (int r = 0; r < MR_PV; r++) {
-        for (int x = 0; x < NV; x++) {
-            store<V>(O + r * dp + x * W, acc[r][x]);
-        }
-    }
+    gemm_tile<V, MR_PV, NC>(P, bk, Vb, dp, nk, O, dp, true);
 }
 
 // Online softmax of one score row against the running max m and sum l: the row becomes probabilities

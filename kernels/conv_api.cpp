@@ -102,7 +102,7 @@ extern "C" SD_API int pysdcpp_conv2d_3x3(const float* x, int64_t N, int64_t C, i
         // Upper bound of every tensor the graph can hold (im2col buffer, Winograd stages, their F16 copies).
         size_t bytes = 4 * (size_t)(N * C * H * W + K * C * 9 + K + N * K * OH * OW) * 2;
         bytes += 4 * (size_t)(N * OH * OW * C * 9) * 2;
-        bytes += 4 * (size_t)(16 * T * (C + K) + 16 * K * C) * 3;
+        bytes += 4 * (size_t)(16 * T * (C + K) + 16 * (K + 16) * C) * 3;  // U: K padded to whole GEMM panels
         bytes += 64 << 20;
         ggml_init_params params = {bytes, nullptr, false};
         ggml_context* ctx       = ggml_init(params);

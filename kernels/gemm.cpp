@@ -1,5 +1,6 @@
 // The packed-B F32 GEMM (see gemm.h).
 #include "gemm.h"
+#include "gemm_tile.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -13,37 +14,9 @@ using namespace simd;
 
 constexpr int kRows = 6;  // rows per register tile
 
-// The R x 16 tile at C (row stride ldc) = (accumulate ? C : 0) + A[R][kd] Bp-panel[kd][16].
-// Unrolled by four along the reduction: without it, loop overhead kept the kernel at ~75% of the FMA peak on
-// Zen 3 (measured 75 -> 90-99 GFLOP/s on one thread, L1-resident operands).
 template <class V, int R>
 inline void tile(const float* A, int64_t lda, const float* B, int64_t kd, float* C, int64_t ldc, bool accumulate) {
-    constexpr int W  = lanes<V>();
-    constexpr int NV = kGemmPanel / W;
-    V acc[R][NV];
-    for (int r = 0; r < R; r++) {
-        for (int x = 0; x < NV; x++) {
-            acc[r][x] = accumulate ? load<V>(C + r * ldc + x * W) : V{};
-        }
-    }
-#pragma GCC unroll 4
-    for (int64_t l = 0; l < kd; l++) {
-        V b[NV];
-        for (int x = 0; x < NV; x++) {
-            b[x] = load<V>(B + l * kGemmPanel + x * W);
-        }
-        for (int r = 0; r < R; r++) {
-            const float a = A[r * lda + l];
-            for (int x = 0; x < NV; x++) {
-                acc[r][x] += a * b[x];
-            }
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        for (int x = 0; x < NV; x++) {
-            store<V>(C + r * ldc + x * W, acc[r][x]);
-        }
-    }
+    gemm_tile<V, R, kGemmPanel>(A, lda, B, kGemmPanel, kd, C, ldc, accumulate);
 }
 
 template <class V>

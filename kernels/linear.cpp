@@ -28,6 +28,7 @@ std::atomic<int> g_linear_mode{(int)LinearMode::upstream};
 
 const bool kVector = true, kScalar = false;  // node userdata: which build of the GEMM
 
+#if defined(__clang__) || __GNUC__ >= 12
 // c[m] = column m of the 8x8 block whose rows are r[0..7] (three rounds of two-vector shuffles).
 inline void transpose8(const simd::v8f (&r)[8], simd::v8f (&c)[8]) {
     using simd::v8f;
@@ -47,6 +48,7 @@ inline void transpose8(const simd::v8f (&r)[8], simd::v8f (&c)[8]) {
         c[m + 4] = __builtin_shufflevector(u[m], u[m + 4], 4, 5, 6, 7, 12, 13, 14, 15);
     }
 }
+#endif
 
 // Packs columns [j0, j1) of W^T, depth [l0, l0 + kd), as panels of kGemmPanel columns (kd * kGemmPanel floats
 // apart): W [N][K] row-major (ggml's [K, N]), F16 or F32, converted to F32 on the way. A panel's 16 weight rows
@@ -70,6 +72,7 @@ void pack_block(const ggml_tensor* w, int64_t j0, int64_t j1, int64_t l0, int64_
         }
         float* panel = P + ((p0 - j0) / kGemmPanel) * kd * kGemmPanel;
         int64_t l    = 0;
+#if defined(__clang__) || __GNUC__ >= 12  // __builtin_shufflevector; older compilers take the element loop below
         for (; l + 8 <= kd; l += 8) {
             for (int h = 0; h < kGemmPanel; h += 8) {
                 simd::v8f r[8], c[8];
@@ -82,6 +85,7 @@ void pack_block(const ggml_tensor* w, int64_t j0, int64_t j1, int64_t l0, int64_
                 }
             }
         }
+#endif
         for (; l < kd; l++) {
             for (int q = 0; q < kGemmPanel; q++) {
                 panel[l * kGemmPanel + q] = src[q][l];
@@ -167,7 +171,7 @@ ggml_tensor* pysdcpp_linear_hook(ggml_context* ctx, ggml_tensor* x, ggml_tensor*
     if (!eligible) {
         return nullptr;
     }
-    const bool fuse = b != nullptr && b->type == GGML_TYPE_F32 && ggml_is_contiguous(b) &&
+    const bool fuse = b != nullptr && b->type == GGML_TYPE_F32 && ggml_is_contiguous(b) && b->ne[0] == w->ne[1] &&
                       ggml_nelements(b) == w->ne[1];
     if (bias_done != nullptr) {
         *bias_done = fuse;

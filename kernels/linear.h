@@ -18,11 +18,10 @@ enum class LinearMode : int { upstream = 0, fast = 1 };
 LinearMode linear_mode();
 void set_linear_mode(LinearMode mode);
 
-// Below this many rows (tokens x batch) a layer keeps ggml's path (the time embedding's single row: packing
-// would not be repaid). Measured on the UNet's shapes (2-core Zen 3, 2 threads, median of 15 interleaved runs;
-// ggml's F16 path runs at 100-163 GFLOP/s there, near the FMA peak of ~176): ours 1.08-1.50x at 1024 and 4096
-// rows, 1.03-1.13x at 256, 1.10-1.20x at 77 (cross-attention keys and values), 1.00x at 64.
-constexpr int64_t kMinLinearRows = 64;
+// Below this many rows (tokens x batch) a layer keeps ggml's path. Measured on SD1.5's UNet shapes (`pysdcpp
+// bench --linear`, docs/benchmarks.md; 2-core Zen 3, 2 threads; ggml's F16 path runs at 87-155 GFLOP/s there,
+// close to the FMA peak of ~176): ours 1.05-1.41x at 1024 and 4096 rows, 0.94-1.09x at 256, 0.78-1.20x at 64-77.
+constexpr int64_t kMinLinearRows = 512;
 
 // y [N, ...x's rows] = x [K, ...] W^T (+ b), x F32 contiguous, w [K, N] F16 or F32 contiguous in host memory,
 // b F32 [N] or nullptr. `vector`: the SIMD build of the GEMM, else its portable scalar build (tests).

@@ -780,7 +780,10 @@ ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor*
     }
     const int m           = (int)v;
     const int64_t tiles   = ConvGeometry::make(x->ne[0], x->ne[1], x->ne[2], x->ne[3], w->ne[3], p0, m).T;
-    const FilterPlan plan = plan_filter(w, m, /*packed=*/true, tiles);
+    // Our GEMM works on whole panels of 16 output channels: the few layers with fewer (the UNet's and the VAE
+    // decoder's output convs, 4 and 3 channels) keep ggml's GEMM, measured faster there (layer table).
+    const bool own_gemm   = w->ne[3] >= kGemmPanel;
+    const FilterPlan plan = plan_filter(w, m, own_gemm, tiles);
     if (plan == FilterPlan::im2col) {
         return nullptr;
     }
@@ -792,7 +795,7 @@ ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor*
     }
     return winograd_conv2d(ctx, w, x, p0, v,
                            plan == FilterPlan::cached ? FilterSource::cached : FilterSource::in_graph,
-                           fuse ? b : nullptr);
+                           fuse ? b : nullptr, own_gemm ? WinogradGemm::own : WinogradGemm::ggml);
 }
 
 void pysdcpp_weights_released(const void* buffer) {

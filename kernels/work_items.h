@@ -2,7 +2,8 @@
 // unclaimed item until none is left, so a thread slowed down (by another process, a page fault, a busier core)
 // takes fewer items instead of holding the node up. ggml gives a custom op only (ith, nth), with no state shared
 // across its threads, so the counter is kept here, keyed by the node, from the first thread that arrives until
-// the last of the nth threads is done with it.
+// the last of the nth threads is done with it. This relies on ggml running every node of a graph on all of its
+// nth threads, with a barrier between nodes (ggml-cpu does: n_tasks only plans the work buffer).
 #pragma once
 
 #include <atomic>

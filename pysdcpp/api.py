@@ -118,6 +118,16 @@ def _threads(threads: int | None, lib: _native.NativeLibrary) -> int:
     return int(threads)
 
 
+def _kernel_choice(option: str, value: str, choices: dict, defaults: dict, backend: str) -> str:
+    """A per-context kernel option: "default" is the library's default, anything else one of its choices."""
+    if value == "default":
+        return defaults[backend]
+    if value not in choices[backend]:
+        raise ValueError(f"{option} must be one of {', '.join(choices[backend])} with the {backend} library, "
+                         f"not {value!r}")
+    return value
+
+
 class StableDiffusion:
     """A loaded model in one of the two native libraries; close it (or use `with`) to free its memory."""
 
@@ -131,24 +141,9 @@ class StableDiffusion:
         self._ctx = None
         if backend not in _native.BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(_native.BACKENDS)}, not {backend!r}")
-        allowed = CONV_ALGORITHMS[backend]
-        if conv == "default":
-            conv = DEFAULT_CONV[backend]
-        if conv not in allowed:
-            raise ValueError(f"conv must be one of {', '.join(allowed)} with the {backend} library, not {conv!r}")
-        self.conv = conv
-        if attention == "default":
-            attention = DEFAULT_ATTENTION[backend]
-        if attention not in ATTENTION_PATHS[backend]:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS[backend])} with the {backend} "
-                             f"library, not {attention!r}")
-        self.attention = attention
-        if linear == "default":
-            linear = DEFAULT_LINEAR[backend]
-        if linear not in LINEAR_PATHS[backend]:
-            raise ValueError(f"linear must be one of {', '.join(LINEAR_PATHS[backend])} with the {backend} "
-                             f"library, not {linear!r}")
-        self.linear = linear
+        self.conv = _kernel_choice("conv", conv, CONV_ALGORITHMS, DEFAULT_CONV, backend)
+        self.attention = _kernel_choice("attention", attention, ATTENTION_PATHS, DEFAULT_ATTENTION, backend)
+        self.linear = _kernel_choice("linear", linear, LINEAR_PATHS, DEFAULT_LINEAR, backend)
         if winograd_cache_mb is not None and (not isinstance(winograd_cache_mb, (int, np.integer))
                                               or winograd_cache_mb < 0):
             raise ValueError(f"winograd_cache_mb must be a non-negative integer, got {winograd_cache_mb!r}")
@@ -284,7 +279,7 @@ class StableDiffusion:
         return self._ctx
 
     def _select_kernels(self) -> None:
-        """The conv and attention hooks read process-wide settings: set this context's before every compute
+        """The conv, attention and linear hooks read process-wide settings: set this context's before every compute
         (under the lock)."""
         if self.native.has_components:
             lib = self.native.lib

@@ -135,9 +135,30 @@ def render_experts(r: dict) -> list[str]:
     return out
 
 
+def render_linear(r: dict) -> list[str]:
+    ps = r["paths"]
+    out = [f"### Linear layers of SD1.5's UNet at {r['size']} px, median of {r['repeat']}", "",
+           f"Machine: {_machine(r)}. F16 weights, F32 activations, bias added; `upstream` is ggml's mul_mat (it "
+           "rounds the activations to F16), `fast` our GEMM (`linear=\"fast\"`). Steady state (second run of "
+           "each graph). Max error: normalised max |error| against float64 with the F16-rounded weights, first 64 "
+           "rows.", "",
+           "| rows x K -> N | " + " | ".join(f"{p} ms" for p in ps) + " | " +
+           " | ".join(f"speedup {p}" for p in ps if p != "upstream") + " | " +
+           " | ".join(f"{p} GFLOP/s" for p in ps) + " | max error | layers |",
+           "|---" * (1 + 2 * len(ps) + (len(ps) - 1) + 2) + "|"]
+    for row in r["rows"]:
+        out.append(f"| {row['rows']} x {row['K']} -> {row['N']} | " +
+                   " | ".join(f"{row['median_s'][p] * 1e3:.2f}" for p in ps) + " | " +
+                   " | ".join(f"{row['speedup_vs_upstream'][p]:.2f}x" for p in ps if p != "upstream") + " | " +
+                   " | ".join(f"{row['gflops'][p]:.0f}" for p in ps) +
+                   f" | {max(row['max_error'].values()):.1e} | {'; '.join(row['layers'])} |")
+    out.append("")
+    return out
+
+
 _RENDER = {"model": render_model, "layers": render_layers, "attention": render_attention,
-           "experts": render_experts}
-_ORDER = {"model": 0, "experts": 1, "attention": 2, "layers": 3}
+           "experts": render_experts, "linear": render_linear}
+_ORDER = {"model": 0, "experts": 1, "attention": 2, "linear": 3, "layers": 4}
 
 
 def render(reports: list[dict], notes: str = "") -> str:

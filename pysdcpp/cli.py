@@ -360,10 +360,12 @@ def inspect(model, as_json, list_tensors, size, steps):
               help="Run the synthetic SD1.5 with demo ALTER routing (10 experts at ~65% of the dense MACs).")
 @click.option("--experts", "experts", is_flag=True,
               help="With -m ALTER_FILE: one UNet evaluation per expert against the dense model.")
+@click.option("--linear", "linear_layers", is_flag=True,
+              help="Benchmark every distinct linear layer of SD1.5's UNet (ggml's path against ours) instead.")
 @click.option("--attention", "attention_layers", is_flag=True,
               help="Benchmark every distinct attention shape of SD1.5 and SD2.1 (UNet and VAE) instead.")
 @click.option("--size", type=int, default=None,
-              help="Image size [256 for a model, 512 for --layers, 512 and 768 for --attention].")
+              help="Image size [256 for a model, 512 for --layers and --linear, 512 and 768 for --attention].")
 @click.option("--steps", type=int, default=4, show_default=True, help="Sampling steps per generation.")
 @click.option("-t", "--threads", type=int, default=2, show_default=True)
 @click.option("--repeat", type=int, default=2, show_default=True, help="Interleaved repetitions per variant.")
@@ -383,7 +385,7 @@ def inspect(model, as_json, list_tensors, size, steps):
               help="Write the full report (machine, build, every timing) here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a chart (PNG) here; needs matplotlib (pip install 'pysdcpp[plot]').")
-def bench(model, layers, alter_demo, experts, attention_layers, size, steps, threads, repeat, variants, algorithms, paths, only, timeout,
+def bench(model, layers, alter_demo, experts, attention_layers, linear_layers, size, steps, threads, repeat, variants, algorithms, paths, only, timeout,
           json_path, plot_path):
     """Latency, memory and fidelity against upstream stable-diffusion.cpp, measured in the same run.
 
@@ -397,11 +399,13 @@ def bench(model, layers, alter_demo, experts, attention_layers, size, steps, thr
       pysdcpp bench -m sd15.gguf --size 512 --steps 20 --variants upstream,accelerated,im2col --json run.json
       pysdcpp bench --layers --size 512 --json layers-512.json
       pysdcpp bench --attention --json attention.json
+      pysdcpp bench --linear --json linear-512.json
       pysdcpp bench -m alter.gguf --steps 20 --variants upstream@50,accelerated   # ALTER vs 50 dense steps
       pysdcpp bench -m alter.gguf --experts --size 512
     """
     from .bench import (VARIANTS, attention_bench, expert_bench, format_attention_table, format_expert_table,
-                        format_layer_table, format_model_table, layer_bench, model_bench, parse_variant)
+                        format_layer_table, format_linear_table, format_model_table, layer_bench, linear_bench,
+                        model_bench, parse_variant)
     from .errors import PySDCppError
     from .layers import ATTENTION_VARIANTS, CONV_VARIANTS
 
@@ -409,8 +413,8 @@ def bench(model, layers, alter_demo, experts, attention_layers, size, steps, thr
         _fail(f"--plot writes a PNG: give a .png path, not {plot_path}")
     if repeat < 1 or threads < 1 or steps < 1:
         _fail("--repeat, --threads and --steps must be at least 1")
-    if layers + attention_layers + experts > 1:
-        _fail("--layers, --attention and --experts are separate benchmarks: give one")
+    if layers + attention_layers + linear_layers + experts > 1:
+        _fail("--layers, --attention, --linear and --experts are separate benchmarks: give one")
     if size is not None and (size <= 0 or size % 64):
         _fail(f"--size must be a positive multiple of 64, got {size}")
     size_arg = size
@@ -423,7 +427,7 @@ def bench(model, layers, alter_demo, experts, attention_layers, size, steps, thr
         bar = _WriteBar("making the ALTER demo model (once, cached)")
         model = synthetic_gguf("sd1", "f16", progress=bar, alter=True)
         bar.close()
-    size = _default(size, 512 if layers else 256)
+    size = _default(size, 512 if layers or linear_layers else 256)
     if experts:
         if model is None or not model.is_file():
             _fail("--experts needs -m FILE: a GGUF with ALTER routing")
@@ -451,6 +455,15 @@ def bench(model, layers, alter_demo, experts, attention_layers, size, steps, thr
 
         report = attention_bench(("sd1", "sd2"), sizes, threads, repeat, chosen, progress=attention_progress)
         click.echo(format_attention_table(report))
+    elif linear_layers:
+        if plot_path is not None:
+            _fail("--plot draws model and --layers reports; the --linear report is a table")
+
+        def linear_progress(i, n, row):
+            click.echo(f"  [{i}/{n}] {row['rows']} x {row['K']} -> {row['N']}", err=True)
+
+        report = linear_bench(size, threads, max(repeat, 5), progress=linear_progress)
+        click.echo(format_linear_table(report))
     elif layers:
         algos = tuple(a.strip() for a in algorithms.split(",") if a.strip())
         bad = [a for a in algos if a not in CONV_VARIANTS]

@@ -128,15 +128,18 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def unet_against_diffusers(family: str, seed: int, variants: dict[str, dict]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """One UNet evaluation (f32 fixture, 256 px latent, batch 2 as with guidance, t = 500) per variant (name ->
-    StableDiffusion keyword arguments), and diffusers' float32 original on the same inputs."""
+def unet_against_diffusers(family: str, seed: int, variants: dict[str, dict],
+                           weights: str = "f32") -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One UNet evaluation (256 px latent, batch 2 as with guidance, t = 500) per variant (name ->
+    StableDiffusion keyword arguments), and diffusers' float32 original on the same inputs. weights="f16": the f16
+    file, against the original with the same weights rounded to F16 (all but biases and the embeddings, which
+    the converter keeps in F32), so that only the runtime's own roundings remain."""
     import torch
     from diffusers import UNet2DConditionModel
 
     from pysdcpp import StableDiffusion
 
-    path = gguf_from_folder(family, "f32")
+    path = gguf_from_folder(family, weights)
     rng = np.random.default_rng(seed)
     width = 768 if family == "sd1" else 1024
     latent = rng.standard_normal((2, 4, 32, 32)).astype(np.float32)
@@ -147,6 +150,11 @@ def unet_against_diffusers(family: str, seed: int, variants: dict[str, dict]) ->
             out[name] = sd.unet(latent, 500.0, context)
     torch.set_num_threads(2)
     unet = UNet2DConditionModel.from_pretrained(diffusers_folder(family) / "unet").eval()
+    if weights == "f16":
+        with torch.no_grad():
+            for name, p in unet.named_parameters():
+                if not (name.endswith(".bias") or "embedding" in name):
+                    p.copy_(p.half().float())
     with torch.no_grad():
         ref = unet(torch.from_numpy(latent), torch.tensor([500.0, 500.0]),
                    encoder_hidden_states=torch.from_numpy(context)).sample.numpy()

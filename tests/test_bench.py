@@ -69,6 +69,22 @@ def test_model_bench_report(sd15_f16, tmp_path):
     assert len(report["runs"]["im2col@2"][0]["steps"]) == 2 and len(report["runs"]["upstream"][0]["steps"]) == 1
 
 
+def test_linear_bench_report():
+    """The linear-layer benchmark at a small size: every distinct shape once, both paths timed, errors against
+    float64 within each path's bound, and the report renders."""
+    from pysdcpp.bench import format_linear_table, linear_bench, sd15_linear_shapes
+    from pysdcpp.bench_report import render
+
+    report = linear_bench(size=128, threads=2, repeat=1)
+    shapes = sd15_linear_shapes(128)
+    assert len(report["rows"]) == len(shapes) and (256, 320, 2560) in shapes  # 16x16 latent: 256 tokens
+    for row in report["rows"]:
+        assert row["median_s"]["upstream"] > 0 and row["median_s"]["fast"] > 0
+        assert row["max_error"]["fast"] <= 1e-5 and row["max_error"]["upstream"] <= 2e-3
+    assert "x fast" in format_linear_table(report)
+    assert "Linear layers of SD1.5's UNet at 128 px" in render([json.loads(json.dumps(report))])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--size", "100"], "multiple of 64"),
     (["--repeat", "0"], "at least 1"),
@@ -76,6 +92,7 @@ def test_model_bench_report(sd15_f16, tmp_path):
     (["--variants", "upstream@0"], "positive integer"),
     (["--experts"], "needs -m FILE"),
     (["--layers", "--attention"], "separate benchmarks"),
+    (["--linear", "--layers"], "separate benchmarks"),
     (["--attention", "--paths", "magic"], "unknown attention path"),
     (["--alter-demo", "-m", "x.gguf"], "alternatives"),
     (["--layers", "--algorithms", "fft"], "unknown algorithm"),

@@ -50,7 +50,8 @@ def test_linear_against_float64(shape, path, weight_f16, threads, with_bias):
 
 
 def test_batched_rows_and_builds_agree():
-    """x with leading batch dimensions is one matrix of rows; the SIMD and scalar builds sum in the same order."""
+    """x with leading batch dimensions gives the same rows as x flattened; the SIMD and scalar builds sum in the
+    same order."""
     x, w, b = _problem((2 * 3 * 50, 300, 140), seed=7)
     y, _ = linear(x.reshape(2, 3, 50, 300), w, b, threads=2)
     flat, _ = linear(x, w, b, threads=2)
@@ -71,13 +72,14 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_unet_fast_linear_against_pytorch(family):
-    """One UNet evaluation (f32 fixture, 256 px latent, batch 2) with the linear layers on our GEMM and on
-    ggml's, both against diffusers' float32 original: ours keeps activations in F32 where ggml rounds them to F16,
-    so it must be at least as close to the original (both remain within the F16 noise of the convs' im2col)."""
+    """One UNet evaluation (f16 file, 256 px latent, batch 2) with the linear layers on our GEMM and on ggml's,
+    both against diffusers' float32 original holding the same F16-rounded weights: with F16 weights ggml rounds
+    the activations to F16 before each linear layer, ours keeps them in F32, so ours must be at least as close to
+    the original (both keep the F16 activation roundings of upstream's im2col convs)."""
     from conftest import rel_l2, unet_against_diffusers
 
     out, ref = unet_against_diffusers(family, 11, {mode: dict(conv="im2col", attention="upstream", linear=mode)
-                                                   for mode in ("upstream", "fast")})
+                                                   for mode in ("upstream", "fast")}, weights="f16")
     err = {mode: rel_l2(o, ref) for mode, o in out.items()}
     assert err["fast"] <= 2e-3 and err["upstream"] <= 2e-3, err
     assert err["fast"] <= 1.05 * err["upstream"], err
