@@ -8,6 +8,7 @@
 
 #include "ggml-cpu.h"
 #include "ggml.h"
+#include "ggml_helpers.h"
 #include "winograd.h"
 
 extern "C" {
@@ -129,17 +130,10 @@ extern "C" SD_API int pysdcpp_conv2d_3x3(const float* x, int64_t N, int64_t C, i
         ggml_tensor* out = build_conv(ctx, tw, tx, tb, pad, algorithm);
         ggml_cgraph* gf  = ggml_new_graph(ctx);
         ggml_build_forward_expand(gf, out);
-        for (int r = 0; r < repeat; r++) {
-            auto t0 = r == 0 ? t_build : std::chrono::steady_clock::now();
-            if (ggml_graph_compute_with_ctx(ctx, gf, n_threads) != GGML_STATUS_SUCCESS) {
-                ggml_free(ctx);
-                g_error = "graph compute failed";
-                return 1;
-            }
-            auto t1 = std::chrono::steady_clock::now();
-            if (seconds != nullptr) {
-                seconds[r] = std::chrono::duration<double>(t1 - t0).count();
-            }
+        if (!pysdcpp::compute_timed(ctx, gf, n_threads, repeat, seconds, t_build)) {
+            ggml_free(ctx);
+            g_error = "graph compute failed";
+            return 1;
         }
         std::memcpy(y, out->data, sizeof(float) * (size_t)(N * K * OH * OW));
         ggml_free(ctx);

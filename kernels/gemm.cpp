@@ -1,7 +1,6 @@
 // The packed-B F32 GEMM (see gemm.h).
 #include "gemm.h"
 #include "gemm_tile.h"
-#include "simd.h"
 
 #include <algorithm>
 #include <cstring>
@@ -14,21 +13,16 @@ using namespace simd;
 
 constexpr int kRows = 6;  // rows per register tile
 
-template <class V, int R>
-inline void tile(const float* A, int64_t lda, const float* B, int64_t kd, float* C, int64_t ldc, bool accumulate) {
-    gemm_tile<V, R, kGemmPanel>(A, lda, B, kGemmPanel, kd, C, ldc, accumulate);
-}
-
 template <class V>
 void tile_rows(int rows, const float* A, int64_t lda, const float* B, int64_t kd, float* C, int64_t ldc,
                bool accumulate) {
     switch (rows) {
-        case 6: tile<V, 6>(A, lda, B, kd, C, ldc, accumulate); break;
-        case 5: tile<V, 5>(A, lda, B, kd, C, ldc, accumulate); break;
-        case 4: tile<V, 4>(A, lda, B, kd, C, ldc, accumulate); break;
-        case 3: tile<V, 3>(A, lda, B, kd, C, ldc, accumulate); break;
-        case 2: tile<V, 2>(A, lda, B, kd, C, ldc, accumulate); break;
-        default: tile<V, 1>(A, lda, B, kd, C, ldc, accumulate); break;
+        case 6: gemm_tile<V, 6, kGemmPanel>(A, lda, B, kGemmPanel, kd, C, ldc, accumulate); break;
+        case 5: gemm_tile<V, 5, kGemmPanel>(A, lda, B, kGemmPanel, kd, C, ldc, accumulate); break;
+        case 4: gemm_tile<V, 4, kGemmPanel>(A, lda, B, kGemmPanel, kd, C, ldc, accumulate); break;
+        case 3: gemm_tile<V, 3, kGemmPanel>(A, lda, B, kGemmPanel, kd, C, ldc, accumulate); break;
+        case 2: gemm_tile<V, 2, kGemmPanel>(A, lda, B, kGemmPanel, kd, C, ldc, accumulate); break;
+        default: gemm_tile<V, 1, kGemmPanel>(A, lda, B, kGemmPanel, kd, C, ldc, accumulate); break;
     }
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "ggml_helpers.h"
 #include "simd.h"
 #include "work_items.h"
 #include "ggml-backend.h"
@@ -163,16 +164,14 @@ ggml_tensor* pysdcpp_linear_hook(ggml_context* ctx, ggml_tensor* x, ggml_tensor*
     if (linear_mode() != LinearMode::fast) {
         return nullptr;
     }
-    const bool host     = w->data != nullptr && (w->buffer == nullptr || ggml_backend_buffer_is_host(w->buffer));
-    const bool eligible = host && x->type == GGML_TYPE_F32 && ggml_is_contiguous(x) &&
+    const bool eligible = host_weights(w) && x->type == GGML_TYPE_F32 && ggml_is_contiguous(x) &&
                           (w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_F32) && ggml_is_contiguous(w) &&
                           w->ne[2] == 1 && w->ne[3] == 1 && x->ne[0] == w->ne[0] &&
                           ggml_nelements(x) / x->ne[0] >= kMinLinearRows;
     if (!eligible) {
         return nullptr;
     }
-    const bool fuse = b != nullptr && b->type == GGML_TYPE_F32 && ggml_is_contiguous(b) && b->ne[0] == w->ne[1] &&
-                      ggml_nelements(b) == w->ne[1];
+    const bool fuse = fusable_bias(b, w->ne[1]);
     if (bias_done != nullptr) {
         *bias_done = fuse;
     }
@@ -236,16 +235,10 @@ extern "C" SD_API int pysdcpp_linear(const float* x, int64_t rows, int64_t K, co
         }
         ggml_cgraph* gf = ggml_new_graph(ctx);
         ggml_build_forward_expand(gf, out);
-        for (int r = 0; r < repeat; r++) {
-            auto t0 = std::chrono::steady_clock::now();
-            if (ggml_graph_compute_with_ctx(ctx, gf, n_threads) != GGML_STATUS_SUCCESS) {
-                ggml_free(ctx);
-                g_linear_error = "graph compute failed";
-                return 1;
-            }
-            if (seconds != nullptr) {
-                seconds[r] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            }
+        if (!compute_timed(ctx, gf, n_threads, repeat, seconds, std::chrono::steady_clock::now())) {
+            ggml_free(ctx);
+            g_linear_error = "graph compute failed";
+            return 1;
         }
         std::memcpy(y, out->data, sizeof(float) * (size_t)(rows * N));
         ggml_free(ctx);

@@ -15,6 +15,7 @@
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
 #include "gemm.h"
+#include "ggml_helpers.h"
 #include "work_items.h"
 
 
@@ -389,11 +390,6 @@ size_t g_cache_bytes  = 0;
 size_t g_cache_peak   = 0;  // most bytes cached at once since the last reset
 size_t g_cache_budget = kDefaultCacheBudget;
 std::atomic<int64_t> g_chunk_bytes{kChunkBytes};
-
-// Weights whose bytes the host can read (the filter transform reads them on the CPU).
-bool host_weights(const ggml_tensor* w) {
-    return w->data != nullptr && (w->buffer == nullptr || ggml_backend_buffer_is_host(w->buffer));
-}
 
 uint64_t weight_fingerprint(const ggml_tensor* w) {
     const size_t n     = ggml_nbytes(w);
@@ -788,8 +784,7 @@ ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor*
         return nullptr;
     }
     // The bias goes into the output transform (one pass over the output less) when it is a plain F32 vector.
-    const bool fuse = b != nullptr && b->type == GGML_TYPE_F32 && ggml_is_contiguous(b) &&
-                      ggml_nelements(b) == w->ne[3];
+    const bool fuse = fusable_bias(b, w->ne[3]);
     if (bias_done != nullptr) {
         *bias_done = fuse;
     }
