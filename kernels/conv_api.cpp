@@ -41,6 +41,10 @@ ggml_tensor* build_conv(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, ggml_
         case PYSDCPP_CONV_WINOGRAD_F4_SCALAR:
             return winograd_conv2d(ctx, w, x, pad, WinogradVariant::f4x4, FilterSource::cached, b,
                                    WinogradGemm::own_scalar);
+        case PYSDCPP_CONV_WINOGRAD_F4_FUSED:
+            return winograd_conv2d(ctx, w, x, pad, WinogradVariant::f4x4, FilterSource::fused, b);
+        case PYSDCPP_CONV_WINOGRAD_F2_FUSED:
+            return winograd_conv2d(ctx, w, x, pad, WinogradVariant::f2x2, FilterSource::fused, b);
         default:
             return nullptr;
     }
@@ -59,8 +63,31 @@ extern "C" SD_API const char* pysdcpp_conv_last_error(void) {
 }
 
 extern "C" SD_API void pysdcpp_set_conv_algorithm(int algorithm) {
-    const bool winograd = algorithm >= PYSDCPP_CONV_WINOGRAD_F4 && algorithm <= PYSDCPP_CONV_WINOGRAD_F4_SCALAR;
+    const bool winograd = algorithm >= PYSDCPP_CONV_WINOGRAD_F4 && algorithm <= PYSDCPP_CONV_LAST;
     pysdcpp::set_conv_algorithm(winograd ? pysdcpp::ConvAlgorithm::winograd : pysdcpp::ConvAlgorithm::im2col);
+}
+
+extern "C" SD_API int pysdcpp_conv_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int pad) {
+    using namespace pysdcpp;
+    const LayerPlan lp = winograd_plan(W, H, C, N, K, pad);
+    switch (lp.variant) {
+        case WinogradVariant::f4x4:
+            return !lp.hoisted ? PYSDCPP_CONV_WINOGRAD_F4_FUSED
+                   : K < 16    ? PYSDCPP_CONV_WINOGRAD_F4_GGML_GEMM
+                               : PYSDCPP_CONV_WINOGRAD_F4;
+        case WinogradVariant::f2x2:
+            return lp.hoisted ? PYSDCPP_CONV_WINOGRAD_F2 : PYSDCPP_CONV_WINOGRAD_F2_FUSED;
+        default:
+            return PYSDCPP_CONV_IM2COL;
+    }
+}
+
+extern "C" SD_API void pysdcpp_conv_routes(int64_t* counts, int reset) {
+    using pysdcpp::ConvRoute;
+    const ConvRoute order[4] = {ConvRoute::im2col, ConvRoute::cached, ConvRoute::in_graph, ConvRoute::fused};
+    for (int i = 0; i < 4; i++) {
+        counts[i] = pysdcpp::conv_routes(order[i], reset != 0);
+    }
 }
 
 extern "C" SD_API void pysdcpp_set_winograd_cache_budget(size_t bytes) {
@@ -93,7 +120,7 @@ extern "C" SD_API int pysdcpp_conv2d_3x3(const float* x, int64_t N, int64_t C, i
                                          int64_t K, const float* bias, int pad, int weight_f16, int algorithm,
                                          int n_threads, int repeat, float* y, double* seconds) {
     if (N < 1 || C < 1 || K < 1 || H < 1 || W < 1 || (pad != 0 && pad != 1) || n_threads < 1 || repeat < 1 ||
-        H + 2 * pad < 3 || W + 2 * pad < 3 || algorithm < 0 || algorithm > PYSDCPP_CONV_WINOGRAD_F4_SCALAR) {
+        H + 2 * pad < 3 || W + 2 * pad < 3 || algorithm < 0 || algorithm > PYSDCPP_CONV_LAST) {
         g_error = "invalid convolution arguments";
         return 1;
     }

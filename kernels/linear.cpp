@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "gemm.h"
+#include "pack.h"
 #include "ggml_helpers.h"
-#include "simd.h"
 #include "work_items.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
@@ -28,72 +28,6 @@ namespace {
 std::atomic<int> g_linear_mode{(int)LinearMode::upstream};
 
 const bool kVector = true, kScalar = false;  // node userdata: which build of the GEMM
-
-#if defined(__clang__) || __GNUC__ >= 12
-// c[m] = column m of the 8x8 block whose rows are r[0..7] (three rounds of two-vector shuffles).
-inline void transpose8(const simd::v8f (&r)[8], simd::v8f (&c)[8]) {
-    using simd::v8f;
-    v8f t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-        t[i]     = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-        t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-    }
-    for (int i = 0; i < 8; i += 4) {
-        u[i]     = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-        u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-        u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
-        u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
-    }
-    for (int m = 0; m < 4; m++) {
-        c[m]     = __builtin_shufflevector(u[m], u[m + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-        c[m + 4] = __builtin_shufflevector(u[m], u[m + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-    }
-}
-#endif
-
-// Packs columns [j0, j1) of W^T, depth [l0, l0 + kd), as panels of kGemmPanel columns (kd * kGemmPanel floats
-// apart): W [N][K] row-major (ggml's [K, N]), F16 or F32, converted to F32 on the way. A panel's 16 weight rows
-// are converted into `rows` (16 x kGemmDepth floats) and turned into the panel's columns 8x8 blocks at a time;
-// padding columns of the last panel are zeros. (Element-wise stores made packing ~6% of a 256-row layer.)
-void pack_block(const ggml_tensor* w, int64_t j0, int64_t j1, int64_t l0, int64_t kd, float* P, float* rows) {
-    const int64_t K = w->ne[0];
-    for (int64_t p0 = j0; p0 < j1; p0 += kGemmPanel) {
-        const float* src[kGemmPanel];
-        for (int q = 0; q < kGemmPanel; q++) {
-            float* buf = rows + q * kGemmDepth;
-            if (p0 + q >= j1) {
-                std::fill(buf, buf + kd, 0.0f);
-                src[q] = buf;
-            } else if (w->type == GGML_TYPE_F32) {
-                src[q] = (const float*)w->data + (p0 + q) * K + l0;
-            } else {
-                ggml_cpu_fp16_to_fp32((const ggml_fp16_t*)w->data + (p0 + q) * K + l0, buf, kd);
-                src[q] = buf;
-            }
-        }
-        float* panel = P + ((p0 - j0) / kGemmPanel) * kd * kGemmPanel;
-        int64_t l    = 0;
-#if defined(__clang__) || __GNUC__ >= 12  // __builtin_shufflevector; older compilers take the element loop below
-        for (; l + 8 <= kd; l += 8) {
-            for (int h = 0; h < kGemmPanel; h += 8) {
-                simd::v8f r[8], c[8];
-                for (int i = 0; i < 8; i++) {
-                    r[i] = simd::load<simd::v8f>(src[h + i] + l);
-                }
-                transpose8(r, c);
-                for (int m = 0; m < 8; m++) {
-                    simd::store(panel + (l + m) * kGemmPanel + h, c[m]);
-                }
-            }
-        }
-#endif
-        for (; l < kd; l++) {
-            for (int q = 0; q < kGemmPanel; q++) {
-                panel[l * kGemmPanel + q] = src[q][l];
-            }
-        }
-    }
-}
 
 // Rows per pass: a pass packs each (kGemmDepth x kGemmCols) block of W^T once and multiplies it by the pass's
 // rows, whose outputs for the column block (kLinearRows x kGemmCols floats, 128 KB) stay in L2 next to the packed
@@ -125,7 +59,8 @@ void linear_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
         const int64_t i0 = (item % n_rows) * kLinearRows, i1 = std::min(rows, i0 + kLinearRows);
         for (int64_t l0 = 0; l0 < K; l0 += kGemmDepth) {
             const int64_t kd = std::min(kGemmDepth, K - l0);
-            pack_block(w, j0, j1, l0, kd, pack.data(), rows_f32.data());
+            pack_panels(w->data, w->type == GGML_TYPE_F16, K, j0, j1, l0, kd, pack.data(), kd * kGemmPanel,
+                        rows_f32.data());
             gemm_block(X + l0, K, pack.data(), kd * kGemmPanel, kd, j1 - j0, Y + j0, N, i0, i1, l0 > 0, vector);
         }
         if (b != nullptr) {

@@ -32,11 +32,11 @@ int pysdcpp_unet(sd_ctx_t* ctx, const float* x, const int64_t* x_ne, const float
 int pysdcpp_decode(sd_ctx_t* ctx, const float* latent, const int64_t* latent_ne, pysdcpp_tensor_t* out);
 
 /* Convolution algorithms: the context-wide choice (pysdcpp_set_conv_algorithm: IM2COL, or any WINOGRAD value: the
-   cost model then picks F(4x4) or im2col and where the filters come from, per layer) and the explicit per-call
+   cost model then picks F(4x4), F(2x2) or im2col and where the filters come from, per layer) and the explicit per-call
    variants of pysdcpp_conv2d_3x3
    (WINOGRAD_F4/F2: filters from the cache; WINOGRAD_F4_IN_GRAPH: the filter transform as a graph node;
    WINOGRAD_F4_GGML_GEMM: the products through ggml's GEMM instead of ours; WINOGRAD_F4_SCALAR: our GEMM's portable
-   scalar build). */
+   scalar build; WINOGRAD_F4_FUSED/F2_FUSED: the filter transform fused into the products, block by block). */
 enum pysdcpp_conv_t {
     PYSDCPP_CONV_IM2COL               = 0,
     PYSDCPP_CONV_DIRECT               = 1,
@@ -44,13 +44,26 @@ enum pysdcpp_conv_t {
     PYSDCPP_CONV_WINOGRAD_F2          = 3,
     PYSDCPP_CONV_WINOGRAD_F4_IN_GRAPH = 4,
     PYSDCPP_CONV_WINOGRAD_F4_GGML_GEMM = 5,
-    PYSDCPP_CONV_WINOGRAD_F4_SCALAR   = 6
+    PYSDCPP_CONV_WINOGRAD_F4_SCALAR   = 6,
+    PYSDCPP_CONV_WINOGRAD_F4_FUSED    = 7,
+    PYSDCPP_CONV_WINOGRAD_F2_FUSED    = 8,
+    PYSDCPP_CONV_LAST                 = 8
 };
 void pysdcpp_set_conv_algorithm(int algorithm);
+/* What a context with the WINOGRAD algorithm runs for a 3x3 stride-1 conv of x [N, C, H, W] with K output channels:
+   IM2COL, WINOGRAD_F4 or F2 (filter transform hoisted: cached within the budget, else transformed in the graph or,
+   for large filters, in the products), WINOGRAD_F4_GGML_GEMM (the same with ggml's GEMM, K < 16), or
+   WINOGRAD_F4_FUSED or F2_FUSED (small maps: the transform always inside the products). */
+int pysdcpp_conv_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int pad);
+/* How many eligible 3x3 stride-1 convs the graphs built since the last reset (reset != 0 restarts the counts)
+   routed each way: counts[0] kept im2col, [1] Winograd with cached filters, [2] with filters transformed in the
+   graph, [3] with filters transformed inside the products. */
+void pysdcpp_conv_routes(int64_t* counts, int reset);
 /* Transformed Winograd filters are cached per weight up to a byte budget (default 1536 MB) while their model
    component computes: released when stable-diffusion.cpp frees the component's compute buffer (end of sampling,
-   end of a decode). A filter's first use in such a scope transforms it inside the graph when it is small; layers
-   that the cache cannot take transform inside the graph or keep im2col (docs/benchmarks.md). peak_bytes: most
+   end of a decode). Layers with few tiles (small maps) never cache: their filters are transformed inside the
+   products. A filter's first use in a scope transforms it inside the graph when it is small; layers the cache
+   cannot take transform inside the graph, or inside the products when large (docs/benchmarks.md). peak_bytes: most
    bytes cached at once since the last reset (reset != 0 restarts it from the current size). chunk_bytes: the
    tiles of one node go through in chunks whose stages take at most this much (<= 0: the default, 64 MB). */
 void pysdcpp_set_winograd_cache_budget(size_t bytes);

@@ -15,6 +15,8 @@
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
 #include "gemm.h"
+#include "pack.h"
+#include "simd.h"
 #include "ggml_helpers.h"
 #include "work_items.h"
 
@@ -23,19 +25,13 @@ namespace pysdcpp {
 
 namespace {
 
-// Transform matrices (Lavin & Gray). F(4x4,3x3) uses the interpolation points 0, +-1, +-2 and infinity.
+// Transform matrices (Lavin & Gray). F(4x4,3x3) uses the interpolation points 0, +-1, +-2 and infinity; the
+// filter transforms' G is written out in g4_1d and g2_1d below.
 constexpr float BT4[6][6] = {{4, 0, -5, 0, 1, 0}, {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
                              {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
-constexpr float G4[6][3] = {{1.f / 4, 0, 0},
-                            {-1.f / 6, -1.f / 6, -1.f / 6},
-                            {-1.f / 6, 1.f / 6, -1.f / 6},
-                            {1.f / 24, 1.f / 12, 1.f / 6},
-                            {1.f / 24, -1.f / 12, 1.f / 6},
-                            {0, 0, 1}};
 constexpr float AT4[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
 
 constexpr float BT2[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
-constexpr float G2[4][3]  = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
 constexpr float AT2[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
 
 template <int M>
@@ -44,14 +40,12 @@ template <>
 struct Mats<4> {
     static constexpr int A = 6;
     static constexpr const float (&BT)[6][6] = BT4;
-    static constexpr const float (&G)[6][3]  = G4;
     static constexpr const float (&AT)[4][6] = AT4;
 };
 template <>
 struct Mats<2> {
     static constexpr int A = 4;
     static constexpr const float (&BT)[4][4] = BT2;
-    static constexpr const float (&G)[4][3]  = G2;
     static constexpr const float (&AT)[2][4] = AT2;
 };
 
@@ -152,10 +146,53 @@ inline void output_tile4(const float (&m)[6][6][CB], float (&out)[4][4][CB]) {
     }
 }
 
-// U = G g G^T. w points at the weights of output channel k0. U is [alpha^2][K][C], or with `packed` each
-// position's [K][C] matrix is stored as our GEMM's packed operand (gemm.h: panels of output channels).
+// G's 1-D passes written out (as bt4_1d), on 8 lanes: (g0, g1, g2) -> r[alpha].
+inline void g_1d(const simd::v8f& g0, const simd::v8f& g1, const simd::v8f& g2, simd::v8f (&r)[6]) {
+    const simd::v8f a = g0 * (1.f / 24) + g2 * (1.f / 6), b = (g0 + g2) * (-1.f / 6);
+    const simd::v8f h = g1 * (1.f / 6), e = g1 * (1.f / 12);
+    r[0]              = g0 * 0.25f;
+    r[1]              = b - h;
+    r[2]              = b + h;
+    r[3]              = a + e;
+    r[4]              = a - e;
+    r[5]              = g2;
+}
+
+inline void g_1d(const simd::v8f& g0, const simd::v8f& g1, const simd::v8f& g2, simd::v8f (&r)[4]) {
+    const simd::v8f s = (g0 + g2) * 0.5f, h = g1 * 0.5f;
+    r[0]              = g0;
+    r[1]              = s + h;
+    r[2]              = s - h;
+    r[3]              = g2;
+}
+
+// u = G g G^T over CB lanes (columns, then rows): g holds [3][3][CB] floats, position p = i * alpha + j goes to
+// u + p * pos_stride. The lanes are input channels in the plain layout and output channels in the packed one:
+// the same code per lane, so both give the same U.
 template <int M>
-void filter_transform(const float* w, int64_t C, float* U, int64_t K, int64_t k0, int64_t k1, bool packed) {
+inline void filter_tile(const float* g, float* u, int64_t pos_stride) {
+    using simd::v8f;
+    constexpr int A = Mats<M>::A;
+    for (int h = 0; h < CB; h += 8) {
+        v8f cols[3][A];  // G applied down each column of g
+        for (int j = 0; j < 3; j++) {
+            g_1d(simd::load<v8f>(g + j * CB + h), simd::load<v8f>(g + (3 + j) * CB + h),
+                 simd::load<v8f>(g + (6 + j) * CB + h), cols[j]);
+        }
+        for (int i = 0; i < A; i++) {
+            v8f r[A];
+            g_1d(cols[0][i], cols[1][i], cols[2][i], r);
+            for (int j = 0; j < A; j++) {
+                simd::store(u + (i * A + j) * pos_stride + h, r[j]);
+            }
+        }
+    }
+}
+
+// The plain layout U [alpha^2][K][C] (ggml's GEMM) for output channels [k0, k1) from F32 weights w [K][C][3][3]
+// (w points at channel k0's).
+template <int M>
+void filter_transform_plain(const float* w, int64_t C, float* U, int64_t K, int64_t k0, int64_t k1) {
     constexpr int A = Mats<M>::A;
     for (int64_t k = k0; k < k1; k++) {
         for (int64_t c0 = 0; c0 < C; c0 += CB) {
@@ -170,20 +207,105 @@ void filter_transform(const float* w, int64_t C, float* U, int64_t K, int64_t k0
                     g[i / 3][i % 3][q] = src[i];
                 }
             }
-            float tmp[A][3][CB], u[A][A][CB];
-            mul_rows(Mats<M>::G, g, tmp);
-            mul_cols(tmp, Mats<M>::G, u);
+            float u[A * A][CB];
+            filter_tile<M>(&g[0][0][0], &u[0][0], CB);
             for (int p = 0; p < A * A; p++) {
-                if (packed) {
-                    float* Up = U + p * gemm_packed_floats(C, K);
-                    for (int q = 0; q < cb; q++) {
-                        Up[gemm_packed_index(C, c0 + q, k)] = u[p / A][p % A][q];
-                    }
-                } else {
-                    std::memcpy(U + ((int64_t)p * K + k) * C + c0, u[p / A][p % A], sizeof(float) * cb);
-                }
+                std::memcpy(U + ((int64_t)p * K + k) * C + c0, u[p], sizeof(float) * cb);
             }
         }
+    }
+}
+
+// Floats from one position's packed matrix to the next in a packed U: one cache line more than the matrix, so
+// that the transform's 36 (or 16) stores per filter, one per position, fall into different cache sets (at
+// power-of-two strides they all met in one set of L1 and the transform ran ~3x slower).
+inline int64_t position_floats(int64_t C, int64_t K) {
+    return gemm_packed_floats(C, K) + kGemmPanel;
+}
+
+// Input channels per block of the packed transform (prefetched one block ahead).
+constexpr int64_t kFilterDepth = 64;
+
+// Input channels packed at once inside transform_panels, and the scratch floats it needs.
+constexpr int64_t kPackChannels  = 16;
+constexpr int64_t kFilterScratch = 2 * kGemmPanel * 9 * kPackChannels;
+
+// Asks for the weights of output channels [k0, k1), input channels [c0, c0 + kd), to be brought into the caches:
+// issued one block ahead, the block's rows (one stream per output channel, 18 bytes per F16 filter) arrive while
+// the current block is transformed and multiplied, instead of stalling the F16 conversion (11% of a 1280-channel
+// layer's time in a profile without it).
+void prefetch_weights(const ggml_tensor* w, int64_t k0, int64_t k1, int64_t c0, int64_t kd) {
+    const int64_t C    = w->ne[2];
+    const size_t esize = ggml_type_size(w->type);
+    for (int64_t k = k0; k < k1; k++) {
+        const char* row = (const char*)w->data + (k * C + c0) * 9 * esize;
+        for (size_t off = 0; off < (size_t)kd * 9 * esize; off += 64) {
+            __builtin_prefetch(row + off, 0, 2);
+        }
+    }
+}
+
+// The packed layout of our GEMM: the filters of output channels [k0, k1) (k0 on a panel boundary), input channels
+// [c0, c0 + kd) with kd <= kFilterDepth, go to
+//   U + p * pos_stride + ((k - k0) / kGemmPanel) * panel_stride + (c - c0) * kGemmPanel + (k - k0) % kGemmPanel
+// (lanes past k1 are zeros). Each panel's weights are first packed (pack.h: converted to F32 and transposed so
+// that one element of 16 filters is one 16-lane row), then transformed 16 filters at a time.
+template <int M>
+void transform_panels(const ggml_tensor* w, int64_t k0, int64_t k1, int64_t c0, int64_t kd, float* U,
+                      int64_t pos_stride, int64_t panel_stride, float* scratch) {
+    static_assert(CB == kGemmPanel, "the packed transform's lanes are one panel of output channels");
+    const int64_t C = w->ne[2];
+    float* g_all    = scratch;
+    float* rows     = scratch + kGemmPanel * 9 * kPackChannels;
+    for (int64_t j0 = k0; j0 < k1; j0 += kGemmPanel) {
+        float* Uj = U + (j0 - k0) / kGemmPanel * panel_stride;
+        // 16 input channels at a time: the packed weights and their F32 rows (9 KB each) stay in L1.
+        for (int64_t cs = 0; cs < kd; cs += kPackChannels) {
+            const int64_t n = std::min(kPackChannels, kd - cs);
+            pack_panels(w->data, w->type == GGML_TYPE_F16, C * 9, j0, std::min(k1, j0 + kGemmPanel), (c0 + cs) * 9,
+                        n * 9, g_all, 0, rows);
+            for (int64_t c = 0; c < n; c++) {
+                filter_tile<M>(g_all + c * 9 * kGemmPanel, Uj + (cs + c) * kGemmPanel, pos_stride);
+            }
+        }
+    }
+}
+
+// U of weight w for output channels [k0, k1) (on panel boundaries when packed) in the layout `packed` names:
+// packed per position (gemm.h, [packed C x K] each), or plain [alpha^2][K][C]. w is F16 or F32 [3, 3, C, K].
+void transform_filters(const ggml_tensor* w, int m, bool packed, float* U, int64_t k0, int64_t k1) {
+    const int64_t C = w->ne[2], K = w->ne[3];
+    if (packed) {
+        thread_local std::vector<float> scratch;
+        scratch.resize((size_t)kFilterScratch);
+        for (int64_t c0 = 0; c0 < C; c0 += kFilterDepth) {
+            const int64_t kd = std::min(kFilterDepth, C - c0);
+            if (c0 + kd < C) {
+                prefetch_weights(w, k0, k1, c0 + kd, std::min(kFilterDepth, C - c0 - kd));
+            }
+            float* base      = U + gemm_packed_index(C, c0, k0);
+            const int64_t ps = position_floats(C, K);
+            if (m == 4) {
+                transform_panels<4>(w, k0, k1, c0, kd, base, ps, C * kGemmPanel, scratch.data());
+            } else {
+                transform_panels<2>(w, k0, k1, c0, kd, base, ps, C * kGemmPanel, scratch.data());
+            }
+        }
+        return;
+    }
+    const float* wf = nullptr;
+    std::vector<float> buf;
+    if (w->type == GGML_TYPE_F32) {
+        wf = (const float*)w->data + k0 * C * 9;
+    } else {
+        buf.resize((size_t)((k1 - k0) * C * 9));
+        ggml_cpu_fp16_to_fp32((const ggml_fp16_t*)w->data + k0 * C * 9, buf.data(), (int64_t)buf.size());
+        wf = buf.data();
+    }
+    if (m == 4) {
+        filter_transform_plain<4>(wf, C, U, K, k0, k1);
+    } else {
+        filter_transform_plain<2>(wf, C, U, K, k0, k1);
     }
 }
 
@@ -299,17 +421,6 @@ int tile_of(int64_t positions) {
 
 // ---- ggml custom-op bodies -----------------------------------------------------------------------------
 
-// Zeroes the padding columns [K, Kp) of the packed U's last panel, for every position and channel.
-void zero_packed_padding(float* U, int64_t C, int64_t K, int64_t P) {
-    const int64_t pad = gemm_packed_floats(C, K) / C - K;
-    for (int64_t p = 0; pad > 0 && p < P; p++) {
-        float* Up = U + p * gemm_packed_floats(C, K);
-        for (int64_t c = 0; c < C; c++) {
-            std::memset(Up + gemm_packed_index(C, c, K), 0, sizeof(float) * pad);
-        }
-    }
-}
-
 // Output channels [k0, k1) of thread ith: whole panels of the packed layout (no two threads share one).
 void split_channels(int64_t K, bool packed, int ith, int nth, int64_t* k0, int64_t* k1) {
     if (!packed) {
@@ -325,37 +436,23 @@ void split_channels(int64_t K, bool packed, int ith, int nth, int64_t* k0, int64
 const bool kPackedU = true;
 
 // dst U (see kPackedU) F32, alpha^2 positions in ne[2]; src[0] = w [3, 3, C, K] (F16 or F32, contiguous).
+// Work items: panels of output channels, claimed dynamically.
 void filter_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
+    (void)ith;
     const ggml_tensor* w = dst->src[0];
-    const int64_t C = w->ne[2], K = w->ne[3];
-    const int m       = tile_of(dst->ne[2]);
-    const bool packed = userdata != nullptr;
-    int64_t k0, k1;
-    split_channels(K, packed, ith, nth, &k0, &k1);
-    if (packed && k1 == K && k0 < k1) {
-        zero_packed_padding((float*)dst->data, C, K, dst->ne[2]);
-    }
-    if (k0 >= k1) {
-        return;
-    }
-    const float* wf = nullptr;
-    std::vector<float> buf;
-    if (w->type == GGML_TYPE_F32) {
-        wf = (const float*)w->data + k0 * C * 9;
-    } else {
-        buf.resize((size_t)((k1 - k0) * C * 9));
-        ggml_fp16_to_fp32_row((const ggml_fp16_t*)w->data + k0 * C * 9, buf.data(), (int64_t)buf.size());
-        wf = buf.data();
-    }
-    float* U = (float*)dst->data;
-    if (m == 4) {
-        filter_transform<4>(wf, C, U, K, k0, k1, packed);
-    } else {
-        filter_transform<2>(wf, C, U, K, k0, k1, packed);
+    const int64_t K      = w->ne[3];
+    WorkItems items(dst, nth, (K + kGemmPanel - 1) / kGemmPanel);
+    for (int64_t item; (item = items.next()) >= 0;) {
+        const int64_t k0 = item * kGemmPanel;
+        transform_filters(w, tile_of(dst->ne[2]), userdata != nullptr, (float*)dst->data, k0,
+                          std::min(K, k0 + kGemmPanel));
     }
 }
 
 std::atomic<int> g_algorithm{(int)ConvAlgorithm::im2col};
+
+// Graph builds per outcome of the hook since the last reset (ConvRoute order).
+std::atomic<int64_t> g_routes[4];
 
 // ---- the dependent stage, hoisted: transformed filters cached per weight tensor ----------------------------
 //
@@ -407,9 +504,9 @@ FilterKey key_of(const ggml_tensor* w, int m, bool packed) {
     return FilterKey{w->data, w->ne[2], w->ne[3], (int)w->type, m, packed};
 }
 
-// Floats of U: alpha^2 positions of K x C (packed: K rounded up to whole panels).
+// Floats of U: alpha^2 positions of K x C (packed: K rounded up to whole panels, positions position_floats apart).
 int64_t filter_floats(int64_t C, int64_t K, int m, bool packed) {
-    return (m + 2) * (m + 2) * (packed ? gemm_packed_floats(C, K) : C * K);
+    return (m + 2) * (m + 2) * (packed ? position_floats(C, K) : C * K);
 }
 
 size_t filter_bytes(const ggml_tensor* w, int m, bool packed) {
@@ -436,14 +533,8 @@ const float* insert_locked(const ggml_tensor* w, int m, bool packed) {
     auto entry         = std::make_unique<CachedFilter>();
     entry->fingerprint = weight_fingerprint(w);
     entry->owner       = w->buffer;
-    entry->U.resize((size_t)filter_floats(C, K, m, packed));  // zeroed: the packed padding columns stay 0
-    std::vector<float> wf((size_t)(K * C * 9));
-    if (w->type == GGML_TYPE_F32) {
-        std::memcpy(wf.data(), w->data, wf.size() * sizeof(float));
-    } else {
-        // ggml-base's conversion (as in filter_node): no CPU-backend tables needed, so this may run at graph build.
-        ggml_fp16_to_fp32_row((const ggml_fp16_t*)w->data, wf.data(), (int64_t)wf.size());
-    }
+    entry->U.resize((size_t)filter_floats(C, K, m, packed));
+    ggml_cpu_init();  // F16 conversion tables where the CPU has no conversion instructions (idempotent)
     const int nth = std::max(1, std::min<int>((int)std::thread::hardware_concurrency(), 16));
     std::vector<std::thread> pool;
     for (int i = 0; i < nth; i++) {
@@ -451,7 +542,7 @@ const float* insert_locked(const ggml_tensor* w, int m, bool packed) {
             int64_t k0, k1;
             split_channels(K, packed, i, nth, &k0, &k1);
             if (k0 < k1) {
-                winograd_filter_transform(wf.data(), K, C, m, entry->U.data(), k0, k1, packed);
+                transform_filters(w, m, packed, entry->U.data(), k0, k1);
             }
         });
     }
@@ -477,35 +568,32 @@ const float* cached_filter(const ggml_tensor* w, int m, bool packed) {
 
 // Where a layer's transformed filters come from at this graph build (the cost model's memory half); a
 // `cached` plan has put them in the cache.
-enum class FilterPlan { im2col, in_graph, cached };
+enum class FilterPlan { in_graph, cached, fused };
 
-FilterPlan plan_filter(const ggml_tensor* w, int m, bool packed, int64_t tiles) {
+// For a layer whose filter transform is hoisted (winograd_plan).
+FilterPlan plan_filter(const ggml_tensor* w, int m, bool packed) {
     const size_t bytes = filter_bytes(w, m, packed);
     std::lock_guard<std::mutex> lock(g_cache_mutex);
     if (lookup_locked(w, m, packed) != nullptr) {
         return FilterPlan::cached;
     }
-    const FilterKey key   = key_of(w, m, packed);
-    const bool first_use  = g_seen.emplace(key, w->buffer).second;
-    // Transforming in the graph costs ~C*K work per evaluation against a gain ~T*C*K: it pays from ~64 tiles on
-    // (measured), and its U lives in the compute buffer, which keeps its peak size for the whole scope: small
-    // filters only.
-    const bool in_graph_ok = tiles >= kMinTilesInGraph && bytes <= kMaxInGraphBytes;
+    const FilterKey key  = key_of(w, m, packed);
+    const bool first_use = g_seen.emplace(key, w->buffer).second;
+    // A U transformed in the graph lives in the compute buffer, which keeps its peak size for the whole scope:
+    // small filters only.
+    const bool in_graph_ok = bytes <= kMaxInGraphBytes;
     // The first use of a small filter transforms in the graph: a component evaluated once per scope (the VAE
     // decode) then never holds its transformed filters beyond the layer that uses them.
     if (first_use && in_graph_ok) {
         return FilterPlan::in_graph;
     }
-    // Gain per cached byte grows with the tiles: ~1-5 ms per MB per evaluation at >= 64 tiles, ~0.1 below
-    // (docs/benchmarks.md, layer table), so layers with fewer tiles only get budget beyond the default.
-    const size_t limit = tiles >= kMinTilesInGraph ? g_cache_budget
-                         : g_cache_budget > kDefaultCacheBudget ? g_cache_budget - kDefaultCacheBudget
-                                                                : 0;
-    if (g_cache_bytes + bytes <= limit) {
+    if (g_cache_bytes + bytes <= g_cache_budget) {
         insert_locked(w, m, packed);
         return FilterPlan::cached;
     }
-    return in_graph_ok ? FilterPlan::in_graph : FilterPlan::im2col;
+    // Over budget: a whole U per evaluation where it is small, else the transform inside the products (on these
+    // maps the in-graph U measured faster: its products run as one GEMM over all tiles).
+    return in_graph_ok ? FilterPlan::in_graph : FilterPlan::fused;
 }
 
 }  // namespace
@@ -566,15 +654,6 @@ ConvGeometry ConvGeometry::make(int64_t W, int64_t H, int64_t C, int64_t N, int6
     return g;
 }
 
-void winograd_filter_transform(const float* w, int64_t K, int64_t C, int m, float* U, int64_t k0, int64_t k1,
-                               bool packed) {
-    if (m == 4) {
-        filter_transform<4>(w + k0 * C * 9, C, U, K, k0, k1, packed);
-    } else {
-        filter_transform<2>(w + k0 * C * 9, C, U, K, k0, k1, packed);
-    }
-}
-
 namespace {
 
 // Tile range and padding of one chunk of a convolution (node userdata: interned, so the pointers outlive every
@@ -592,48 +671,58 @@ const ChunkArgs* intern_chunk(int pad, int64_t t0, int64_t t1) {
     return &*chunks.insert(ChunkArgs{pad, t0, t1}).first;
 }
 
+// Tiles per work item of the input and output transforms (claimed dynamically, as the products' items): small,
+// so that even a 16-tile map has an item for each thread to balance with.
+constexpr int64_t kTransformItemTiles = 4;
+
 // dst V [C, t1 - t0, alpha^2] F32 for the chunk's tiles; src[0] = x [W, H, C, N] F32 contiguous.
 void input_chunk_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
+    (void)ith;
     const ggml_tensor* x = dst->src[0];
     const auto* a        = (const ChunkArgs*)userdata;
     const int m          = tile_of(dst->ne[2]);
     ConvGeometry g       = ConvGeometry::make(x->ne[0], x->ne[1], x->ne[2], x->ne[3], 0, a->pad, m);
     g.T                  = a->t1 - a->t0;  // V's tile count (the tiles' positions come from tiles_w, tiles_h)
-    int64_t b, e;
-    split(g.T, ith, nth, &b, &e);
-    if (m == 4) {
-        input_transform<4>((const float*)x->data, g, (float*)dst->data, a->t0 + b, a->t0 + e, a->t0);
-    } else {
-        input_transform<2>((const float*)x->data, g, (float*)dst->data, a->t0 + b, a->t0 + e, a->t0);
+    WorkItems items(dst, nth, (g.T + kTransformItemTiles - 1) / kTransformItemTiles);
+    for (int64_t item; (item = items.next()) >= 0;) {
+        const int64_t b = a->t0 + item * kTransformItemTiles, e = std::min(a->t1, b + kTransformItemTiles);
+        if (m == 4) {
+            input_transform<4>((const float*)x->data, g, (float*)dst->data, b, e, a->t0);
+        } else {
+            input_transform<2>((const float*)x->data, g, (float*)dst->data, b, e, a->t0);
+        }
     }
 }
 
 // The chunk's output tiles into y [OW, OH, K, N] from its M [K, t1 - t0, alpha^2], plus the bias if any.
-void output_chunk(ggml_tensor* y, const ggml_tensor* Mt, const ggml_tensor* b, const ChunkArgs* a, int ith,
-                  int nth) {
+void output_chunk(ggml_tensor* y, const ggml_tensor* Mt, const ggml_tensor* b, const ChunkArgs* a, int nth) {
     const int m = tile_of(Mt->ne[2]);
     // Recover the input size from the output size: OH = H + 2 pad - 2.
     ConvGeometry g = ConvGeometry::make(y->ne[0] - 2 * a->pad + 2, y->ne[1] - 2 * a->pad + 2, 0, y->ne[3],
                                         y->ne[2], a->pad, m);
     g.T = a->t1 - a->t0;
-    int64_t lo, hi;
-    split(g.T, ith, nth, &lo, &hi);
     const float* bias = b != nullptr ? (const float*)b->data : nullptr;
-    if (m == 4) {
-        output_transform<4>((const float*)Mt->data, g, bias, (float*)y->data, a->t0 + lo, a->t0 + hi, a->t0);
-    } else {
-        output_transform<2>((const float*)Mt->data, g, bias, (float*)y->data, a->t0 + lo, a->t0 + hi, a->t0);
+    WorkItems items(y, nth, (g.T + kTransformItemTiles - 1) / kTransformItemTiles);  // y: this node's dst
+    for (int64_t item; (item = items.next()) >= 0;) {
+        const int64_t lo = a->t0 + item * kTransformItemTiles, hi = std::min(a->t1, lo + kTransformItemTiles);
+        if (m == 4) {
+            output_transform<4>((const float*)Mt->data, g, bias, (float*)y->data, lo, hi, a->t0);
+        } else {
+            output_transform<2>((const float*)Mt->data, g, bias, (float*)y->data, lo, hi, a->t0);
+        }
     }
 }
 
 // First chunk: dst y is a new tensor, src[0] = M, src[1] = bias or none.
 void output_first_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
-    output_chunk(dst, dst->src[0], dst->src[1], (const ChunkArgs*)userdata, ith, nth);
+    (void)ith;
+    output_chunk(dst, dst->src[0], dst->src[1], (const ChunkArgs*)userdata, nth);
 }
 
 // Later chunks: dst is a view of src[0] (the output so far, written in place), src[1] = M, src[2] = bias.
 void output_next_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
-    output_chunk(dst, dst->src[1], dst->src[2], (const ChunkArgs*)userdata, ith, nth);
+    (void)ith;
+    output_chunk(dst, dst->src[1], dst->src[2], (const ChunkArgs*)userdata, nth);
 }
 
 // Tiles per work item of the GEMM node: the item's slice of V (kGemmDepth channels) stays in L2 next to the
@@ -658,9 +747,68 @@ void gemm_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
         const int64_t p = item / blocks, t0 = (item % blocks) * kGemmItemTiles;
         const int64_t t1 = std::min(T, t0 + kGemmItemTiles);
         const float* Vp  = (const float*)V->data + p * T * C;
-        const float* Up  = (const float*)U->data + p * gemm_packed_floats(C, K);
+        const float* Up  = (const float*)U->data + p * position_floats(C, K);
         float* Mp        = (float*)dst->data + p * T * K;
         gemm_packed_b(Vp, C, Up, C, K, Mp, K, t0, t1, vector);
+    }
+}
+
+// ---- the dependent stage fused into the products (layers whose U is not cached) ----------------------------
+//
+// Each work item transforms the filters of its output channels block by block of input channels, straight into
+// the packed panels the GEMM reads, and multiplies them while they are in L2: U is never materialised, and the
+// products read the 3x3 weights (F16: 18 bytes per filter) instead of a cached U (144 bytes per filter with
+// F(4x4)). The transform costs ~C*K work per item against ~T*C*K for the products, so the item's tiles amortise
+// it; the tile blocks are large enough that a big map pays ~1% for it.
+constexpr int64_t kFusedDepth = kFilterDepth;   // input channels per block: U block of 36 x 64 x 32 floats (295 KB)
+constexpr int64_t kFusedCols  = 2 * kGemmPanel;  // output channels per item
+constexpr int64_t kFusedTiles = 96;   // tiles per item: its products (36 x 96 x 32 floats, 442 KB) stay in L2
+
+// dst M [K, T, alpha^2] as gemm_node's, with the filter transform fused in; src[0] = w [3, 3, C, K] (F16 or F32),
+// src[1] = V [C, T, alpha^2]. Work items are (block of kFusedCols output channels, block of kFusedTiles tiles).
+void fused_gemm_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
+    (void)ith;
+    const ggml_tensor* w = dst->src[0];
+    const ggml_tensor* V = dst->src[1];
+    const int64_t C = V->ne[0], T = V->ne[1], P = V->ne[2], K = dst->ne[0];
+    const int m           = tile_of(P);
+    const int64_t n_cols  = (K + kFusedCols - 1) / kFusedCols;
+    const int64_t n_tiles = (T + kFusedTiles - 1) / kFusedTiles;
+    const bool vector     = *(const bool*)userdata;
+    thread_local std::vector<float> scratch, Ub, Mb;
+    scratch.resize((size_t)kFilterScratch);
+    Ub.resize((size_t)(P * (kFusedCols * kFusedDepth + kGemmPanel)));
+    Mb.resize((size_t)(P * kFusedTiles * kFusedCols));
+    WorkItems items(dst, nth, n_cols * n_tiles);
+    for (int64_t item; (item = items.next()) >= 0;) {
+        const int64_t k0 = (item / n_tiles) * kFusedCols, k1 = std::min(K, k0 + kFusedCols);
+        const int64_t t0 = (item % n_tiles) * kFusedTiles, t1 = std::min(T, t0 + kFusedTiles);
+        const int64_t panels = (k1 - k0 + kGemmPanel - 1) / kGemmPanel;
+        for (int64_t c0 = 0; c0 < C; c0 += kFusedDepth) {
+            const int64_t kd = std::min(kFusedDepth, C - c0);
+            if (c0 + kd < C) {
+                prefetch_weights(w, k0, k1, c0 + kd, std::min(kFusedDepth, C - c0 - kd));
+            }
+            const int64_t ps = (panels * kd + 1) * kGemmPanel;  // floats per position, padded as position_floats
+            if (m == 4) {
+                transform_panels<4>(w, k0, k1, c0, kd, Ub.data(), ps, kd * kGemmPanel, scratch.data());
+            } else {
+                transform_panels<2>(w, k0, k1, c0, kd, Ub.data(), ps, kd * kGemmPanel, scratch.data());
+            }
+            for (int64_t p = 0; p < P; p++) {
+                // The item's products accumulate in Mb (rows of kFusedCols floats: the tiles' slices stay in L2
+                // across the blocks of channels) and go to dst when the item is done.
+                gemm_block((const float*)V->data + (p * T + t0) * C + c0, C, Ub.data() + p * ps, kd * kGemmPanel,
+                           kd, k1 - k0, Mb.data() + p * kFusedTiles * kFusedCols, kFusedCols, 0, t1 - t0, c0 > 0,
+                           vector);
+            }
+        }
+        for (int64_t p = 0; p < P; p++) {
+            for (int64_t t = t0; t < t1; t++) {
+                std::memcpy((float*)dst->data + (p * T + t) * K + k0,
+                            Mb.data() + (p * kFusedTiles + t - t0) * kFusedCols, sizeof(float) * (k1 - k0));
+            }
+        }
     }
 }
 
@@ -672,11 +820,14 @@ ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, 
     const int64_t alpha = m + 2;
     ConvGeometry g      = ConvGeometry::make(x->ne[0], x->ne[1], x->ne[2], x->ne[3], w->ne[3], pad, m);
     const int64_t P     = alpha * alpha;
-    const bool packed   = gemm != WinogradGemm::ggml;
+    const bool fused    = source == FilterSource::fused;
+    const bool packed   = gemm != WinogradGemm::ggml || fused;  // the fused transform feeds our GEMM only
     // U's shape: [C, K, P] for ggml's GEMM, [packed floats of one position, 1, P] for ours.
-    const int64_t u0 = packed ? gemm_packed_floats(g.C, g.K) : g.C, u1 = packed ? 1 : g.K;
+    const int64_t u0 = packed ? position_floats(g.C, g.K) : g.C, u1 = packed ? 1 : g.K;
     ggml_tensor* U   = nullptr;
-    if (source == FilterSource::cached && host_weights(w)) {
+    if (fused) {
+        // no U: the products transform the filters themselves
+    } else if (source == FilterSource::cached && host_weights(w)) {
         U       = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, u0, u1, P);
         U->data = (void*)cached_filter(w, m, packed);  // a leaf outside every backend buffer: the allocator leaves it alone
         ggml_set_name(U, "winograd_U_cached");
@@ -709,9 +860,13 @@ ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, 
         // F(4x4)'s output transform amplifies those roundings to ~4e-3 normalised error; measured, see
         // docs/benchmarks.md.)
         ggml_tensor* Mt = nullptr;  // [K, t1 - t0, P]
-        if (packed) {
+        const void* build = gemm == WinogradGemm::own_scalar ? &kGemmScalar : &kGemmVector;
+        if (fused) {
+            ggml_tensor* gargs[2] = {w, V};
+            Mt = ggml_custom_4d(ctx, GGML_TYPE_F32, g.K, t1 - t0, P, 1, gargs, 2, fused_gemm_node,
+                                GGML_N_TASKS_MAX, (void*)build);
+        } else if (packed) {
             ggml_tensor* gargs[2] = {U, V};
-            const void* build     = gemm == WinogradGemm::own_scalar ? &kGemmScalar : &kGemmVector;
             Mt = ggml_custom_4d(ctx, GGML_TYPE_F32, g.K, t1 - t0, P, 1, gargs, 2, gemm_node, GGML_N_TASKS_MAX,
                                 (void*)build);
         } else {
@@ -730,17 +885,28 @@ ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, 
     return y;
 }
 
-WinogradVariant winograd_choose(int64_t OW, int64_t OH, int64_t C, int64_t N, int64_t K) {
-    (void)N;
-    (void)K;
-    // Measured (docs/benchmarks.md, 2-core AVX2, 2 threads, steady state with cached filters): F(4x4) beats
-    // im2col on every SD conv with at least 16 input channels whose output map is larger than 8x8; at 8x8 it
-    // only ties and at 4x4 it loses (too few tiles to amortise the 4x larger filters), and with 3-4 input
-    // channels the GEMMs are too short. F(2x2) never won a layer F(4x4) lost.
-    if (C < 16 || OW * OH <= 64) {
-        return WinogradVariant::none;
+LayerPlan winograd_plan(int64_t W, int64_t H, int64_t C, int64_t N, int64_t K, int pad) {
+    // Measured (docs/benchmarks.md, 2-core AVX2, 2 threads): F(4x4) beats im2col on every SD conv whose output
+    // map is larger than 8x8, whatever the channel counts (3 and 4 input channels included); on 8x8 maps F(2x2)
+    // wins by 1.1-1.4x and F(4x4) by less (4 tiles per image); at 4x4 both lose.
+    const int64_t OW = W + 2 * pad - 2, OH = H + 2 * pad - 2;
+    if (OW * OH <= 16) {
+        return LayerPlan{WinogradVariant::none, false};
     }
-    return WinogradVariant::f4x4;
+    const WinogradVariant v = OW * OH <= 64 ? WinogradVariant::f2x2 : WinogradVariant::f4x4;
+    // Few tiles: the products are short and a hoisted U (8x the F16 weights with F(4x4)) is read from memory
+    // once per evaluation for little work; transforming inside the products reads the weights instead, and
+    // measured as fast as a cached U at the UNet's 16x16 maps (layer table), with no memory held.
+    const int64_t tiles = ConvGeometry::make(W, H, C, N, K, pad, (int)v).T;
+    return LayerPlan{v, tiles >= kMinTilesHoisted};
+}
+
+void count_route(ConvRoute r) {
+    g_routes[(int)r].fetch_add(1, std::memory_order_relaxed);
+}
+
+int64_t conv_routes(ConvRoute r, bool reset) {
+    return reset ? g_routes[(int)r].exchange(0) : g_routes[(int)r].load();
 }
 
 ConvAlgorithm conv_algorithm() {
@@ -766,31 +932,28 @@ ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor*
     if (!eligible) {
         return nullptr;
     }
-    const WinogradVariant v = winograd_choose(x->ne[0] + 2 * p0 - 2, x->ne[1] + 2 * p0 - 2, x->ne[2], x->ne[3],
-                                              w->ne[3]);
-    if (v == WinogradVariant::none) {
+    const LayerPlan lp = winograd_plan(x->ne[0], x->ne[1], x->ne[2], x->ne[3], w->ne[3], p0);
+    if (lp.variant == WinogradVariant::none || !host_weights(w)) {
+        count_route(ConvRoute::im2col);
         return nullptr;
     }
-    if (!host_weights(w)) {
-        return nullptr;
-    }
-    const int m           = (int)v;
-    const int64_t tiles   = ConvGeometry::make(x->ne[0], x->ne[1], x->ne[2], x->ne[3], w->ne[3], p0, m).T;
     // Our GEMM works on whole panels of 16 output channels: the few layers with fewer (the UNet's and the VAE
     // decoder's output convs, 4 and 3 channels) keep ggml's GEMM, measured faster there (layer table).
     const bool own_gemm   = w->ne[3] >= kGemmPanel;
-    const FilterPlan plan = plan_filter(w, m, own_gemm, tiles);
-    if (plan == FilterPlan::im2col) {
-        return nullptr;
-    }
+    const FilterPlan plan = lp.hoisted ? plan_filter(w, (int)lp.variant, own_gemm) : FilterPlan::fused;
     // The bias goes into the output transform (one pass over the output less) when it is a plain F32 vector.
     const bool fuse = fusable_bias(b, w->ne[3]);
     if (bias_done != nullptr) {
         *bias_done = fuse;
     }
-    return winograd_conv2d(ctx, w, x, p0, v,
-                           plan == FilterPlan::cached ? FilterSource::cached : FilterSource::in_graph,
-                           fuse ? b : nullptr, own_gemm ? WinogradGemm::own : WinogradGemm::ggml);
+    const FilterSource source = plan == FilterPlan::cached     ? FilterSource::cached
+                                : plan == FilterPlan::in_graph ? FilterSource::in_graph
+                                                               : FilterSource::fused;
+    count_route(source == FilterSource::cached     ? ConvRoute::cached
+                : source == FilterSource::in_graph ? ConvRoute::in_graph
+                                                   : ConvRoute::fused);
+    return winograd_conv2d(ctx, w, x, p0, lp.variant, source, fuse ? b : nullptr,
+                           own_gemm ? WinogradGemm::own : WinogradGemm::ggml);
 }
 
 void pysdcpp_weights_released(const void* buffer) {

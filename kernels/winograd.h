@@ -30,24 +30,19 @@ struct ConvGeometry {
     static ConvGeometry make(int64_t W, int64_t H, int64_t C, int64_t N, int64_t K, int pad, int m);
 };
 
-// Filter transform on host arrays (the hoisted dependent stage): w [K][C][3][3] float -> U [alpha^2][K][C]
-// for output channels [k0, k1), alpha = m + 2; with `packed`, each position's K x C matrix in the packed layout
-// of our GEMM (gemm.h), k0 and k1 on panel boundaries (the padding columns are left as they are).
-void winograd_filter_transform(const float* w, int64_t K, int64_t C, int m, float* U, int64_t k0, int64_t k1,
-                               bool packed = false);
-
 // Memory policy of the transformed filters (the cost model's memory half; measured, docs/benchmarks.md).
 constexpr size_t kDefaultCacheBudget = (size_t)1536 << 20;  // keeps a 512 px SD1.5 generation under upstream's peak
-constexpr int64_t kMinTilesInGraph   = 64;                  // in-graph transform pays from here on; below, a layer
-                                                            // gets cache only beyond the default budget
+constexpr int64_t kMinTilesHoisted   = 64;                  // from here on the filter transform is hoisted (cached
+                                                            // or in the graph); below, fused into the products
 constexpr size_t kMaxInGraphBytes    = (size_t)48 << 20;    // largest U transformed inside a graph (VAE: 38 MB)
 constexpr int64_t kChunkBytes        = (int64_t)64 << 20;   // V + M of one chunk of tiles
 constexpr int64_t kMaxChunks         = 8;                   // chunks per conv, at most: 3 graph nodes each, and
                                                             // the VAE's graph holds ggml's default 2048 nodes
 
-// Where the graph's transformed filters U come from: the process-wide cache (computed now if absent) or a
-// filter-transform node inside the graph (its U lives in the compute buffer only while the layer runs).
-enum class FilterSource : int { cached = 0, in_graph = 1 };
+// Where the graph's transformed filters U come from: the process-wide cache (computed now if absent), a
+// filter-transform node inside the graph (its U lives in the compute buffer only while the layer runs), or
+// nowhere: `fused` transforms them block by block inside the products (our GEMM), never holding a whole U.
+enum class FilterSource : int { cached = 0, in_graph = 1, fused = 2 };
 
 // Which GEMM computes the products: ours on the packed filters (SIMD, or its portable scalar build), or ggml's
 // mul_mat on the plain layout (kept as the measured alternative: `pysdcpp bench --layers`).
@@ -69,8 +64,20 @@ size_t winograd_cache_peak_bytes(bool reset);
 void set_winograd_cache_budget(size_t bytes);
 void set_winograd_chunk_bytes(int64_t bytes);  // tests and tuning; <= 0 restores kChunkBytes
 
-// The per-layer choice (cost model): which variant, or none to keep im2col.
-WinogradVariant winograd_choose(int64_t OW, int64_t OH, int64_t C, int64_t N, int64_t K);
+// The per-layer choice (cost model) for x [W, H, C, N] and K output channels: which variant (none keeps im2col),
+// and whether its filter transform is hoisted (cached, or in the graph: plan_filter decides at graph build) or
+// fused into the products (maps with few tiles, where a hoisted U does not pay).
+struct LayerPlan {
+    WinogradVariant variant;
+    bool hoisted;
+};
+LayerPlan winograd_plan(int64_t W, int64_t H, int64_t C, int64_t N, int64_t K, int pad);
+
+// What the hook did with the eligible 3x3 stride-1 convs of the graphs built since the last reset: kept im2col,
+// or Winograd with cached filters, filters transformed in the graph, or transformed inside the products.
+enum class ConvRoute : int { im2col = 0, cached = 1, in_graph = 2, fused = 3 };
+void count_route(ConvRoute r);
+int64_t conv_routes(ConvRoute r, bool reset);
 
 // Process-wide algorithm the hook applies (the binding sets it per call from the context's setting).
 ConvAlgorithm conv_algorithm();

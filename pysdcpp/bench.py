@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .layers import conv2d_3x3
+from .bench_report import as_run_speedup
+from .layers import conv2d_3x3, conv_plan
 
 
 def machine_info() -> dict:
@@ -102,8 +103,12 @@ class LayerResult:
         return statistics.median(self.seconds[algo])
 
 
+# The layer table's default columns: upstream's path and every variant the cost model uses (layers.conv_plan).
+LAYER_ALGORITHMS = ("im2col", "winograd_f4", "winograd_f4_fused", "winograd_f2_fused")
+
+
 def layer_bench(size: int = 512, threads: int = 2, repeat: int = 3,
-                algorithms: tuple[str, ...] = ("im2col", "winograd_f4", "winograd_f2"), progress=None,
+                algorithms: tuple[str, ...] = LAYER_ALGORITHMS, progress=None,
                 only: str | None = None) -> dict:
     shapes = sd15_conv_shapes(size)
     results = []
@@ -141,7 +146,9 @@ def layer_bench(size: int = 512, threads: int = 2, repeat: int = 3,
                       if "im2col" in algorithms else {},
                       "gflops": {a: 2 * r.shape.macs / r.median(a) / 1e9 for a in algorithms},
                       "first_call_s": {a: statistics.median(r.first[a]) for a in algorithms},
-                      "max_error": r.max_error, "seconds": r.seconds} for r in results]}
+                      "max_error": r.max_error, "seconds": r.seconds,
+                      "as_run": conv_plan(r.shape.N, r.shape.C, r.shape.H, r.shape.W, r.shape.K)}
+                     for r in results]}
 
 
 @dataclass(frozen=True)
@@ -426,16 +433,20 @@ def _build() -> dict:
 def format_layer_table(report: dict) -> str:
     algos = report["algorithms"]
     head = f"{'C->K':>11} {'HxW':>9} {'n':>3} " + " ".join(f"{a + ' ms':>14}" for a in algos) + \
-        " " + " ".join(f"{'x ' + a:>14}" for a in algos if a != "im2col") + f" {'max err':>9}"
+        " " + " ".join(f"{'x ' + a:>14}" for a in algos if a != "im2col") + f" {'as run':>24} {'max err':>9}"
     lines = [head, "-" * len(head)]
     for r in report["rows"]:
         cells = f"{str(r['C']) + '->' + str(r['K']):>11} {str(r['H']) + 'x' + str(r['W']):>9} {r['layers']:>3} "
         cells += " ".join(f"{r['median_s'][a] * 1e3:>14.2f}" for a in algos)
         if r["speedup_vs_im2col"]:
             cells += " " + " ".join(f"{r['speedup_vs_im2col'][a]:>14.2f}" for a in algos if a != "im2col")
+        sp = as_run_speedup(r)
+        cells += f" {r.get('as_run', '?') + (f' {sp:.2f}' if sp is not None else ''):>24}"
         cells += f" {max(r['max_error'].values()):>9.1e}"
         lines.append(cells)
     lines.append(_footer(report, f"median of {report['repeat']}"))
+    lines.append("as run: the variant the cost model picks for the layer in a model (winograd_f4 or winograd_f2: "
+                 "filters hoisted; _fused: transformed inside the products) and its speedup over im2col.")
     return "\n".join(lines)
 
 

@@ -67,24 +67,47 @@ def render_model(r: dict) -> list[str]:
     return out
 
 
+def as_run_speedup(row: dict) -> float | None:
+    """A layer-table row's speedup over im2col with the variant the cost model runs in the models, if measured
+    (None for reports older than the `as_run` field)."""
+    a = row.get("as_run")
+    if a == "im2col":
+        return 1.0
+    return row["speedup_vs_im2col"].get(a)
+
+
 def render_layers(r: dict) -> list[str]:
     algos = r["algorithms"]
     out = [f"### 3x3 convolutions of SD1.5 (UNet and VAE) at {r['size']} px, median of {r['repeat']}", "",
            f"Machine: {_machine(r)}. F16 weights; steady state (transformed filters cached; the one-off first call "
            "is in the JSON as `first_call_s`). Max error: normalised max |error| against a float64 convolution.", "",
            "| C -> K | map | layers | " + " | ".join(f"{a} ms" for a in algos) + " | " +
-           " | ".join(f"speedup {a}" for a in algos if a != "im2col") + " | GFLOP/s best | max error (any algorithm) |",
-           "|---" * (3 + 2 * len(algos)) + "|---|"]
+           " | ".join(f"speedup {a}" for a in algos if a != "im2col") +
+           " | as run in a model | GFLOP/s best | max error (any algorithm) |",
+           "|---" * (3 + 2 * len(algos)) + "|---|---|"]
     speedups = {a: [] for a in algos if a != "im2col"}
+    as_run = []
     for row in r["rows"]:
         best = max(row["gflops"].values())
         sp = [row["speedup_vs_im2col"].get(a, float("nan")) for a in algos if a != "im2col"]
         for a in speedups:
             speedups[a].append(row["speedup_vs_im2col"].get(a, float("nan")))
+        run = as_run_speedup(row)
+        if run is not None:
+            as_run.append(run)
+        run_cell = f"{row['as_run']} ({run:.2f}x)" if run is not None else row.get("as_run", "-")
         out.append(f"| {row['C']} -> {row['K']} | {row['H']}x{row['W']} | {row['layers']} | " +
                    " | ".join(f"{row['median_s'][a] * 1e3:.1f}" for a in algos) + " | " +
-                   " | ".join(f"{x:.2f}x" for x in sp) + f" | {best:.0f} | {max(row['max_error'].values()):.1e} |")
-    out.append("")
+                   " | ".join(f"{x:.2f}x" for x in sp) +
+                   f" | {run_cell} | {best:.0f} | {max(row['max_error'].values()):.1e} |")
+    out += ["", "As run in a model: the variant the accelerated library's cost model picks for the layer "
+            "(`pysdcpp.layers.conv_plan`: `winograd_f4`/`winograd_f2` hoist the filter transform, cached within "
+            "the budget or in the graph; `_fused` transforms the filters inside the products; `im2col` is "
+            "upstream's path) and its speedup over im2col in this table.", ""]
+    if as_run:
+        xs = sorted(as_run)
+        out.append(f"- as run: median speedup {xs[len(xs) // 2]:.2f}x, slowest layer {xs[0]:.2f}x, fastest "
+                   f"{xs[-1]:.2f}x over {len(xs)} distinct shapes.")
     for a, xs in speedups.items():
         xs = sorted(xs)
         if xs:

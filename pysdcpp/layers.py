@@ -13,7 +13,33 @@ CONV_VARIANTS = {"im2col": "PYSDCPP_CONV_IM2COL", "direct": "PYSDCPP_CONV_DIRECT
                  "winograd_f4": "PYSDCPP_CONV_WINOGRAD_F4", "winograd_f2": "PYSDCPP_CONV_WINOGRAD_F2",
                  "winograd_f4_in_graph": "PYSDCPP_CONV_WINOGRAD_F4_IN_GRAPH",
                  "winograd_f4_ggml_gemm": "PYSDCPP_CONV_WINOGRAD_F4_GGML_GEMM",
-                 "winograd_f4_scalar": "PYSDCPP_CONV_WINOGRAD_F4_SCALAR"}
+                 "winograd_f4_scalar": "PYSDCPP_CONV_WINOGRAD_F4_SCALAR",
+                 "winograd_f4_fused": "PYSDCPP_CONV_WINOGRAD_F4_FUSED",
+                 "winograd_f2_fused": "PYSDCPP_CONV_WINOGRAD_F2_FUSED"}
+
+
+def conv_plan(n: int, c: int, h: int, w: int, k: int, pad: int = 1) -> str:
+    """The per-call variant (a CONV_VARIANTS name) closest to what a model context with conv="winograd" runs for
+    this 3x3 conv: the accelerated library's cost model. A `winograd_f4` or `winograd_f2` layer has its filter
+    transform hoisted (cached within the budget, else in the graph); the `_fused` ones transform it inside the
+    products; `im2col` keeps upstream's path."""
+    lib = _native.load("accelerated")
+    code = lib.lib.pysdcpp_conv_plan(n, c, h, w, k, pad)
+    for name, const in CONV_VARIANTS.items():
+        if getattr(lib.lib, const) == code:
+            return name
+    raise GenerationError(f"unknown convolution plan {code}")
+
+
+def conv_routes(reset: bool = False) -> dict[str, int]:
+    """How the accelerated library routed the eligible 3x3 stride-1 convs of the graphs built since the last
+    reset (process-wide; every graph build counts, so a sampling loop counts each step): `im2col` (kept
+    upstream's path), `cached`, `in_graph` or `fused` (Winograd, the filters cached, transformed in the graph,
+    or transformed inside the products)."""
+    lib = _native.load("accelerated")
+    counts = lib.ffi.new("int64_t[4]")
+    lib.lib.pysdcpp_conv_routes(counts, int(reset))
+    return dict(zip(("im2col", "cached", "in_graph", "fused"), (int(c) for c in counts)))
 
 
 def conv2d_3x3(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, pad: int = 1,

@@ -30,8 +30,10 @@ SHAPES = [  # N, C, H, W, K, pad
 # Normalised max error |y - ref|max / |ref|max, per variant, against the float64 convolution of the weights
 # the layer holds (F16-rounded when the layer holds F16).
 BOUNDS = {"winograd_f4": 2e-5, "winograd_f4_in_graph": 2e-5, "winograd_f4_scalar": 2e-5,
-          "winograd_f4_ggml_gemm": 2e-5, "winograd_f2": 5e-6, "im2col": 2e-3}
-FAST_PATHS = ["winograd_f4", "winograd_f4_in_graph", "winograd_f4_scalar", "winograd_f4_ggml_gemm", "winograd_f2"]
+          "winograd_f4_ggml_gemm": 2e-5, "winograd_f4_fused": 2e-5, "winograd_f2": 5e-6, "winograd_f2_fused": 5e-6,
+          "im2col": 2e-3}
+FAST_PATHS = ["winograd_f4", "winograd_f4_in_graph", "winograd_f4_scalar", "winograd_f4_ggml_gemm",
+              "winograd_f4_fused", "winograd_f2", "winograd_f2_fused"]
 
 
 def reference_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int) -> np.ndarray:
@@ -81,6 +83,19 @@ def test_in_graph_transform_equals_cached():
     assert np.array_equal(cached, in_graph)
 
 
+@pytest.mark.parametrize("shape", [(2, 300, 26, 30, 147, 1), (1, 70, 8, 8, 40, 1), (1, 3, 9, 7, 17, 0)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("tile", ["f4", "f2"])
+def test_fused_transform_equals_cached(shape, tile):
+    """The filter transform fused into the products (block by block: 64 input channels, 32 output channels, 96
+    tiles per block; partial blocks and panels in these shapes) computes the same U and sums the products in the
+    same order as the cached U: bit for bit the same output."""
+    x, w, b, pad = _problem(shape, seed=6)
+    cached, _ = conv2d_3x3(x, w, b, pad=pad, algorithm=f"winograd_{tile}", threads=2)
+    fused, _ = conv2d_3x3(x, w, b, pad=pad, algorithm=f"winograd_{tile}_fused", threads=2)
+    assert np.array_equal(cached, fused)
+
+
 def test_gemm_builds_agree():
     """Our GEMM's SIMD and scalar builds run the same blocking and summation order per output: equal up to
     the FMA contraction the SIMD build may use; ggml's GEMM sums in another order, so only close."""
@@ -94,7 +109,7 @@ def test_gemm_builds_agree():
     assert not np.array_equal(own, ggml)  # the two products really are different code
 
 
-@pytest.mark.parametrize("algorithm", ["winograd_f4", "winograd_f2"])
+@pytest.mark.parametrize("algorithm", ["winograd_f4", "winograd_f2", "winograd_f4_fused"])
 def test_fused_bias(algorithm):
     """The output transform adds the bias (the layers above all pass one): with and without it, against
     float64, and the difference is exactly the bias broadcast."""
@@ -125,7 +140,7 @@ def small_chunks():
 @pytest.mark.parametrize("shape,tiles", [((2, 7, 9, 11, 13, 1), 4), ((1, 33, 17, 13, 24, 0), 5),
                                          ((2, 9, 14, 10, 7, 1), 5)],
                          ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else f"chunk{s}")
-@pytest.mark.parametrize("algorithm", ["winograd_f4", "winograd_f4_in_graph"])
+@pytest.mark.parametrize("algorithm", ["winograd_f4", "winograd_f4_in_graph", "winograd_f4_fused"])
 def test_chunked_tiles(shape, tiles, algorithm, small_chunks):
     """Tiles in chunks (each chunk's output transform writing into the same output in place; uneven last
     chunks, chunks across two images of the batch), against float64 and against the whole map in one piece."""
@@ -148,12 +163,32 @@ def test_bad_arguments():
         conv2d_3x3(np.zeros((1, 4, 1, 1), np.float32), np.zeros((2, 4, 3, 3)), pad=0)
 
 
+def test_cost_model_plan():
+    """The per-layer choice (docs/benchmarks.md, layer tables): F(4x4) with a hoisted filter transform from 64
+    tiles on, inside the products below; F(2x2) inside the products on maps of 8x8 outputs or fewer; im2col at
+    4x4; ggml's GEMM for hoisted layers with fewer than 16 output channels."""
+    from pysdcpp.layers import conv_plan
+
+    assert conv_plan(1, 320, 64, 64, 320) == "winograd_f4"             # 256 tiles
+    assert conv_plan(1, 640, 32, 32, 640) == "winograd_f4"             # 64 tiles
+    assert conv_plan(1, 4, 32, 32, 320) == "winograd_f4"               # 4 input channels
+    assert conv_plan(1, 1280, 16, 16, 1280) == "winograd_f4_fused"    # 16 tiles
+    assert conv_plan(4, 1280, 16, 16, 1280) == "winograd_f4"           # batch 4: 64 tiles
+    assert conv_plan(1, 1280, 8, 8, 1280) == "winograd_f2_fused"       # 8x8 outputs
+    assert conv_plan(1, 1280, 10, 10, 640, pad=0) == "winograd_f2_fused"
+    assert conv_plan(1, 1280, 4, 4, 1280) == "im2col"
+    assert conv_plan(1, 128, 256, 256, 3) == "winograd_f4_ggml_gemm"  # 3 output channels
+
+
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_unet_and_vae_winograd_vs_im2col(family):
-    """One UNet evaluation and one VAE decode at 256 px (f16 weights): Winograd against upstream's im2col."""
+    """One UNet evaluation and one VAE decode at 256 px (f16 weights): Winograd against upstream's im2col. The
+    32x32 latent has every kind of map: 32x32 (filters hoisted), 16x16 (F(4x4) with the transform inside the
+    products), 8x8 (F(2x2), likewise) and 4x4 (im2col); the decoder's maps of 32x32 and up hoist theirs."""
     from conftest import gguf_from_folder, rel_l2
 
     from pysdcpp import StableDiffusion
+    from pysdcpp.layers import conv_routes
 
     path = gguf_from_folder(family, "f16")
     rng = np.random.default_rng(3)
@@ -161,9 +196,16 @@ def test_unet_and_vae_winograd_vs_im2col(family):
     latent = rng.standard_normal((1, 4, 32, 32)).astype(np.float32)
     context = rng.standard_normal((1, 77, width)).astype(np.float32)
     out = {}
+    routes = {}
     for conv in ("im2col", "winograd"):
         with StableDiffusion(path, threads=2, conv=conv, attention="upstream", linear="upstream") as sd:
-            out[conv] = (sd.unet(latent, 500.0, context), sd.decode(latent))
+            conv_routes(reset=True)
+            unet = sd.unet(latent, 500.0, context)
+            routes[conv] = conv_routes(reset=True)
+            out[conv] = (unet, sd.decode(latent))
+    assert sum(routes["im2col"].values()) == 0  # the hook is off
+    r = routes["winograd"]
+    assert r["cached"] > 0 and r["fused"] > 0 and r["im2col"] > 0, r  # each of the UNet's kinds of map
     assert rel_l2(out["winograd"][0], out["im2col"][0]) <= 2e-3
     assert rel_l2(out["winograd"][1], out["im2col"][1]) <= 2e-3
 
@@ -203,9 +245,9 @@ def test_filter_cache_lives_with_the_component(tmp_path):
         lib.pysdcpp_winograd_cache_peak_bytes(1)
         no_cache = np.asarray(sd.generate("a cat", **kw)[0])
         assert lib.pysdcpp_winograd_cache_peak_bytes(1) == 0
-    # Without a cache the big filters' layers keep im2col: a slightly different, still close, image.
-    diff = first.astype(np.float64) - no_cache.astype(np.float64)
-    assert 10 * np.log10(255.0**2 / max(np.mean(diff**2), 1e-12)) > 40
+    # Without a cache the filters are transformed in the graph or inside the products: the same U and the same
+    # order of summation, so the same image bit for bit.
+    assert np.array_equal(first, no_cache)
 
 
 def test_chunked_vae_decode_batch2(small_chunks):
