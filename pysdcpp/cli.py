@@ -94,7 +94,7 @@ class _StepBar:
                                       "default) or upstream (ggml's, activations rounded to F16).")
 @click.option("--winograd-cache-mb", type=click.IntRange(min=0), default=None,
               help="Memory for Winograd's transformed filters while the UNet samples (default 1536); "
-                   "layers beyond it transform their filters every evaluation or use im2col.")
+                   "layers beyond it transform their filters every evaluation (never changes the image).")
 @click.option("--no-alter", is_flag=True, help="Run an ALTER file's dense model (routing off).")
 @click.option("--alter-masks", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Route with the masks of this JSON file (docs/alter-gguf.md) instead of the file's own.")
