@@ -67,6 +67,8 @@ extern "C" SD_API void pysdcpp_set_conv_algorithm(int algorithm) {
     pysdcpp::set_conv_algorithm(winograd ? pysdcpp::ConvAlgorithm::winograd : pysdcpp::ConvAlgorithm::im2col);
 }
 
+// The per-call variant closest to the hook's route. (A hoisted F(2x2) layer with fewer than 16 output channels,
+// which no SD model has, runs ggml's GEMM in a model; the harness has no such variant and reports WINOGRAD_F2.)
 extern "C" SD_API int pysdcpp_conv_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int pad) {
     using namespace pysdcpp;
     const LayerPlan lp = winograd_plan(W, H, C, N, K, pad);

@@ -26,7 +26,7 @@ namespace pysdcpp {
 namespace {
 
 // Transform matrices (Lavin & Gray). F(4x4,3x3) uses the interpolation points 0, +-1, +-2 and infinity; the
-// filter transforms' G is written out in g4_1d and g2_1d below.
+// filter transforms' G is written out in the two g_1d below.
 constexpr float BT4[6][6] = {{4, 0, -5, 0, 1, 0}, {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
                              {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
 constexpr float AT4[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
@@ -937,8 +937,9 @@ ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor*
         count_route(ConvRoute::im2col);
         return nullptr;
     }
-    // Our GEMM works on whole panels of 16 output channels: the few layers with fewer (the UNet's and the VAE
-    // decoder's output convs, 4 and 3 channels) keep ggml's GEMM, measured faster there (layer table).
+    // Our GEMM works on whole panels of 16 output channels: hoisted layers with fewer (the UNet's and the VAE
+    // decoder's output convs, 4 and 3 channels) run ggml's GEMM on their filters, measured faster there (layer
+    // table); the fused route has only ours (a partial panel).
     const bool own_gemm   = w->ne[3] >= kGemmPanel;
     const FilterPlan plan = lp.hoisted ? plan_filter(w, (int)lp.variant, own_gemm) : FilterPlan::fused;
     // The bias goes into the output transform (one pass over the output less) when it is a plain F32 vector.

@@ -103,8 +103,9 @@ class LayerResult:
         return statistics.median(self.seconds[algo])
 
 
-# The layer table's default columns: upstream's path and every variant the cost model uses (layers.conv_plan).
-LAYER_ALGORITHMS = ("im2col", "winograd_f4", "winograd_f4_fused", "winograd_f2_fused")
+# The layer table's default columns: upstream's path and every variant the cost model uses for SD1.5's layers
+# (layers.conv_plan; winograd_f4_ggml_gemm for the output convs' fewer than 16 channels).
+LAYER_ALGORITHMS = ("im2col", "winograd_f4", "winograd_f4_fused", "winograd_f2_fused", "winograd_f4_ggml_gemm")
 
 
 def layer_bench(size: int = 512, threads: int = 2, repeat: int = 3,

@@ -95,7 +95,8 @@ def render_layers(r: dict) -> list[str]:
         run = as_run_speedup(row)
         if run is not None:
             as_run.append(run)
-        run_cell = f"{row['as_run']} ({run:.2f}x)" if run is not None else row.get("as_run", "-")
+        run_cell = f"{row['as_run']} ({run:.2f}x)" if run is not None else \
+            (f"{row['as_run']} (not measured)" if "as_run" in row else "-")
         out.append(f"| {row['C']} -> {row['K']} | {row['H']}x{row['W']} | {row['layers']} | " +
                    " | ".join(f"{row['median_s'][a] * 1e3:.1f}" for a in algos) + " | " +
                    " | ".join(f"{x:.2f}x" for x in sp) +

@@ -373,7 +373,7 @@ def inspect(model, as_json, list_tensors, size, steps):
               help="Comma-separated, the first is the baseline: upstream, accelerated, im2col, direct, winograd, "
                    "fast-attention, fast-linear, upstream-direct, dense (an ALTER file with routing off); NAME@STEPS gives a "
                    "variant its own step count (e.g. upstream@50,accelerated with --steps 20).")
-@click.option("--algorithms", default="im2col,winograd_f4,winograd_f4_fused,winograd_f2_fused", show_default=True,
+@click.option("--algorithms", default="im2col,winograd_f4,winograd_f4_fused,winograd_f2_fused,winograd_f4_ggml_gemm", show_default=True,
               help="With --layers: im2col, direct, winograd_f4, winograd_f2, winograd_f4_in_graph (the filter "
                    "transform inside the graph, every evaluation), winograd_f4_ggml_gemm (the products through "
                    "ggml's GEMM instead of ours), winograd_f4_scalar (our GEMM's portable scalar build), "
