@@ -85,10 +85,8 @@ extern "C" SD_API int pysdcpp_conv_plan(int64_t N, int64_t C, int64_t H, int64_t
 }
 
 extern "C" SD_API void pysdcpp_conv_routes(int64_t* counts, int reset) {
-    using pysdcpp::ConvRoute;
-    const ConvRoute order[4] = {ConvRoute::im2col, ConvRoute::cached, ConvRoute::in_graph, ConvRoute::fused};
-    for (int i = 0; i < 4; i++) {
-        counts[i] = pysdcpp::conv_routes(order[i], reset != 0);
+    for (int i = 0; i < 4; i++) {  // ConvRoute's order, as documented in pysdcpp_ext.h
+        counts[i] = pysdcpp::conv_routes((pysdcpp::ConvRoute)i, reset != 0);
     }
 }
 

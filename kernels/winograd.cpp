@@ -271,6 +271,21 @@ void transform_panels(const ggml_tensor* w, int64_t k0, int64_t k1, int64_t c0, 
     }
 }
 
+// One block of input channels [c0, c0 + kd) of transform_panels, for callers walking C in blocks of
+// kFilterDepth: the next block's weights are prefetched first.
+void transform_block(const ggml_tensor* w, int m, int64_t k0, int64_t k1, int64_t c0, int64_t kd, float* U,
+                     int64_t pos_stride, int64_t panel_stride, float* scratch) {
+    const int64_t C = w->ne[2];
+    if (c0 + kd < C) {
+        prefetch_weights(w, k0, k1, c0 + kd, std::min(kFilterDepth, C - c0 - kd));
+    }
+    if (m == 4) {
+        transform_panels<4>(w, k0, k1, c0, kd, U, pos_stride, panel_stride, scratch);
+    } else {
+        transform_panels<2>(w, k0, k1, c0, kd, U, pos_stride, panel_stride, scratch);
+    }
+}
+
 // U of weight w for output channels [k0, k1) (on panel boundaries when packed) in the layout `packed` names:
 // packed per position (gemm.h, [packed C x K] each), or plain [alpha^2][K][C]. w is F16 or F32 [3, 3, C, K].
 void transform_filters(const ggml_tensor* w, int m, bool packed, float* U, int64_t k0, int64_t k1) {
@@ -279,17 +294,8 @@ void transform_filters(const ggml_tensor* w, int m, bool packed, float* U, int64
         thread_local std::vector<float> scratch;
         scratch.resize((size_t)kFilterScratch);
         for (int64_t c0 = 0; c0 < C; c0 += kFilterDepth) {
-            const int64_t kd = std::min(kFilterDepth, C - c0);
-            if (c0 + kd < C) {
-                prefetch_weights(w, k0, k1, c0 + kd, std::min(kFilterDepth, C - c0 - kd));
-            }
-            float* base      = U + gemm_packed_index(C, c0, k0);
-            const int64_t ps = position_floats(C, K);
-            if (m == 4) {
-                transform_panels<4>(w, k0, k1, c0, kd, base, ps, C * kGemmPanel, scratch.data());
-            } else {
-                transform_panels<2>(w, k0, k1, c0, kd, base, ps, C * kGemmPanel, scratch.data());
-            }
+            transform_block(w, m, k0, k1, c0, std::min(kFilterDepth, C - c0), U + gemm_packed_index(C, c0, k0),
+                            position_floats(C, K), C * kGemmPanel, scratch.data());
         }
         return;
     }
@@ -566,16 +572,13 @@ const float* cached_filter(const ggml_tensor* w, int m, bool packed) {
     return insert_locked(w, m, packed);
 }
 
-// Where a layer's transformed filters come from at this graph build (the cost model's memory half); a
-// `cached` plan has put them in the cache.
-enum class FilterPlan { in_graph, cached, fused };
-
-// For a layer whose filter transform is hoisted (winograd_plan).
-FilterPlan plan_filter(const ggml_tensor* w, int m, bool packed) {
+// Where the transformed filters of a layer whose transform is hoisted (winograd_plan) come from at this graph
+// build (the cost model's memory half); a `cached` answer has put them in the cache.
+FilterSource plan_filter(const ggml_tensor* w, int m, bool packed) {
     const size_t bytes = filter_bytes(w, m, packed);
     std::lock_guard<std::mutex> lock(g_cache_mutex);
     if (lookup_locked(w, m, packed) != nullptr) {
-        return FilterPlan::cached;
+        return FilterSource::cached;
     }
     const FilterKey key  = key_of(w, m, packed);
     const bool first_use = g_seen.emplace(key, w->buffer).second;
@@ -585,15 +588,15 @@ FilterPlan plan_filter(const ggml_tensor* w, int m, bool packed) {
     // The first use of a small filter transforms in the graph: a component evaluated once per scope (the VAE
     // decode) then never holds its transformed filters beyond the layer that uses them.
     if (first_use && in_graph_ok) {
-        return FilterPlan::in_graph;
+        return FilterSource::in_graph;
     }
     if (g_cache_bytes + bytes <= g_cache_budget) {
         insert_locked(w, m, packed);
-        return FilterPlan::cached;
+        return FilterSource::cached;
     }
     // Over budget: a whole U per evaluation where it is small, else the transform inside the products (on these
     // maps the in-graph U measured faster: its products run as one GEMM over all tiles).
-    return in_graph_ok ? FilterPlan::in_graph : FilterPlan::fused;
+    return in_graph_ok ? FilterSource::in_graph : FilterSource::fused;
 }
 
 }  // namespace
@@ -786,15 +789,8 @@ void fused_gemm_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
         const int64_t panels = (k1 - k0 + kGemmPanel - 1) / kGemmPanel;
         for (int64_t c0 = 0; c0 < C; c0 += kFusedDepth) {
             const int64_t kd = std::min(kFusedDepth, C - c0);
-            if (c0 + kd < C) {
-                prefetch_weights(w, k0, k1, c0 + kd, std::min(kFusedDepth, C - c0 - kd));
-            }
             const int64_t ps = (panels * kd + 1) * kGemmPanel;  // floats per position, padded as position_floats
-            if (m == 4) {
-                transform_panels<4>(w, k0, k1, c0, kd, Ub.data(), ps, kd * kGemmPanel, scratch.data());
-            } else {
-                transform_panels<2>(w, k0, k1, c0, kd, Ub.data(), ps, kd * kGemmPanel, scratch.data());
-            }
+            transform_block(w, m, k0, k1, c0, kd, Ub.data(), ps, kd * kGemmPanel, scratch.data());
             for (int64_t p = 0; p < P; p++) {
                 // The item's products accumulate in Mb (rows of kFusedCols floats: the tiles' slices stay in L2
                 // across the blocks of channels) and go to dst when the item is done.
@@ -940,16 +936,13 @@ ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor*
     // Our GEMM works on whole panels of 16 output channels: hoisted layers with fewer (the UNet's and the VAE
     // decoder's output convs, 4 and 3 channels) run ggml's GEMM on their filters, measured faster there (layer
     // table); the fused route has only ours (a partial panel).
-    const bool own_gemm   = w->ne[3] >= kGemmPanel;
-    const FilterPlan plan = lp.hoisted ? plan_filter(w, (int)lp.variant, own_gemm) : FilterPlan::fused;
+    const bool own_gemm       = w->ne[3] >= kGemmPanel;
+    const FilterSource source = lp.hoisted ? plan_filter(w, (int)lp.variant, own_gemm) : FilterSource::fused;
     // The bias goes into the output transform (one pass over the output less) when it is a plain F32 vector.
     const bool fuse = fusable_bias(b, w->ne[3]);
     if (bias_done != nullptr) {
         *bias_done = fuse;
     }
-    const FilterSource source = plan == FilterPlan::cached     ? FilterSource::cached
-                                : plan == FilterPlan::in_graph ? FilterSource::in_graph
-                                                               : FilterSource::fused;
     count_route(source == FilterSource::cached     ? ConvRoute::cached
                 : source == FilterSource::in_graph ? ConvRoute::in_graph
                                                    : ConvRoute::fused);

@@ -105,11 +105,7 @@ def render_layers(r: dict) -> list[str]:
             "(`pysdcpp.layers.conv_plan`: `winograd_f4`/`winograd_f2` hoist the filter transform, cached within "
             "the budget or in the graph; `_fused` transforms the filters inside the products; `im2col` is "
             "upstream's path) and its speedup over im2col in this table.", ""]
-    if as_run:
-        xs = sorted(as_run)
-        out.append(f"- as run: median speedup {xs[len(xs) // 2]:.2f}x, slowest layer {xs[0]:.2f}x, fastest "
-                   f"{xs[-1]:.2f}x over {len(xs)} distinct shapes.")
-    for a, xs in speedups.items():
+    for a, xs in {"as run": as_run, **speedups}.items():
         xs = sorted(xs)
         if xs:
             out.append(f"- {a}: median speedup {xs[len(xs) // 2]:.2f}x, slowest layer {xs[0]:.2f}x, fastest "
