@@ -90,6 +90,10 @@ extern "C" SD_API void pysdcpp_conv_routes(int64_t* counts, int reset) {
     }
 }
 
+extern "C" SD_API void pysdcpp_set_winograd_threads(int n_threads) {
+    pysdcpp::set_winograd_threads(n_threads);
+}
+
 extern "C" SD_API void pysdcpp_set_winograd_cache_budget(size_t bytes) {
     pysdcpp::set_winograd_cache_budget(bytes);
 }
@@ -152,6 +156,7 @@ extern "C" SD_API int pysdcpp_conv2d_3x3(const float* x, int64_t N, int64_t C, i
             std::memcpy(tb->data, bias, sizeof(float) * (size_t)K);
         }
         pysdcpp::winograd_cache_clear();
+        pysdcpp::set_winograd_threads(n_threads);  // the (cached) filter transform runs on the compute's threads
         // Building the graph runs the (cached) filter transform: it counts towards the first repetition.
         auto t_build     = std::chrono::steady_clock::now();
         ggml_tensor* out = build_conv(ctx, tw, tx, tb, pad, algorithm);

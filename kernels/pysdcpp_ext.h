@@ -67,6 +67,8 @@ void pysdcpp_conv_routes(int64_t* counts, int reset);
    bytes cached at once since the last reset (reset != 0 restarts it from the current size). chunk_bytes: the
    tiles of one node go through in chunks whose stages take at most this much (<= 0: the default, 64 MB). */
 void pysdcpp_set_winograd_cache_budget(size_t bytes);
+// Threads the cached filter transforms (run while a graph is built) use: the context's thread count.
+void pysdcpp_set_winograd_threads(int n_threads);
 size_t pysdcpp_winograd_cache_default_budget(void);
 size_t pysdcpp_winograd_cache_bytes(void);
 size_t pysdcpp_winograd_cache_peak_bytes(int reset);

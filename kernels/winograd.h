@@ -63,6 +63,10 @@ size_t winograd_cache_bytes();
 size_t winograd_cache_peak_bytes(bool reset);
 void set_winograd_cache_budget(size_t bytes);
 void set_winograd_chunk_bytes(int64_t bytes);  // tests and tuning; <= 0 restores kChunkBytes
+// Threads a cache insert (at graph build) transforms filters on, at most 16: the thread count of the compute the
+// graphs are built for. Set by the callers that know it before the graph is built (the component API, the conv
+// harness) and by every Winograd compute (its nth, for the graphs built after it); n < 1 or never set: 1.
+void set_winograd_threads(int n);
 
 // The per-layer choice (cost model) for x [W, H, C, N] and K output channels: which variant (none keeps im2col),
 // and whether its filter transform is hoisted (cached, or in the graph: plan_filter decides at graph build) or
