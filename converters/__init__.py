@@ -12,9 +12,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import alter, keys
-from .alter import AlterRouting
-from .checkpoint_io import TensorSource, read_checkpoint_file
+from gguf import Keys
+
+from pysdcpp.format import keys
+from pysdcpp.format.checkpoint_io import TensorSource, read_checkpoint_file
+from pysdcpp.format.names import DIFFUSERS_PREDICTIONS, PREDICTIONS
+from pysdcpp.format.routing import AlterRouting, routing_metadata
+
+from . import alter
 from .errors import ConversionError
 from .gguf_out import OUTPUT_TYPES, ProgressFn, write_gguf
 from .sd_layout import ModelInfo, detect, map_single_file, map_text_encoder, single_file_layout, map_unet, map_vae
@@ -56,7 +61,7 @@ def _diffusers_prediction(folder: Path) -> str | None:
         kind = json.loads(cfg.read_text()).get("prediction_type")
     except json.JSONDecodeError as e:
         raise ConversionError(f"{cfg}: not valid JSON ({e})") from None
-    return {"epsilon": "eps", "v_prediction": "v"}.get(kind)
+    return DIFFUSERS_PREDICTIONS.get(kind)
 
 
 def read_diffusers_folder(folder: Path, base: Path | None = None) -> tuple[list[TensorSource], str | None]:
@@ -87,9 +92,15 @@ def load_model_tensors(input_path: str | os.PathLike, base: str | os.PathLike | 
         raw = read_checkpoint_file(path)
         layout = {"ldm": "ldm-file", "diffusers": "diffusers-file"}.get(
             single_file_layout([t.name for t in raw]), "unknown")
-        tensors = map_single_file(raw)
+        try:
+            tensors = map_single_file(raw)
+        except ConversionError as e:
+            raise ConversionError(f"{path}: {e}") from None
         prediction = None
-    info = detect(tensors)
+    try:
+        info = detect(tensors)
+    except ConversionError as e:
+        raise ConversionError(f"{path}: {e}") from None
     if not info.has_text_encoder or not info.has_vae:
         missing = [n for n, ok in (("text encoder", info.has_text_encoder), ("VAE", info.has_vae)) if not ok]
         raise ConversionError(f"{path}: the checkpoint has no {' and no '.join(missing)}; a full SD1.x/SD2.x "
@@ -99,27 +110,32 @@ def load_model_tensors(input_path: str | os.PathLike, base: str | os.PathLike | 
 
 def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, out_type: str = "f16", *,
             prediction: str = "auto", base: str | os.PathLike | None = None, synthetic: bool = False,
-            alter_masks: str | os.PathLike | None = None, drop_unused: bool = False,
+            alter_masks: str | os.PathLike | None = None, drop_unused: bool = False, overwrite: bool = False,
             progress: ProgressFn | None = None) -> ConversionReport:
     """Convert a checkpoint (single file, diffusers folder or ALTER output folder) to a GGUF stable-diffusion.cpp loads.
 
     An ALTER folder's masks (pruning_mask.pth, else hypernet/) or a JSON mask file (`alter_masks`, any input;
-    it wins over the folder's) become routing metadata; `drop_unused` leaves out the units no expert keeps.
+    it wins over the folder's) become routing metadata; `drop_unused` leaves out the units no expert keeps. An
+    existing output is refused unless `overwrite`; the file appears only when complete (written under a temporary
+    name, then renamed).
     """
     if out_type not in OUTPUT_TYPES:
         raise ConversionError(f"unknown output type {out_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
-    if prediction not in ("auto", "eps", "v"):
-        raise ConversionError(f"prediction must be auto, eps or v, not {prediction!r}")
+    if prediction != "auto" and prediction not in PREDICTIONS:
+        raise ConversionError(f"prediction must be auto or one of {', '.join(PREDICTIONS)}, not {prediction!r}")
     output = Path(output_path)
     src = Path(input_path)
     if src.exists() and output.exists() and output.resolve() == src.resolve():
         raise ConversionError("the output path is the input checkpoint; refusing to overwrite it")
     if not output.parent.is_dir():
         raise ConversionError(f"{output.parent}: output folder does not exist")
+    if output.exists() and not overwrite:
+        raise ConversionError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
     tensors, info, layout, found_prediction = load_model_tensors(src, base)
     tensors, routing = alter.attach_routing(src, tensors, info.family, alter_masks, drop_unused)
     pred = found_prediction if prediction == "auto" else prediction
     meta: dict[str, object] = {
+        Keys.General.NAME: src.stem if src.is_file() else src.name,
         keys.FAMILY: info.family,
         keys.SOURCE: src.name,
         keys.SOURCE_LAYOUT: layout,
@@ -131,6 +147,6 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike, out_t
     if synthetic:
         meta[keys.SYNTHETIC] = True
     if routing is not None:
-        meta.update(alter.routing_metadata(routing))
+        meta.update(routing_metadata(routing))
     types = write_gguf(output, tensors, out_type, meta, progress)
     return ConversionReport(output, info.family, layout, pred, sum(types.values()), types, routing)

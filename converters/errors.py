@@ -1,5 +1,6 @@
-"""The one exception the converters raise for bad input (missing, corrupt or unsupported checkpoints)."""
+"""The exception the converters raise for bad input (missing, corrupt or unsupported checkpoints): the format
+layer's FormatError, under the name converter code and its callers know."""
 
+from pysdcpp.format.errors import FormatError
 
-class ConversionError(ValueError):
-    pass
+ConversionError = FormatError

@@ -8,15 +8,20 @@ from typing import Callable, Iterable
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFValueType, GGUFWriter
+from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter, LlamaFileType
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
-from . import keys
-from .checkpoint_io import TensorSource
+from pysdcpp.format import keys
+from pysdcpp.format.checkpoint_io import TensorSource
+from pysdcpp.format.names import OUTPUT_TYPES as OUTPUT_TYPE_NAMES
+
 from .errors import ConversionError
 
-OUTPUT_TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q5_1": Q.Q5_1, "q5_0": Q.Q5_0,
-                "q4_1": Q.Q4_1, "q4_0": Q.Q4_0}
+OUTPUT_TYPES = dict(zip(OUTPUT_TYPE_NAMES, (Q.F32, Q.F16, Q.Q8_0, Q.Q5_1, Q.Q5_0, Q.Q4_1, Q.Q4_0)))
+# general.file_type of each output type (gguf-py's LlamaFileType numbering, which readers of GGUF know)
+_FILE_TYPES = dict(zip(OUTPUT_TYPE_NAMES, (LlamaFileType.ALL_F32, LlamaFileType.MOSTLY_F16, LlamaFileType.MOSTLY_Q8_0,
+                                           LlamaFileType.MOSTLY_Q5_1, LlamaFileType.MOSTLY_Q5_0,
+                                           LlamaFileType.MOSTLY_Q4_1, LlamaFileType.MOSTLY_Q4_0)))
 _BLOCK = {Q.Q8_0: 32, Q.Q5_1: 32, Q.Q5_0: 32, Q.Q4_1: 32, Q.Q4_0: 32}
 _SOURCE_TYPES = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16, "F64": Q.F32}
 
@@ -35,16 +40,6 @@ _ARRAY_TYPES = {np.dtype(np.uint8): GGUFValueType.UINT8, np.dtype(np.int8): GGUF
                 np.dtype(np.float32): GGUFValueType.FLOAT32, np.dtype(np.float64): GGUFValueType.FLOAT64}
 
 
-class _Writer(GGUFWriter):
-    """gguf-py's writer, except that it also writes empty arrays (the format allows them; gguf-py refuses)."""
-
-    def _pack_val(self, val, vtype, add_vtype, sub_type=None):
-        if vtype == GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
-            head = self._pack("I", vtype) if add_vtype else b""
-            return head + self._pack("I", sub_type) + self._pack("Q", 0)
-        return super()._pack_val(val, vtype, add_vtype, sub_type)
-
-
 def _add_metadata(writer: GGUFWriter, key: str, value: object) -> None:
     if isinstance(value, bool):
         writer.add_bool(key, value)
@@ -53,10 +48,14 @@ def _add_metadata(writer: GGUFWriter, key: str, value: object) -> None:
     elif isinstance(value, float):
         writer.add_float32(key, value)
     elif isinstance(value, np.ndarray):
+        if value.size == 0:
+            raise ConversionError(f"metadata {key}: an empty array (gguf-py writes none; leave the key out)")
         if value.dtype not in _ARRAY_TYPES or value.ndim != 1:
             raise ConversionError(f"metadata {key}: unsupported array ({value.dtype}, {value.ndim}-D)")
         writer.add_key_value(key, value.tolist(), GGUFValueType.ARRAY, sub_type=_ARRAY_TYPES[value.dtype])
     elif isinstance(value, (list, tuple)):
+        if not value:
+            raise ConversionError(f"metadata {key}: an empty list (gguf-py writes none; leave the key out)")
         if not all(isinstance(v, str) for v in value):
             raise ConversionError(f"metadata {key}: a list value must hold strings (use a numpy array for numbers)")
         writer.add_key_value(key, list(value), GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
@@ -94,7 +93,10 @@ def _nbytes(shape: tuple[int, ...], qtype: Q) -> int:
 
 def write_gguf(path: str | os.PathLike, tensors: Iterable[TensorSource], target: str,
                metadata: dict[str, object], progress: ProgressFn | None = None) -> dict[str, int]:
-    """Write `tensors` to `path` (atomically: a temporary file renamed on success). Returns a type histogram."""
+    """Write `tensors` to `path` (atomically: a temporary file renamed on success). Returns a type histogram.
+
+    Besides `metadata` (general.name among it, where the caller has one) the file gets gguf-py's standard
+    general.file_type and, for quantized types, general.quantization_version."""
     if target not in OUTPUT_TYPES:
         raise ConversionError(f"unknown output type {target!r}; choose one of {', '.join(OUTPUT_TYPES)}")
     qtarget = OUTPUT_TYPES[target]
@@ -113,8 +115,11 @@ def write_gguf(path: str | os.PathLike, tensors: Iterable[TensorSource], target:
         raise ConversionError(f"two source tensors map to the same name: {dup}")
 
     tmp = path.with_name(path.name + ".partial")
-    writer = _Writer(tmp, keys.ARCHITECTURE)
+    writer = GGUFWriter(tmp, keys.ARCHITECTURE)
     try:
+        writer.add_file_type(int(_FILE_TYPES[target]))
+        if qtarget not in (Q.F32, Q.F16):
+            writer.add_quantization_version(GGML_QUANT_VERSION)
         for key, value in metadata.items():
             _add_metadata(writer, key, value)
         total = 0

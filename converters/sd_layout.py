@@ -7,12 +7,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .checkpoint_io import TensorSource
-from .errors import ConversionError
+from pysdcpp.format.checkpoint_io import TensorSource
+from pysdcpp.format.families import context_width, family_of_context_width
+from pysdcpp.format.names import FAMILIES, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+from .errors import ConversionError
 
 _RESNET_NAMES = {
     "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -191,7 +190,7 @@ def map_single_file(tensors: list[TensorSource]) -> list[TensorSource]:
 
 @dataclass
 class ModelInfo:
-    family: str  # "sd1", "sd2"
+    family: str  # names.FAMILIES
     context_dim: int
     has_text_encoder: bool
     has_vae: bool
@@ -217,10 +216,11 @@ def detect(tensors: list[TensorSource]) -> ModelInfo:
     if k is None:
         raise ConversionError(describe_unsupported(list(names)))
     context_dim = int(k.shape[1])
-    family = {768: "sd1", 1024: "sd2"}.get(context_dim)
+    family = family_of_context_width(context_dim)
     if family is None:
+        known = ", ".join(f"{f} has {context_width(f)}" for f in FAMILIES)
         raise ConversionError(f"unsupported architecture: a UNet with cross-attention width {context_dim} "
-                              "(SD1.x has 768, SD2.x 1024)")
+                              f"({known})")
     has_text = any(n.startswith("cond_stage_model.") for n in names)
     has_vae = any(n.startswith(VAE_PREFIX) for n in names)
     return ModelInfo(family, context_dim, has_text, has_vae)

@@ -22,10 +22,31 @@ LIB_FILE = "libstable-diffusion.so"
 _log = logging.getLogger("pysdcpp.native")
 
 
-def lib_dir() -> Path:
-    """Where the built libraries live: $PYSDCPP_LIB_DIR, else pysdcpp/_libs inside the package."""
+def lib_dir_candidates() -> list[Path]:
+    """Where built libraries may live, in order: $PYSDCPP_LIB_DIR; pysdcpp/_libs inside this package; when this
+    package is a source checkout, the installed distribution's _libs (after `pip install .`) and the checkout's
+    build/stage (the README's kernel-work build)."""
     env = os.environ.get("PYSDCPP_LIB_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent / "_libs"
+    if env:
+        return [Path(env)]
+    here = Path(__file__).resolve().parent
+    out = [here / "_libs"]
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        installed = Path(distribution("pysdcpp").locate_file("pysdcpp/_libs")).resolve()
+        if installed != out[0]:
+            out.append(installed)
+    except (ImportError, PackageNotFoundError):
+        pass
+    out.append(here.parent / "build" / "stage" / "pysdcpp" / "_libs")
+    return out
+
+
+def lib_dir() -> Path:
+    """The first candidate folder that holds the headers the binding reads (else the first candidate)."""
+    candidates = lib_dir_candidates()
+    return next((d for d in candidates if (d / "stable-diffusion.h").is_file()), candidates[0])
 
 
 def header_declarations(text: str) -> str:
@@ -66,9 +87,10 @@ def ffi() -> cffi.FFI:
             d = lib_dir()
             missing = [p for p in (d / "stable-diffusion.h", d / "pysdcpp_ext.h") if not p.is_file()]
             if missing:
-                raise LibraryNotFoundError(f"pysdcpp's native build is missing ({missing[0]} not found). "
-                                           "Install the package with `pip install .` from a source checkout, "
-                                           "or point PYSDCPP_LIB_DIR at a build's _libs folder.")
+                looked = ", ".join(str(c) for c in lib_dir_candidates())
+                raise LibraryNotFoundError(f"pysdcpp's native build is missing ({missing[0].name} not found; looked in "
+                                           f"{looked}). Run `pip install .` in the source checkout, or point "
+                                           "PYSDCPP_LIB_DIR at a build's _libs folder.")
             f = cffi.FFI()
             f.cdef(header_declarations((d / "stable-diffusion.h").read_text()))
             f.cdef(header_declarations((d / "pysdcpp_ext.h").read_text()))

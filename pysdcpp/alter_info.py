@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from converters.alter import N_TIMESTEPS, AlterRouting, unet_macs
+from .format.macs import unet_macs
+from .format.names import N_TIMESTEPS
+from .format.routing import AlterRouting
 
 _F = np.float32
 

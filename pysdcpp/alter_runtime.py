@@ -1,5 +1,5 @@
 """ALTER routing at run time: the file's routing handed to the accelerated library before every compute, and the
-per-step report (expert, MACs) of a generation. The format is converters.alter / docs/alter-gguf.md."""
+per-step report (expert, MACs) of a generation. The format is pysdcpp.format.routing / docs/alter-gguf.md."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from converters.alter import AlterRouting, prunable_units, read_alter, read_mask_json, unet_macs
-from converters.errors import ConversionError
-
 from .errors import ModelLoadError
+from .format.errors import FormatError
+from .format.macs import unet_macs
+from .format.names import FAMILIES, UNET_PREFIX
+from .format.routing import AlterRouting, read_alter, read_mask_json
+from .format.unet import prunable_units
 
 log = logging.getLogger("pysdcpp.alter")
 
-SEMANTICS = ("reference", "consume")
-UNET_PREFIX = "model.diffusion_model."
 
 
 def routing_of(model_file, masks=None) -> AlterRouting | None:
@@ -25,18 +25,18 @@ def routing_of(model_file, masks=None) -> AlterRouting | None:
     family = model_file.family
     try:
         own = read_alter(model_file.metadata)
-    except ConversionError as e:
+    except FormatError as e:
         raise ModelLoadError(f"{model_file.path}: {e}") from None
     if masks is None and own is None:
         return None
-    if family not in ("sd1", "sd2"):
+    if family not in FAMILIES:
         raise ModelLoadError(f"{model_file.path}: ALTER routing needs an SD1.x or SD2.x UNet; the file's family is "
                              f"{family or 'unknown'}")
     routing = own
     if masks is not None:
         try:
             routing = read_mask_json(masks, family)
-        except ConversionError as e:
+        except FormatError as e:
             raise ValueError(str(e)) from None
         if own is not None and own.dropped:
             routing.dropped = list(own.dropped)  # those tensors are not in the file, whatever the masks say

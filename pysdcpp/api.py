@@ -18,6 +18,8 @@ from PIL import Image
 
 from . import _native
 from .errors import GenerationError, ModelLoadError, PySDCppError
+from .format.families import context_width
+from .format.names import FAMILIES, PREDICTIONS, SKIP_SEMANTICS
 from .modelfile import ModelFile, read_model_file
 
 StepCallback = Callable[[int, int, float], None]
@@ -147,8 +149,8 @@ class StableDiffusion:
         if winograd_cache_mb is not None and (not isinstance(winograd_cache_mb, (int, np.integer))
                                               or winograd_cache_mb < 0):
             raise ValueError(f"winograd_cache_mb must be a non-negative integer, got {winograd_cache_mb!r}")
-        if prediction not in ("auto", "eps", "v"):
-            raise ValueError(f"prediction must be auto, eps or v, not {prediction!r}")
+        if prediction != "auto" and prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be auto or one of {', '.join(PREDICTIONS)}, not {prediction!r}")
         self.model_file: ModelFile = read_model_file(model)
         vae_file = read_model_file(vae) if vae is not None else None
         self.alter = self._alter_routing(backend, alter, alter_semantics, alter_masks)
@@ -162,8 +164,7 @@ class StableDiffusion:
             winograd_cache_mb = (int(lib.pysdcpp_winograd_cache_default_budget()) >> 20
                                  if self.native.has_components else 0)
         self.winograd_cache_mb = int(winograd_cache_mb)
-        self.samplers = self.native.enum_names("sd_sample_method_name", int(lib.SAMPLE_METHOD_COUNT))
-        self.schedulers = self.native.enum_names("sd_scheduler_name", int(lib.SCHEDULER_COUNT))
+        self.samplers, self.schedulers = generation_choices(backend)
         rngs = self.native.enum_names("sd_rng_type_name", int(lib.RNG_TYPE_COUNT))
         if rng not in rngs:
             raise ValueError(f"rng must be one of {', '.join(rngs)}, not {rng!r}")
@@ -210,12 +211,12 @@ class StableDiffusion:
     def _alter_routing(self, backend: str, alter: bool | None, semantics: str, masks):
         """The ALTER routing this context runs with (None: dense): a JSON mask file's (`alter_masks`, for masks
         not converted into the file) or the file's own, as the alter= arguments say."""
-        from .alter_runtime import SEMANTICS, NativeRouting, routing_of
+        from .alter_runtime import NativeRouting, routing_of
 
         if alter not in (None, True, False):
             raise ValueError(f"alter must be True, False or None (on when the file has routing), not {alter!r}")
-        if semantics != "default" and semantics not in SEMANTICS:
-            raise ValueError(f"alter_semantics must be default, {' or '.join(SEMANTICS)}, not {semantics!r}")
+        if semantics != "default" and semantics not in SKIP_SEMANTICS:
+            raise ValueError(f"alter_semantics must be default, {' or '.join(SKIP_SEMANTICS)}, not {semantics!r}")
         if masks is not None:
             if alter is False:
                 raise ValueError("alter_masks with alter=False: give one or the other")
@@ -290,6 +291,7 @@ class StableDiffusion:
             lib.pysdcpp_set_linear_mode(lib.PYSDCPP_LINEAR_FAST if self.linear == "fast"
                                         else lib.PYSDCPP_LINEAR_UPSTREAM)
             lib.pysdcpp_set_winograd_cache_budget(self.winograd_cache_mb << 20)
+            lib.pysdcpp_set_winograd_threads(self.threads)   # filters cached at graph build use this context's
             if self.alter is not None:
                 self.alter.install(self.native.ffi, lib)
             else:
@@ -416,7 +418,8 @@ class StableDiffusion:
         return out.reshape(1, *out.shape[-2:])
 
     def _context_width(self) -> int:
-        return {"sd1": 768, "sd2": 1024}.get(self.model_file.family or "", 0)
+        family = self.model_file.family
+        return context_width(family) if family in FAMILIES else 0
 
     def unet(self, latent: np.ndarray, timestep, context: np.ndarray) -> np.ndarray:
         """One diffusion-model evaluation: latent (N, 4, h, w), timestep scalar or (N,), context (N, T, D).
@@ -485,11 +488,29 @@ def _take_images(ffi, out, count: int) -> list[Image.Image]:
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> None:
+    """Write a PNG with its `parameters` chunk atomically: a reader never sees half a file."""
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    image.save(path, pnginfo=info)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-__all__ = ["StableDiffusion", "GenerationParams", "GenerationResult", "png_parameters", "save_png"]
+def generation_choices(backend: str = "accelerated") -> tuple[list[str], list[str]]:
+    """(sampler names, scheduler names) of a library, for checking parameters before any model is loaded."""
+    if backend not in _native.BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(_native.BACKENDS)}, not {backend!r}")
+    native = _native.load(backend)
+    lib = native.lib
+    return (native.enum_names("sd_sample_method_name", int(lib.SAMPLE_METHOD_COUNT)),
+            native.enum_names("sd_scheduler_name", int(lib.SCHEDULER_COUNT)))
+
+
+__all__ = ["StableDiffusion", "GenerationParams", "GenerationResult", "generation_choices", "png_parameters",
+           "save_png"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .format.names import OUTPUT_TYPES, PREDICTIONS, SKIP_SEMANTICS, UNET_PREFIX, VAE_PREFIX
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -82,7 +83,7 @@ class _StepBar:
 @click.option("--clip-skip", type=int, default=-1, show_default=True, help="-1: the model's default.")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads [physical cores].")
 @click.option("--backend", type=click.Choice(["accelerated", "upstream"]), default="accelerated", show_default=True)
-@click.option("--prediction", type=click.Choice(["auto", "eps", "v"]), default="auto", show_default=True,
+@click.option("--prediction", type=click.Choice(["auto", *PREDICTIONS]), default="auto", show_default=True,
               help="Force epsilon or v prediction (auto: from the file's metadata or the model).")
 @click.option("--conv", type=click.Choice(["default", "im2col", "direct", "winograd"]), default="default",
               show_default=True, help="3x3 convolution algorithm (winograd: accelerated library only).")
@@ -98,17 +99,17 @@ class _StepBar:
 @click.option("--no-alter", is_flag=True, help="Run an ALTER file's dense model (routing off).")
 @click.option("--alter-masks", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Route with the masks of this JSON file (docs/alter-gguf.md) instead of the file's own.")
-@click.option("--alter-semantics", type=click.Choice(["default", "reference", "consume"]), default="default",
+@click.option("--alter-semantics", type=click.Choice(["default", *SKIP_SEMANTICS]), default="default",
               show_default=True, help="How a pruned ResNet of a plain up block treats its skip tensor "
                                       "(default: the file's, normally reference).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("output.png"),
               show_default=True, help="PNG path; with --batch N, files get _1.._N suffixes.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files (without it they are never touched).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-v", "--verbose", count=True, help="-v: library info log, -vv: debug log.")
 def generate(model, demo, prompt, negative_prompt, width, height, steps, guidance_scale, sampler, scheduler,
              seed, batch_size, clip_skip, threads, backend, prediction, conv, attention, linear, winograd_cache_mb,
-             no_alter,
-             alter_masks, alter_semantics, output, as_json, verbose):
+             no_alter, alter_masks, alter_semantics, output, overwrite, as_json, verbose):
     """Text to image. Writes PNGs carrying their generation parameters (A1111 `parameters` chunk).
 
     \b
@@ -117,7 +118,7 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
       pysdcpp generate model.gguf -p "a lighthouse at dusk" -W 512 -H 512 --steps 20 --seed 7 -o lighthouse.png
       pysdcpp generate model.gguf -p "a red fox" --backend upstream --sampler euler --scheduler karras
     """
-    from .api import StableDiffusion, png_parameters, save_png
+    from .api import GenerationParams, StableDiffusion, generation_choices, png_parameters, save_png
     from .errors import PySDCppError
 
     _setup_logging(verbose)
@@ -143,6 +144,18 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
         _fail(f"output must be a .png path, got {output}")
     if not output.parent.exists():
         _fail(f"output folder {output.parent} does not exist")
+    paths = [output] if batch_size == 1 else [
+        output.with_name(f"{output.stem}_{i + 1}{output.suffix}") for i in range(batch_size)]
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        _fail(f"{existing[0]} exists; pass --overwrite to replace it")
+    try:
+        # Every generation parameter is checked before the model loads (the library's sampler names need no model).
+        GenerationParams(prompt, negative_prompt, width=width, height=height, num_inference_steps=steps,
+                         guidance_scale=guidance_scale, sampler=sampler, scheduler=scheduler, seed=seed,
+                         batch_size=batch_size, clip_skip=clip_skip).validate(*generation_choices(backend))
+    except (PySDCppError, ValueError, TypeError) as e:
+        _fail(str(e))
     try:
         t0 = time.perf_counter()
         loading = _StepBar("loading", show)
@@ -165,8 +178,6 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
             finally:
                 bar.close()
             text = png_parameters(result.params, Path(model).stem, backend, __version__)
-            paths = [output] if len(result.images) == 1 else [
-                output.with_name(f"{output.stem}_{i + 1}{output.suffix}") for i in range(len(result.images))]
             for img, path in zip(result.images, paths):
                 save_png(img, path, text)
     except (PySDCppError, ValueError, TypeError) as e:
@@ -212,9 +223,9 @@ class _WriteBar:
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The GGUF file to write.")
-@click.option("--type", "out_type", type=click.Choice(["f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]),
+@click.option("--type", "out_type", type=click.Choice(OUTPUT_TYPES),
               default="f16", show_default=True, help="Weight type (biases, norms and embeddings keep theirs).")
-@click.option("--prediction", type=click.Choice(["auto", "eps", "v"]), default="auto", show_default=True,
+@click.option("--prediction", type=click.Choice(["auto", *PREDICTIONS]), default="auto", show_default=True,
               help="Record epsilon or v prediction (auto: from a diffusers folder's scheduler config).")
 @click.option("--base", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder to take a missing text_encoder/ or vae/ from.")
@@ -222,7 +233,8 @@ class _WriteBar:
               help="JSON mask file (docs/alter-gguf.md) to write as ALTER routing; wins over an ALTER folder's masks.")
 @click.option("--drop-unused", is_flag=True,
               help="Leave out the tensors of units no ALTER expert keeps (stock stable-diffusion.cpp cannot load that).")
-def convert(input_path, output, out_type, prediction, base, alter_masks, drop_unused):
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (without it an existing file is never touched).")
+def convert(input_path, output, out_type, prediction, base, alter_masks, drop_unused, overwrite):
     """Convert a checkpoint to GGUF: a .safetensors / .ckpt file, a diffusers folder or an ALTER output folder
     (SD1.x, SD2.x). ALTER masks (pruning_mask.pth, else hypernet/, or --alter-masks) become routing metadata.
 
@@ -233,14 +245,15 @@ def convert(input_path, output, out_type, prediction, base, alter_masks, drop_un
       pysdcpp convert ./alter-run --base ./stable-diffusion-2-1 -o alter.gguf --drop-unused
       pysdcpp convert ./stable-diffusion-2-1 --alter-masks masks.json -o sd21-pruned.gguf
     """
-    from converters import ConversionError
-    from converters import convert as run
+    from ._converters import converters
+    from .format.errors import FormatError
 
     bar = _WriteBar(f"writing {output.name}")
     try:
-        report = run(input_path, output, out_type, prediction=prediction, base=base, alter_masks=alter_masks,
-                     drop_unused=drop_unused, progress=bar)
-    except ConversionError as e:
+        report = converters().convert(input_path, output, out_type, prediction=prediction, base=base,
+                                      alter_masks=alter_masks, drop_unused=drop_unused, overwrite=overwrite,
+                                      progress=bar)
+    except FormatError as e:
         _fail(str(e))
     finally:
         bar.close()
@@ -287,10 +300,9 @@ def inspect(model, as_json, list_tensors, size, steps):
       pysdcpp inspect model.gguf
       pysdcpp inspect alter.gguf --size 768 --steps 20 --json
     """
-    from converters import ConversionError
-    from converters.alter import read_alter
-
     from .errors import ModelLoadError
+    from .format.errors import FormatError
+    from .format.routing import read_alter
     from .modelfile import read_model_file
 
     if size <= 0 or size % 8:
@@ -302,7 +314,7 @@ def inspect(model, as_json, list_tensors, size, steps):
         routing = read_alter(mf.metadata)
     except ModelLoadError as e:
         _fail(str(e))
-    except ConversionError as e:
+    except FormatError as e:
         _fail(f"{model}: {e}")
     by_type: dict[str, list[int]] = {}
     groups: dict[str, int] = {}
@@ -310,13 +322,13 @@ def inspect(model, as_json, list_tensors, size, steps):
         entry = by_type.setdefault(t.type, [0, 0])
         entry[0] += 1
         entry[1] += t.nbytes
-        head = next((p for p in ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+        head = next((p for p in (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.")
                      if t.name.startswith(p)), "other")
         groups[head] = groups.get(head, 0) + t.nbytes
     info = {"path": str(mf.path), "format": mf.format, "family": mf.family, "prediction": mf.prediction,
             "n_tensors": len(mf.tensors), "bytes": mf.total_bytes,
             "types": {k: {"tensors": v[0], "bytes": v[1]} for k, v in sorted(by_type.items())},
-            "components": {"unet" if k.startswith("model.") else "vae" if k.startswith("first") else
+            "components": {"unet" if k == UNET_PREFIX else "vae" if k == VAE_PREFIX else
                            "text_encoder" if k.startswith("cond") else k: v for k, v in groups.items()},
             "metadata": {k: v for k, v in mf.metadata.items()}}
     if list_tensors:

@@ -6,10 +6,9 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from converters import keys
-from converters.gguf_out import write_gguf
-from converters.sd_layout import map_text_encoder, map_unet, map_vae
-from converters.synthetic import synthetic_sources
+from ._converters import submodule
+from .format import keys
+from .format.families import DEFAULT_PREDICTION
 
 DEMO_SEED = 0
 
@@ -30,16 +29,18 @@ def synthetic_gguf(family: str = "sd1", out_type: str = "f16", seed: int = DEMO_
     path = folder / f"synthetic-{family}-seed{seed}-{out_type}{'-alter' if alter else ''}.gguf"
     if path.is_file():
         return path
-    parts = synthetic_sources(family, seed)
-    tensors = map_unet(parts["unet"]) + map_vae(parts["vae"]) + map_text_encoder(parts["text_encoder"])
+    layout = submodule("sd_layout")
+    parts = submodule("synthetic").synthetic_sources(family, seed)
+    tensors = (layout.map_unet(parts["unet"]) + layout.map_vae(parts["vae"])
+               + layout.map_text_encoder(parts["text_encoder"]))
     meta = {keys.FAMILY: family, keys.SOURCE: f"synthetic {family} seed {seed}", keys.SOURCE_LAYOUT: "synthetic",
-            keys.OUTPUT_TYPE: out_type, keys.SYNTHETIC: True, keys.PREDICTION: "eps" if family == "sd1" else "v"}
+            keys.OUTPUT_TYPE: out_type, keys.SYNTHETIC: True, keys.PREDICTION: DEFAULT_PREDICTION[family]}
     if alter:
-        from converters.alter import routing_metadata
+        from .format.routing import routing_metadata
 
         meta[keys.SOURCE] += " + demo ALTER routing"
         meta.update(routing_metadata(synthetic_alter_masks(family, seed=seed)))
-    write_gguf(path, tensors, out_type, meta, progress)
+    submodule("gguf_out").write_gguf(path, tensors, out_type, meta, progress)
     return path
 
 
@@ -50,7 +51,9 @@ def synthetic_alter_masks(family: str = "sd1", n_experts: int = 10, keep_fractio
     of 1000 / n_experts training timesteps."""
     import numpy as np
 
-    from converters.alter import AlterRouting, prunable_units, unet_macs
+    from .format.macs import unet_macs
+    from .format.routing import AlterRouting
+    from .format.unet import prunable_units
 
     units = prunable_units(family)
     macs = unet_macs(family, size // 8, size // 8)

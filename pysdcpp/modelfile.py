@@ -6,13 +6,19 @@ and reported as a `ModelLoadError`.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ModelLoadError
+from .format import keys
+from .format.families import family_of_context_width
+from .format.names import UNET_PREFIX
 
 
 @dataclass
@@ -32,20 +38,16 @@ class ModelFile:
 
     @property
     def family(self) -> str | None:
-        from converters import keys
-
         value = self.metadata.get(keys.FAMILY)
         if value is None:
             names = {t.name: t for t in self.tensors}
-            k = names.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-            if k is not None:
-                value = {768: "sd1", 1024: "sd2"}.get(int(k.shape[-1] if self.format != "gguf" else k.shape[0]))
+            k = names.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+            if k is not None:   # GGUF lists shapes innermost first
+                value = family_of_context_width(int(k.shape[-1] if self.format != "gguf" else k.shape[0]))
         return value
 
     @property
     def prediction(self) -> str | None:
-        from converters import keys
-
         return self.metadata.get(keys.PREDICTION)  # type: ignore[return-value]
 
     @property
@@ -53,50 +55,189 @@ class ModelFile:
         return sum(t.nbytes for t in self.tensors)
 
 
-def _gguf_value(field_) -> object:
-    from gguf import GGUFValueType
+# ---- GGUF: every check ggml's gguf_init_from_file makes, and the data section inside the file ----------------
+# The native loader reads GGUF headers with ggml's reader; what that rejects goes to stable-diffusion.cpp's
+# fallback reader, which aborts the process on some inputs (an absurd name length), and ggml itself aborts or
+# divides by zero on others (a non-u32 general.alignment, an empty key, a dimension of 0). So a file reaches the
+# native library only when ggml's reader would accept it, and when its tensor data lies inside the file.
 
-    if not field_.types:
-        return None
-    t = field_.types[0]
-    if t == GGUFValueType.STRING:
-        return bytes(field_.parts[field_.data[0]]).decode("utf-8", "replace")
-    if t == GGUFValueType.ARRAY:
-        # Whole arrays (readers such as converters.alter.read_alter need every entry); strings decoded.
-        if len(field_.types) < 2 or not field_.data:
-            return []
-        if field_.types[-1] == GGUFValueType.STRING:
-            return [bytes(field_.parts[i]).decode("utf-8", "replace") for i in field_.data]
-        return [v for i in field_.data for v in field_.parts[i].tolist()]
-    value = field_.parts[field_.data[0]]
-    return value.tolist()[0] if isinstance(value, np.ndarray) else value
+_GGUF_VERSIONS = (2, 3)
+_GGUF_MAX_STRING = 1 << 30          # ggml's GGUF_MAX_STRING_LENGTH
+_GGUF_MAX_ARRAY = 1 << 30           # ggml's GGUF_MAX_ARRAY_ELEMENTS
+_GGML_MAX_NAME = 128                # both libraries are built with -DGGML_MAX_NAME=128 (names up to 127 bytes)
+_GGML_MAX_DIMS = 4
+_GGML_TYPE_COUNT = 41               # GGML_TYPE_COUNT of the ggml both libraries are built with
+_INT64_MAX = (1 << 63) - 1
+# GGUF value types: id -> (struct format, bytes) for the fixed-size ones; 8 is a string, 9 an array
+_GGUF_SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
+                 6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
+_GGUF_STRING, _GGUF_ARRAY, _GGUF_UINT32 = 8, 9, 4
+_MIN_KV_BYTES = 8 + 1 + 4 + 1       # key length, a 1-byte key, type, the smallest value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8   # name length (empty name), n_dims 0, type, offset
+
+
+@functools.lru_cache(maxsize=None)
+def _ggml_types() -> dict[int, tuple[str, int, int]]:
+    """ggml type id -> (name, block size, bytes per block), for the types the native ggml knows."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return {int(t): (GGMLQuantizationType(t).name, int(blck), int(size))
+            for t, (blck, size) in GGML_QUANT_SIZES.items() if int(t) < _GGML_TYPE_COUNT and blck > 0}
+
+
+class _GGUFParser:
+    """Reads a GGUF header field by field, never past the end of the file, never trusting a count or a length."""
+
+    def __init__(self, f, path: Path, size: int):
+        self.f, self.path, self.size, self.pos = f, path, size, 0
+
+    def fail(self, what: str):
+        raise ModelLoadError(f"{self.path}: corrupt GGUF file: {what}")
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > self.size - self.pos:
+            raise ModelLoadError(f"{self.path}: truncated GGUF file: {what} at byte {self.pos} needs {n} bytes, "
+                                 f"the file has {self.size}")
+        data = self.f.read(n)
+        if len(data) != n:
+            raise ModelLoadError(f"{self.path}: truncated GGUF file: could not read {what} at byte {self.pos}")
+        self.pos += n
+        return data
+
+    def unpack(self, fmt: str, n: int, what: str):
+        return struct.unpack(fmt, self.take(n, what))[0]
+
+    def string(self, what: str) -> bytes:
+        n = self.unpack("<Q", 8, f"the length of {what}")
+        if n > _GGUF_MAX_STRING:
+            self.fail(f"{what} claims a length of {n} bytes (at most {_GGUF_MAX_STRING})")
+        if n > self.size - self.pos:
+            raise ModelLoadError(f"{self.path}: truncated GGUF file: {what} at byte {self.pos} claims {n} bytes, "
+                                 f"the file has {self.size - self.pos} left")
+        return self.take(n, what)
+
+    def value(self, vtype: int, what: str):
+        if vtype == _GGUF_STRING:
+            return self.string(what).decode("utf-8", "replace")
+        fmt, n = _GGUF_SCALARS[vtype]
+        return self.unpack(fmt, n, what)
+
+    def kv(self, i: int, n_kv: int, seen: set) -> tuple[str, object]:
+        raw = self.string(f"the key of metadata entry {i} of {n_kv}")
+        key = raw.decode("utf-8", "replace")
+        if not raw:
+            self.fail(f"metadata entry {i} of {n_kv} has an empty key")
+        if raw in seen:
+            self.fail(f"metadata key {key!r} appears twice")
+        seen.add(raw)
+        vtype = self.unpack("<I", 4, f"the type of metadata {key!r}")
+        if vtype == _GGUF_ARRAY:
+            etype = self.unpack("<I", 4, f"the element type of metadata {key!r}")
+            n = self.unpack("<Q", 8, f"the length of metadata {key!r}")
+            if etype not in _GGUF_SCALARS and etype != _GGUF_STRING:
+                self.fail(f"metadata {key!r} is an array of unknown type {etype}" if etype != _GGUF_ARRAY
+                          else f"metadata {key!r} is an array of arrays (not allowed in GGUF)")
+            least = 8 if etype == _GGUF_STRING else _GGUF_SCALARS[etype][1]
+            if n > _GGUF_MAX_ARRAY or n * least > self.size - self.pos:
+                self.fail(f"metadata {key!r} claims {n} array entries; the {self.size - self.pos} bytes left in "
+                          f"the file hold at most {(self.size - self.pos) // least}")
+            if etype == _GGUF_STRING:
+                value = [self.value(etype, f"entry {j} of metadata {key!r}") for j in range(n)]
+            else:
+                fmt, size = _GGUF_SCALARS[etype]
+                value = np.frombuffer(self.take(n * size, f"metadata {key!r}"), dtype=fmt).tolist()
+        elif vtype in _GGUF_SCALARS or vtype == _GGUF_STRING:
+            value = self.value(vtype, f"metadata {key!r}")
+        else:
+            self.fail(f"metadata {key!r} has unknown value type {vtype}")
+        if key == "general.alignment":
+            if vtype != _GGUF_UINT32:
+                self.fail("general.alignment must be a single uint32")   # ggml aborts on anything else
+            if value == 0 or value & (value - 1):
+                self.fail(f"general.alignment {value} is not a power of 2")
+        return key, value
+
+    def tensor_info(self, i: int, n_tensors: int, types: dict, seen: set) -> tuple[str, int, tuple, int, int]:
+        raw = self.string(f"the name of tensor {i} of {n_tensors}")
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"the name of tensor {i} of {n_tensors} is not UTF-8 text")
+        if len(raw) >= _GGML_MAX_NAME:
+            self.fail(f"tensor name {name[:80]!r}... is {len(raw)} bytes long (at most {_GGML_MAX_NAME - 1})")
+        if raw in seen:
+            self.fail(f"tensor {name} appears twice")
+        seen.add(raw)
+        n_dims = self.unpack("<I", 4, f"the dimension count of tensor {name}")
+        if n_dims > _GGML_MAX_DIMS:
+            self.fail(f"tensor {name} has {n_dims} dimensions (at most {_GGML_MAX_DIMS})")
+        shape = tuple(self.unpack("<q", 8, f"the shape of tensor {name}") for _ in range(n_dims))
+        if any(d <= 0 for d in shape):
+            self.fail(f"tensor {name} has shape {list(shape)}: every dimension must be at least 1")
+        n_elements = 1
+        for d in shape:
+            n_elements *= d
+        if n_elements > _INT64_MAX:
+            self.fail(f"tensor {name} has shape {list(shape)}: {n_elements} elements overflow 64 bits")
+        ggml_type = self.unpack("<I", 4, f"the type of tensor {name}")
+        if ggml_type not in types:
+            self.fail(f"tensor {name} has unknown ggml type {ggml_type}")
+        type_name, blck, type_size = types[ggml_type]
+        if shape and shape[0] % blck:
+            self.fail(f"tensor {name} of type {type_name} has rows of {shape[0]} elements, not a multiple of its "
+                      f"block size {blck}")
+        offset = self.unpack("<Q", 8, f"the data offset of tensor {name}")
+        return name, ggml_type, shape, offset, n_elements // blck * type_size
 
 
 def read_gguf(path: Path) -> ModelFile:
-    from gguf import GGUFReader
+    """Check a GGUF file as ggml's reader does (and its tensor data against the file's size); read its header."""
+    from gguf import GGMLQuantizationType
 
     size = path.stat().st_size
-    try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # the reader raises several types on garbage; all mean the same here
-        raise ModelLoadError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+    types = _ggml_types()
+    with open(path, "rb") as f:
+        p = _GGUFParser(f, path, size)
+        if p.take(4, "the magic") != b"GGUF":
+            p.fail("no GGUF magic")
+        version = p.unpack("<I", 4, "the version")
+        if version not in _GGUF_VERSIONS:
+            swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+            hint = (" (a big-endian file? only little-endian GGUF is supported)" if swapped in _GGUF_VERSIONS
+                    else "")
+            p.fail(f"GGUF version {version}{hint}; supported versions are 2 and 3")
+        n_tensors = p.unpack("<q", 8, "the tensor count")
+        n_kv = p.unpack("<q", 8, "the metadata count")
+        left = size - p.pos
+        if not 0 <= n_tensors <= left // _MIN_TENSOR_INFO_BYTES:
+            p.fail(f"the header claims {n_tensors} tensors; a file of {size} bytes has room for at most "
+                   f"{left // _MIN_TENSOR_INFO_BYTES}")
+        if not 0 <= n_kv <= left // _MIN_KV_BYTES:
+            p.fail(f"the header claims {n_kv} metadata entries; a file of {size} bytes has room for at most "
+                   f"{left // _MIN_KV_BYTES}")
+        meta: dict[str, object] = {}
+        seen: set = set()
+        for i in range(n_kv):
+            key, value = p.kv(i, n_kv, seen)
+            meta[key] = value
+        alignment = int(meta.get("general.alignment", 32))
+        seen = set()
+        infos = [p.tensor_info(i, n_tensors, types, seen) for i in range(n_tensors)]
+    data_start = -(-p.pos // alignment) * alignment
     tensors = []
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
+    expected = 0
+    for name, ggml_type, shape, offset, nbytes in infos:
+        end = data_start + offset + nbytes
         if end > size:
-            raise ModelLoadError(f"{path}: truncated GGUF file: tensor {t.name} ends at byte {end}, "
-                                 f"the file has {size}")
-        tensors.append(TensorInfo(t.name, t.tensor_type.name, tuple(int(x) for x in t.shape), int(t.n_bytes)))
+            raise ModelLoadError(f"{path}: truncated or corrupt GGUF file: the data of tensor {name} ends at byte "
+                                 f"{end}, past the end of the file ({size} bytes)")
+        if offset != expected:   # ggml requires the data of each tensor to follow the last one's, aligned
+            raise ModelLoadError(f"{path}: corrupt GGUF file: tensor {name} has data offset {offset}, expected "
+                                 f"{expected} (tensor data must be contiguous, in header order)")
+        expected += -(-nbytes // alignment) * alignment
+        tensors.append(TensorInfo(name, GGMLQuantizationType(ggml_type).name, shape, nbytes))
     if not tensors:
         raise ModelLoadError(f"{path}: the GGUF file holds no tensors")
-    meta = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            meta[key] = _gguf_value(f)
-        except Exception:
-            meta[key] = "?"
     return ModelFile(path, "gguf", tensors, meta)
 
 
@@ -111,23 +252,25 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
         raise ModelLoadError(f"{path}: permission denied")
     with open(path, "rb") as f:
         head = f.read(8)
+    if not head:
+        raise ModelLoadError(f"{path}: empty file")
     if head[:4] == b"GGUF":
         return read_gguf(path)
-    from converters import ConversionError
-    from converters.checkpoint_io import read_checkpoint_file
+    from .format.checkpoint_io import checkpoint_format, read_checkpoint_file
+    from .format.errors import FormatError
 
-    fmt = "torch" if head[:2] == b"PK" else "safetensors"
-    if fmt == "safetensors" and len(head) == 8:
-        n = int.from_bytes(head, "little")
-        if not 2 <= n <= min(path.stat().st_size, 100 << 20):
-            raise ModelLoadError(f"{path}: not a model file (neither GGUF, safetensors nor a torch checkpoint)")
+    fmt = checkpoint_format(path)
+    if fmt not in ("safetensors", "torch"):
+        raise ModelLoadError(f"{path}: not a model file (neither GGUF, safetensors nor a torch checkpoint)")
     try:
         sources = read_checkpoint_file(path)
-    except ConversionError as e:
+    except FormatError as e:
         raise ModelLoadError(str(e)) from None
     except Exception as e:
         raise ModelLoadError(f"{path}: not a model file ({type(e).__name__}: {e})") from None
+    if not sources:
+        raise ModelLoadError(f"{path}: the {fmt} file holds no tensors")
     itemsize = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4}
     tensors = [TensorInfo(s.name, s.dtype, tuple(s.shape),
-                          int(np.prod(s.shape, dtype=np.int64)) * itemsize.get(s.dtype, 1)) for s in sources]
+                          math.prod(s.shape) * itemsize.get(s.dtype, 1)) for s in sources]
     return ModelFile(path, fmt, tensors, {})

@@ -2,7 +2,7 @@
 
 `alter_unet_forward` evaluates a diffusers UNet2DConditionModel (SD1.x/SD2.x layout) with the prunable
 units whose keep flag is False bypassed. The unit order is derived here from the module tree, not taken
-from converters.alter, so tests can hold one against the other.
+from pysdcpp.converters.alter, so tests can hold one against the other.
 """
 
 from __future__ import annotations

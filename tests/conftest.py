@@ -1,6 +1,9 @@
-"""Shared fixtures: synthetic SD1.5 / SD2.1 models (real architectures, deterministic random weights) in the
-layouts users have (diffusers folder, LDM single file .safetensors and .ckpt), made once and cached between
-runs under $PYSDCPP_TEST_CACHE (default ~/.cache/pysdcpp-tests), plus their GGUF conversions.
+"""Shared fixtures. Full-size synthetic SD1.5 / SD2.1 models (real architectures, deterministic random F16 weights):
+one GGUF per family, cached between runs under $PYSDCPP_TEST_CACHE (default ~/.cache/pysdcpp-tests; the SD1.5 one
+is the very file `pysdcpp generate --demo` makes); their PyTorch originals built in memory from the same weights;
+and checkpoint files in every layout, made in a test's own temporary folder and deleted after it. Converter-only
+tests use reduced models (same layout, few channels). Cache budget: about 4.7 GB, plus at most one full-size
+temporary checkpoint and its conversion at a time (peak under 10 GB).
 """
 
 from __future__ import annotations
@@ -14,33 +17,60 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters import convert, synthetic
-from converters.sd_layout import map_text_encoder, map_unet, map_vae
+from pysdcpp._converters import converters
 
-FIXTURE_SEED = 1234
+converters()   # a source checkout's converters/ (PYTHONPATH=.) or the installed pysdcpp.converters
+from pysdcpp.demo import DEMO_SEED, synthetic_gguf  # noqa: E402
+from pysdcpp.format.families import context_width  # noqa: E402
+from pysdcpp.converters import convert, synthetic  # noqa: E402
+from pysdcpp.converters.sd_layout import map_text_encoder, map_unet, map_vae  # noqa: E402
+
+FIXTURE_SEED = DEMO_SEED   # the SD1.5 fixture is the demo model: one 2 GB file serves both
 
 
-def _cache_root() -> Path:
+def _cache_base() -> Path:
     env = os.environ.get("PYSDCPP_TEST_CACHE")
-    root = Path(env) if env else Path.home() / ".cache" / "pysdcpp-tests"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    return Path(env) if env else Path.home() / ".cache" / "pysdcpp-tests"
 
 
 def _fixture_key() -> str:
-    # Rebuild cached fixtures when the code that makes them changes.
-    h = hashlib.sha256()
-    import converters
+    # Rebuild cached fixtures when the code that makes them changes (and only then).
+    import pysdcpp.demo
+    import pysdcpp.format
+    import pysdcpp.converters
 
-    for mod in ("synthetic.py", "sd_layout.py", "gguf_out.py", "checkpoint_io.py", "__init__.py"):
-        h.update((Path(converters.__file__).parent / mod).read_bytes())
+    conv, fmt = Path(pysdcpp.converters.__file__).parent, Path(pysdcpp.format.__file__).parent
+    h = hashlib.sha256()
+    for path in [conv / "synthetic.py", conv / "sd_layout.py", conv / "gguf_out.py", Path(pysdcpp.demo.__file__)] + \
+            [fmt / f"{m}.py" for m in ("families", "keys", "names", "routing", "unet", "vae")]:
+        h.update(path.read_bytes())
     return h.hexdigest()[:12]
+
+
+def _being_built(folder: Path) -> bool:
+    """A fixture folder another run may still use (changed in the last 10 minutes, or a partial file in the last 30)."""
+    import time
+
+    partial = [p for p in folder.rglob("*") if p.name.endswith((".tmp", ".partial"))]
+    return time.time() - folder.stat().st_mtime < 600 or any(time.time() - p.stat().st_mtime < 1800 for p in partial)
+
+
+def _cache_root() -> Path:
+    """This code's fixture folder; folders of older fixture keys are deleted (a new key means new files)."""
+    base = _cache_base()
+    base.mkdir(parents=True, exist_ok=True)
+    key = _fixture_key()
+    for old in base.iterdir():
+        if old.is_dir() and old.name != key and len(old.name) == 12 and not _being_built(old):
+            shutil.rmtree(old, ignore_errors=True)
+    root = base / key
+    root.mkdir(exist_ok=True)
+    return root
 
 
 def _cached(name: str, make) -> Path:
     """Build `name` in the cache with `make(tmp_path)` unless it is already there (atomic rename)."""
-    root = _cache_root() / _fixture_key()
-    root.mkdir(parents=True, exist_ok=True)
+    root = _cache_root()
     final = root / name
     if final.exists():
         return final
@@ -56,70 +86,94 @@ def _cached(name: str, make) -> Path:
 
 @pytest.fixture(scope="session")
 def cache_root() -> Path:
-    return _cache_root() / _fixture_key()
+    return _cache_root()
 
 
-def diffusers_folder(family: str) -> Path:
-    return _cached(f"{family}-diffusers", lambda p: synthetic.write_diffusers_folder(p, family, FIXTURE_SEED))
-
-
-def gguf_from_folder(family: str, out_type: str) -> Path:
-    folder = diffusers_folder(family)
-    return _cached(f"{family}-{out_type}.gguf", lambda p: convert(folder, p, out_type))
-
-
-def ldm_state(family: str, dtype=np.float16) -> dict[str, np.ndarray]:
-    """The synthetic model in LDM single-file names (what original-format checkpoints hold)."""
-    parts = synthetic.synthetic_sources(family, FIXTURE_SEED)
-    tensors = map_unet(parts["unet"]) + map_vae(parts["vae"]) + map_text_encoder(parts["text_encoder"])
-    return {t.name: t.load().astype(dtype) for t in tensors}
-
-
-def ldm_safetensors(family: str) -> Path:
-    from safetensors.numpy import save_file
-
-    def make(p: Path):
-        save_file(ldm_state(family), str(p))
-
-    return _cached(f"{family}-ldm-f16.safetensors", make)
-
-
-def ldm_ckpt(family: str) -> Path:
-    def make(p: Path):
-        import torch
-
-        state = {k: torch.from_numpy(v) for k, v in ldm_state(family).items()}
-        # The layout of original checkpoints: a dict with "state_dict" plus training bookkeeping.
-        torch.save({"state_dict": state, "global_step": 470000, "epoch": 6}, str(p))
-        del state
-        gc.collect()
-
-    return _cached(f"{family}-ldm-f16.ckpt", make)
-
-
-@pytest.fixture(scope="session")
-def sd15_folder() -> Path:
-    return diffusers_folder("sd1")
-
-
-@pytest.fixture(scope="session")
-def sd21_folder() -> Path:
-    return diffusers_folder("sd2")
+def model_gguf(family: str) -> Path:
+    """The family's full-size synthetic model as an F16 GGUF (cached)."""
+    return synthetic_gguf(family, "f16", seed=FIXTURE_SEED, folder=_cache_root() / "models")
 
 
 @pytest.fixture(scope="session")
 def sd15_f16() -> Path:
-    return gguf_from_folder("sd1", "f16")
+    return model_gguf("sd1")
 
 
 @pytest.fixture(scope="session")
-def sd15_ldm_safetensors() -> Path:
-    return ldm_safetensors("sd1")
+def sd21_f16() -> Path:
+    return model_gguf("sd2")
 
 
-@pytest.fixture(scope="session")
-def sd15_ldm_ckpt() -> Path:
-    return ldm_ckpt("sd1")
+# ---- the PyTorch originals ---------------------------------------------------------------------------
+
+def torch_reference(family: str, component: str):
+    """diffusers' / transformers' module of a component (unet, vae, text_encoder) with the fixture's weights (F16
+    values in float32: exactly what the GGUF holds), built in memory."""
+    import torch
+
+    cfg = synthetic.model_configs(family)[component]
+    if component == "unet":
+        from diffusers import UNet2DConditionModel
+        module = UNet2DConditionModel.from_config(cfg)
+    elif component == "vae":
+        from diffusers import AutoencoderKL
+        module = AutoencoderKL.from_config(cfg)
+    else:
+        from transformers import CLIPTextConfig, CLIPTextModel
+        module = CLIPTextModel(CLIPTextConfig(**cfg))
+    own = set(module.state_dict())
+    state = {}
+    for t in synthetic.synthetic_sources(family, FIXTURE_SEED)[component]:
+        # transformers 5 saves the CLIP text model without the `text_model.` prefix that 4.x used
+        name = t.name if t.name in own else t.name.removeprefix("text_model.")
+        state[name] = torch.from_numpy(t.load().astype(np.float32))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing), (missing[:3], unexpected[:3])
+    del state
+    gc.collect()
+    torch.set_num_threads(2)
+    return module.eval()
+
+
+# ---- checkpoints in the layouts users have, made per test in a temporary folder --------------------------
+
+def diffusers_folder(family: str, folder: Path, reduced: bool = False) -> Path:
+    """The synthetic model as a diffusers pipeline folder under `folder` (a test's tmp_path: deleted with it)."""
+    return synthetic.write_diffusers_folder(folder / f"{family}{'-reduced' if reduced else ''}-diffusers", family,
+                                            FIXTURE_SEED, reduced)
+
+
+def ldm_state(family: str, reduced: bool = False) -> dict[str, np.ndarray]:
+    """The synthetic model in LDM single-file names (what original-format checkpoints hold), F16."""
+    parts = synthetic.synthetic_sources(family, FIXTURE_SEED, reduced)
+    tensors = map_unet(parts["unet"]) + map_vae(parts["vae"]) + map_text_encoder(parts["text_encoder"])
+    return {t.name: t.load() for t in tensors}
+
+
+def ldm_safetensors(family: str, folder: Path, reduced: bool = True) -> Path:
+    from safetensors.numpy import save_file
+
+    path = folder / f"{family}-ldm.safetensors"
+    save_file(ldm_state(family, reduced), str(path))
+    return path
+
+
+def ldm_ckpt(family: str, folder: Path, reduced: bool = True) -> Path:
+    import torch
+
+    path = folder / f"{family}-ldm.ckpt"
+    state = {k: torch.from_numpy(v) for k, v in ldm_state(family, reduced).items()}
+    # The layout of original checkpoints: a dict with "state_dict" plus training bookkeeping.
+    torch.save({"state_dict": state, "global_step": 470000, "epoch": 6}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """A temporary folder for one test module, deleted when the module is done (pytest keeps its last folders)."""
+    folder = tmp_path_factory.mktemp("module")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -128,34 +182,30 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def unet_against_diffusers(family: str, seed: int, variants: dict[str, dict],
-                           weights: str = "f32") -> tuple[dict[str, np.ndarray], np.ndarray]:
+def unet_against_diffusers(family: str, seed: int, variants: dict[str, dict]
+                           ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One UNet evaluation (256 px latent, batch 2 as with guidance, t = 500) per variant (name ->
-    StableDiffusion keyword arguments), and diffusers' float32 original on the same inputs. weights="f16": the f16
-    file, against the original with the same weights rounded to F16 (all but biases and the embeddings, which
-    the converter keeps in F32), so that only the runtime's own roundings remain."""
+    StableDiffusion keyword arguments), and diffusers' float32 original with the same F16 weights on the same
+    inputs, so that only the runtime's own roundings remain."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     from pysdcpp import StableDiffusion
 
-    path = gguf_from_folder(family, weights)
+    path = model_gguf(family)
     rng = np.random.default_rng(seed)
-    width = 768 if family == "sd1" else 1024
     latent = rng.standard_normal((2, 4, 32, 32)).astype(np.float32)
-    context = rng.standard_normal((2, 77, width)).astype(np.float32)
+    context = rng.standard_normal((2, 77, context_width(family))).astype(np.float32)
     out = {}
     for name, kwargs in variants.items():
         with StableDiffusion(path, threads=2, **kwargs) as sd:
             out[name] = sd.unet(latent, 500.0, context)
-    torch.set_num_threads(2)
-    unet = UNet2DConditionModel.from_pretrained(diffusers_folder(family) / "unet").eval()
-    if weights == "f16":
-        with torch.no_grad():
-            for name, p in unet.named_parameters():
-                if not (name.endswith(".bias") or "embedding" in name):
-                    p.copy_(p.half().float())
+    unet = torch_reference(family, "unet")
     with torch.no_grad():
         ref = unet(torch.from_numpy(latent), torch.tensor([500.0, 500.0]),
                    encoder_hidden_states=torch.from_numpy(context)).sample.numpy()
+    del unet
+    gc.collect()
     return out, ref
+
+
+__all__ = ["convert", "FIXTURE_SEED"]

@@ -16,14 +16,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from converters import ConversionError, alter, keys
-from converters.synthetic import UNET_CONFIGS
+from pysdcpp.format import keys
+from pysdcpp.format.families import UNET_CONFIGS
+from pysdcpp.format.macs import unet_macs
+from pysdcpp.format.routing import read_alter, routing_metadata
+from pysdcpp.converters import ConversionError, alter
 from pysdcpp.cli import main
 from pysdcpp.modelfile import read_model_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from alter_reference import alter_unet_forward, alter_units  # noqa: E402
-from conftest import _cached, diffusers_folder  # noqa: E402
+from conftest import FIXTURE_SEED, _cached, diffusers_folder  # noqa: E402
+from pysdcpp.converters import synthetic  # noqa: E402
 
 # The table of alter-format.md section 2, typed from the document (the independent reference).
 DOC_UNITS = (
@@ -153,15 +157,19 @@ def _link_components(src: Path, dst: Path, pruned_config: bool = True) -> None:
 
 
 def _make_alter_folder(dst: Path) -> None:
+    """An ALTER run's output folder over a reduced SD2.1 (the converter never runs the model: its 34 units, names
+    and cross-attention width are SD2.1's, the channels few)."""
     dst.mkdir(parents=True)
-    _link_components(diffusers_folder("sd2"), dst)
+    base = synthetic.write_diffusers_folder(dst.parent / (dst.name + ".base"), "sd2", FIXTURE_SEED, reduced=True)
+    _link_components(base, dst)
     _save_pruning_mask(dst / "pruning_mask.pth", _timestep_rows())
     _save_hypernet(dst / "hypernet")
 
 
 @pytest.fixture(scope="session")
 def alter_folder() -> Path:
-    return _cached("sd2-alter-v1", _make_alter_folder)
+    folder = _cached("sd2-alter-v2", _make_alter_folder)
+    return folder
 
 
 def _independent_dedup(pth: Path) -> tuple[list[list[bool]], list[int]]:
@@ -218,7 +226,8 @@ def test_unit_table_agrees_with_the_torch_module_tree():
 _NO_TORCH_CONVERT = """
 import json, sys
 sys.modules["torch"] = None          # any `import torch` now raises ImportError
-from converters import convert
+from pysdcpp._converters import converters
+convert = converters().convert
 r = convert(sys.argv[1], sys.argv[2], "f16", drop_unused=True)
 print(json.dumps({"source": r.alter.source, "experts": r.alter.n_experts, "dropped": r.alter.dropped}))
 """
@@ -240,7 +249,7 @@ def test_alter_folder_converts_without_torch_and_round_trips(alter_folder, alter
     assert summary["source"] == "pruning_mask.pth"   # it wins over hypernet/
     experts, table = _independent_dedup(alter_folder / "pruning_mask.pth")
     mf = read_model_file(path)
-    routing = alter.read_alter(mf.metadata)
+    routing = read_alter(mf.metadata)
     assert routing.units == DOC_UNITS
     assert routing.kinds == [_kind(n) for n in DOC_UNITS]
     assert routing.masks.tolist() == experts
@@ -258,7 +267,7 @@ def test_alter_folder_converts_without_torch_and_round_trips(alter_folder, alter
 
 
 def test_drop_unused_leaves_out_exactly_the_never_kept_units(alter_folder, alter_gguf):
-    from converters import load_model_tensors
+    from pysdcpp.converters import load_model_tensors
 
     path, summary = alter_gguf
     never = [DOC_UNITS[i] for i in NEVER_KEPT]
@@ -404,7 +413,7 @@ def test_json_mask_errors(tmp_path, doc, message):
 
 
 def test_cli_convert_with_json_masks_on_a_plain_folder(tmp_path):
-    folder = diffusers_folder("sd1")
+    folder = diffusers_folder("sd1", tmp_path, reduced=True)
     masks = _write_json(tmp_path / "masks.json", {"units": ["input_blocks.10.0", "output_blocks.4.1.transformer_blocks.0"],
                                                   "experts": [[0, 1], [1, 0]],
                                                   "timestep_expert": [0] * 500 + [1] * 500})
@@ -412,7 +421,7 @@ def test_cli_convert_with_json_masks_on_a_plain_folder(tmp_path):
     res = CliRunner().invoke(main, ["convert", str(folder), "-o", str(out), "--alter-masks", str(masks)])
     assert res.exit_code == 0, res.output
     assert "ALTER routing: 2 experts over 34 units, masks from json:masks.json" in res.output
-    routing = alter.read_alter(read_model_file(out).metadata)
+    routing = read_alter(read_model_file(out).metadata)
     assert routing.source == "json:masks.json" and routing.dropped == []
     assert [u for u, k in zip(routing.units, routing.masks[0]) if not k] == ["input_blocks.10.0"]
     assert [u for u, k in zip(routing.units, routing.masks[1]) if not k] == ["output_blocks.4.1.transformer_blocks.0"]
@@ -427,21 +436,21 @@ def test_cli_convert_with_json_masks_on_a_plain_folder(tmp_path):
 def test_read_alter_errors_and_absence():
     units = alter.prunable_units("sd2")
     routing = alter.routing_from_timestep_masks(np.ones((1000, 34), bool), units, "test")
-    md = alter.routing_metadata(routing)
-    assert alter.read_alter({keys.FAMILY: "sd2"}) is None
-    back = alter.read_alter({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in md.items()})
+    md = routing_metadata(routing)
+    assert read_alter({keys.FAMILY: "sd2"}) is None
+    back = read_alter({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in md.items()})
     assert back.n_experts == 1 and back.masks.all() and back.dropped == []
     bad = dict(md)
     bad[keys.ALTER_EXPERT_MASKS] = md[keys.ALTER_EXPERT_MASKS][:-1]
     with pytest.raises(ConversionError, match="expert_masks has 33 entries"):
-        alter.read_alter(bad)
+        read_alter(bad)
     bad = dict(md)
     bad[keys.ALTER_TIMESTEP_EXPERT] = np.full(1000, 3, np.uint32)
     with pytest.raises(ConversionError, match="timestep table"):
-        alter.read_alter(bad)
+        read_alter(bad)
     bad = {k: v for k, v in md.items() if k != keys.ALTER_UNITS}
     with pytest.raises(ConversionError, match="incomplete"):
-        alter.read_alter(bad)
+        read_alter(bad)
 
 
 # ---- inspect ---------------------------------------------------------------------------------------------
@@ -453,10 +462,15 @@ def test_inspect_shows_experts_macs_and_steps(alter_gguf):
     res = CliRunner().invoke(main, ["inspect", str(path), "--json", "--size", "256", "--steps", "10"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.output)["alter"]
-    routing = alter.read_alter(read_model_file(path).metadata)
-    macs = alter.unet_macs("sd2", 32, 32)
-    assert info["macs"]["dense"] == macs.dense
-    assert [e["macs"] for e in info["experts"]] == macs.experts(routing)
+    routing = read_alter(read_model_file(path).metadata)
+    # MACs against a hook count on diffusers' SD2.1 UNet (an independent count, see test_macs_match_a_hook_count)
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{k: v for k, v in UNET_CONFIGS["sd2"].items() if k != "_class_name"}).eval()
+    assert info["macs"]["dense"] == _counted_macs(unet, np.ones(34, bool), 32, 32)
+    assert [e["macs"] for e in info["experts"]] == [_counted_macs(unet, m, 32, 32) for m in routing.masks]
+    del unet
     # The discrete schedule's steps sit at t = 999 - i * 999 / (N - 1) (upstream's round trip t -> sigma -> t).
     np.testing.assert_allclose(info["schedule"]["timesteps"], np.linspace(999, 0, 10), atol=2e-3)
     assert info["schedule"]["timesteps"] == discrete_step_timesteps(10)
@@ -519,11 +533,11 @@ def test_macs_match_a_hook_count(family):
     masks = [np.ones(34, bool), rng.random(34) < 0.6, rng.random(34) < 0.3]
     for (h, w), keep in [((32, 32), masks[0]), ((32, 32), masks[1]), ((32, 32), masks[2]), ((24, 40), masks[1])]:
         counted = _counted_macs(unet, keep, h, w)
-        ours = alter.unet_macs(family, h, w).with_mask(keep)
+        ours = unet_macs(family, h, w).with_mask(keep)
         assert abs(ours - counted) <= 0.005 * counted, (family, ours, counted)
         assert ours == counted   # the same definition, counted two ways: exact
-    macs = alter.unet_macs(family, 32, 32)
-    assert alter.unet_macs(family, 32, 32, batch=2).dense == 2 * macs.dense
+    macs = unet_macs(family, 32, 32)
+    assert unet_macs(family, 32, 32, batch=2).dense == 2 * macs.dense
     assert macs.experts(alter.routing_from_timestep_masks(np.ones((1000, 34), bool), alter.prunable_units(family),
                                                           "t")) == [macs.dense]
 

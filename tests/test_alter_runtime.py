@@ -11,9 +11,10 @@ import math
 import numpy as np
 import pytest
 
-from conftest import _cached, diffusers_folder, gguf_from_folder, rel_l2
-from converters import convert
-from converters.alter import prunable_units, unet_macs
+from conftest import FIXTURE_SEED, _cached, model_gguf, rel_l2, torch_reference
+from pysdcpp.format.families import context_width
+from pysdcpp.format.macs import unet_macs
+from pysdcpp.format.unet import prunable_units
 
 LATENT = 16
 # Units each fixture expert skips (LDM names), chosen to cover every kind of skip in alter-format.md section 3:
@@ -59,20 +60,29 @@ def mask_file(family: str, name: str, rows, table=TABLE):
     return _cached(f"{family}-alter-{name}.json", make)
 
 
-def alter_gguf(family: str, out_type: str, name: str, rows, table=TABLE, drop_unused: bool = False):
-    """A fixture GGUF converted from the synthetic diffusers folder with JSON masks (cached). Most tests give
-    the masks at load time instead (alter_masks=), on the plain fixture GGUFs: no extra copies of the model."""
-    folder = diffusers_folder(family)
-    masks = mask_file(family, name, rows, table)
-    return _cached(f"{family}-{out_type}-alter-{name}.gguf",
-                   lambda p: convert(folder, p, out_type, alter_masks=masks, drop_unused=drop_unused))
+def dropped_gguf(folder, family: str, rows, table):
+    """The fixture model with JSON masks and --drop-unused, written by the converter's own routing and writer
+    steps straight from the synthetic weights into `folder` (2 GB: the caller deletes it)."""
+    from pysdcpp.format import keys
+    from pysdcpp.format.families import DEFAULT_PREDICTION
+    from pysdcpp.format.routing import routing_metadata
+    from pysdcpp.converters import alter, gguf_out, sd_layout, synthetic
+
+    masks = mask_file(family, "dropped", rows, table)
+    parts = synthetic.synthetic_sources(family, FIXTURE_SEED)
+    tensors = (sd_layout.map_unet(parts["unet"]) + sd_layout.map_vae(parts["vae"])
+               + sd_layout.map_text_encoder(parts["text_encoder"]))
+    tensors, routing = alter.attach_routing(masks, tensors, family, masks, drop_unused=True)
+    path = folder / f"{family}-dropped.gguf"
+    meta = {keys.FAMILY: family, keys.PREDICTION: DEFAULT_PREDICTION[family], **routing_metadata(routing)}
+    gguf_out.write_gguf(path, tensors, "f16", meta)
+    return path
 
 
 def _unet_inputs(family: str, seed: int, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    width = 768 if family == "sd1" else 1024
     latent = rng.standard_normal((batch, 4, LATENT, LATENT)).astype(np.float32)
-    context = rng.standard_normal((batch, 77, width)).astype(np.float32)
+    context = rng.standard_normal((batch, 77, context_width(family))).astype(np.float32)
     return latent, context
 
 
@@ -82,18 +92,15 @@ def _expert_of(t: float) -> int:
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def family_setup(request):
-    import torch
-    from diffusers import UNet2DConditionModel
-
     family = request.param
     _, rows = _expert_masks(family)
-    path = (gguf_from_folder(family, "f32"), mask_file(family, "fixture", rows))
-    torch.set_num_threads(2)
-    unet = UNet2DConditionModel.from_pretrained(diffusers_folder(family) / "unet").eval()
+    path = (model_gguf(family), mask_file(family, "fixture", rows))
+    unet = torch_reference(family, "unet")
     yield family, path, rows, unet
     del unet
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("semantics", ["reference", "consume"])
 def test_unet_evaluation_matches_the_pytorch_reference(family_setup, semantics):
     import torch
@@ -118,8 +125,7 @@ def test_unet_evaluation_matches_the_pytorch_reference(family_setup, semantics):
             keep = [bool(k) for k in rows[_expert_of(t)]]
             ref = alter_unet_forward(unet, x, torch.tensor([t]), c, keep, semantics).numpy()
             err = rel_l2(ours, ref)
-            # The dense UNet is ~1.4e-3 from diffusers with f32 files (F16 conv weights and activations, see
-            # test_components); with units skipped the error stays at that level, and the skipped model is far
+            # The dense UNet is ~1.4e-3 from diffusers (F16 activations in the convs, see test_components); with units skipped the error stays at that level, and the skipped model is far
             # from the dense one, so this cannot pass by accident.
             assert err <= max(2e-3, 1.25 * dense_err), (t, err, dense_err)
             dense_at_t = unet(x, torch.tensor([t]), encoder_hidden_states=c).sample.numpy()
@@ -163,6 +169,7 @@ def _generate(path, masks=None, **kwargs):
     return np.asarray(result.images[0]), result
 
 
+@pytest.mark.slow
 def test_all_ones_masks_reproduce_the_dense_image_bit_exactly(sd15_f16):
     units, _ = _expert_masks("sd1")
     ones = [[1] * len(units)] * 3
@@ -172,7 +179,8 @@ def test_all_ones_masks_reproduce_the_dense_image_bit_exactly(sd15_f16):
     np.testing.assert_array_equal(routed, dense)
 
 
-def test_drop_unused_gives_the_same_image_as_the_full_file(sd15_f16):
+@pytest.mark.slow
+def test_drop_unused_gives_the_same_image_as_the_full_file(sd15_f16, tmp_path):
     """A file converted with the masks and --drop-unused against the full model routed by the same masks given
     at load time (which also holds the converted metadata against the JSON it came from)."""
     from pysdcpp import StableDiffusion
@@ -183,7 +191,7 @@ def test_drop_unused_gives_the_same_image_as_the_full_file(sd15_f16):
              ["input_blocks.2.0", "output_blocks.1.0", "middle_block.1.transformer_blocks.0"]]
     _, rows = _expert_masks("sd1", skips)
     table = [1] * 500 + [0] * 500
-    dropped = alter_gguf("sd1", "f16", "dropped", rows, table, drop_unused=True)
+    dropped = dropped_gguf(tmp_path, "sd1", rows, table)
     a, info = _generate(sd15_f16, mask_file("sd1", "dropped", rows, table))
     b, _ = _generate(dropped)
     np.testing.assert_array_equal(a, b)
@@ -195,6 +203,7 @@ def test_drop_unused_gives_the_same_image_as_the_full_file(sd15_f16):
     # Masks given at load time must not keep what the file left out.
     with pytest.raises(ModelLoadError, match="leaves out"):
         StableDiffusion(dropped, alter_masks=mask_file("sd1", "fixture", _expert_masks("sd1")[1]))
+    dropped.unlink()
 
 
 def test_per_step_report_follows_the_schedule(sd15_f16):
@@ -211,7 +220,7 @@ def test_per_step_report_follows_the_schedule(sd15_f16):
         assert s.timestep == pytest.approx(t, abs=1e-2)
         assert s.expert == _expert_of(t)
         assert s.macs == macs.with_mask([bool(k) for k in rows[s.expert]])
-        assert s.evaluations >= 1
+        assert s.evaluations == 2   # euler_a: one model call per step, for the cond and the uncond half
 
 
 def test_alter_arguments(sd15_f16):
@@ -252,6 +261,9 @@ def test_cli_generate_with_alter_masks(sd15_f16, tmp_path):
     summary = json.loads(res.output[res.output.index("{"):])
     assert [s["step"] for s in summary["alter_steps"]] == [1, 2]
     assert all(0 < s["fraction_of_dense"] <= 1 for s in summary["alter_steps"])
+    before = out.read_bytes()
+    res = CliRunner().invoke(main, ["generate", str(sd15_f16), "-p", "x", "-W", "64", "-H", "64", "-o", str(out)])
+    assert res.exit_code == 1 and "exists; pass --overwrite" in res.output and out.read_bytes() == before
     res = CliRunner().invoke(main, ["generate", str(sd15_f16), "-p", "x", "--alter-masks", str(masks),
-                                    "--no-alter", "-o", str(out)])
+                                    "--no-alter", "-o", str(out), "--overwrite"])
     assert res.exit_code == 1 and "give one or the other" in res.output

@@ -112,6 +112,7 @@ def test_bad_arguments():
     assert set(PATHS) <= set(ATTENTION_VARIANTS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_unet_fast_attention_vs_upstream_and_diffusers(family):
     """One UNet evaluation at 256 px (1024-token self-attention, 77-token cross-attention), batch 2, f32 file:

@@ -1,5 +1,5 @@
-"""Each component of the accelerated library against the PyTorch original (diffusers / transformers),
-f32 weights: text encoder hidden states, one UNet evaluation at two timesteps, VAE decode.
+"""Each component of the accelerated library against the PyTorch original (diffusers / transformers) with the same
+F16 weights in float32: text encoder hidden states, one UNet evaluation at two timesteps, VAE decode.
 SD1.5 (CLIP ViT-L, epsilon) and SD2.1 (OpenCLIP ViT-H text encoder, v-prediction)."""
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ import gc
 import numpy as np
 import pytest
 
-from conftest import diffusers_folder, gguf_from_folder, rel_l2
+import torch
+
+from conftest import model_gguf, rel_l2, torch_reference
 from pysdcpp import StableDiffusion
 
-torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.slow   # the PyTorch originals of both families: ~1 min to build
 TOL = 1e-3
 # Upstream holds every conv weight in F16 whatever the file's type, and its conv path (im2col + F16 GEMM)
 # rounds activations to F16 too. Measured on the SD1.5 fixture: UNet 1.4e-3 against the f32 original, 1.05e-3
@@ -25,19 +27,10 @@ LATENT = 16  # 128 px: small enough for 2 cores, deep enough to reach every UNet
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def pair(request):
     """(family, our context, the diffusers/transformers reference modules) for one model family."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     family = request.param
-    folder = diffusers_folder(family)
-    gguf = gguf_from_folder(family, "f32")
-    torch.set_num_threads(2)
-    ref = {
-        "unet": UNet2DConditionModel.from_pretrained(folder / "unet").eval(),
-        "vae": AutoencoderKL.from_pretrained(folder / "vae").eval(),
-        "text": CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
-    }
-    sd = StableDiffusion(gguf, backend="accelerated", threads=2)
+    ref = {"unet": torch_reference(family, "unet"), "vae": torch_reference(family, "vae"),
+           "text": torch_reference(family, "text_encoder")}
+    sd = StableDiffusion(model_gguf(family), backend="accelerated", threads=2)
     yield family, sd, ref
     sd.close()
     del ref

@@ -4,24 +4,26 @@ torch-free checkpoint readers against torch, and the errors bad checkpoints rais
 from __future__ import annotations
 
 import io
-import json
+import shutil
 import pickle
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGUFReader
 
-from converters import ConversionError, convert, synthetic
-from converters.checkpoint_io import read_checkpoint_file, read_safetensors
-from converters.sd_layout import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, detect, map_text_encoder, map_unet,
+from pysdcpp.converters import ConversionError, convert, synthetic
+from pysdcpp.format.checkpoint_io import read_checkpoint_file, read_safetensors
+from pysdcpp.format.names import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from pysdcpp.converters.sd_layout import (detect, map_text_encoder, map_unet,
                                   map_vae, text_encoder_name)
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (the test extra installs it: no silent skip)
 
 
 def _meta_sources(params):
-    from converters.checkpoint_io import TensorSource
+    from pysdcpp.format.checkpoint_io import TensorSource
 
     return [TensorSource(n, s, "F32", lambda: None) for n, s in params]
 
@@ -170,8 +172,8 @@ def test_writer_type_rules(tmp_path):
     stays unquantized; f16 rounds like numpy (round to nearest even); no partial file is left behind."""
     from gguf import GGUFReader
 
-    from converters.checkpoint_io import TensorSource
-    from converters.gguf_out import write_gguf
+    from pysdcpp.format.checkpoint_io import TensorSource
+    from pysdcpp.converters.gguf_out import write_gguf
 
     rng = np.random.default_rng(0)
     arrays = {"x.weight": rng.standard_normal((64, 64)).astype(np.float32),
@@ -192,22 +194,63 @@ def test_writer_type_rules(tmp_path):
     assert not (tmp_path / "o.gguf.partial").exists()
 
 
-def test_conversion_streams_tensors(tmp_path):
-    """Converting the full-size SD1.5 folder (4.3 GB of f32) peaks far below the model's size: tensors are
-    read, encoded and written one at a time."""
+@pytest.mark.slow
+def test_full_size_folder_converts_to_the_fixture_tensors_streaming(tmp_path):
+    """The full-size SD1.5 diffusers folder (F16) converts to exactly the tensors of the GGUF the fixtures write
+    straight from the same weights (names, types, bytes), and the conversion peaks far below the model's size:
+    tensors are read, encoded and written one at a time."""
     import subprocess
     import sys
 
-    from conftest import diffusers_folder
+    from conftest import diffusers_folder, model_gguf
 
-    folder = diffusers_folder("sd1")
+    folder = diffusers_folder("sd1", tmp_path)
     model_bytes = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
     out = tmp_path / "m.gguf"
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) parent across fork and exec.
-    code = ("import sys; from converters import convert; convert(sys.argv[1], sys.argv[2], 'f16'); "
-            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    code = ("import sys; from pysdcpp._converters import converters; converters().convert(sys.argv[1], sys.argv[2], "
+            "'f16'); print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     proc = subprocess.run([sys.executable, "-c", code, str(folder), str(out)], capture_output=True, text=True,
                           check=True)
+    shutil.rmtree(folder)
     peak = int(proc.stdout.split()[-1]) * 1024
-    out.unlink()
     assert peak < 0.25 * model_bytes, f"peak RSS {peak / 2**20:.0f} MB for a {model_bytes / 2**20:.0f} MB model"
+    ours = GGUFReader(out)
+    direct = {t.name: t for t in GGUFReader(model_gguf("sd1")).tensors}
+    assert len(ours.tensors) == len(direct)
+    for t in ours.tensors:
+        d = direct[t.name]
+        assert (t.tensor_type, list(t.shape)) == (d.tensor_type, list(d.shape)), t.name
+        assert np.array_equal(np.asarray(t.data), np.asarray(d.data)), t.name
+    del ours, direct
+    out.unlink()
+
+
+def test_diffusers_folder_records_the_scheduler_prediction(tmp_path):
+    """A folder's scheduler config decides the recorded prediction type (v for the SD2.1 layout); --prediction
+    overrides it; a reduced model converts with every layout mapped."""
+    from conftest import diffusers_folder
+
+    from pysdcpp.format import keys
+    from pysdcpp.modelfile import read_model_file
+
+    for family, expected in (("sd1", "eps"), ("sd2", "v")):
+        folder = diffusers_folder(family, tmp_path, reduced=True)
+        report = convert(folder, tmp_path / f"{family}.gguf", "f16")
+        assert (report.family, report.prediction, report.layout) == (family, expected, "diffusers-folder")
+        assert read_model_file(report.output).metadata[keys.PREDICTION] == expected
+        report = convert(folder, tmp_path / f"{family}.gguf", "f16", prediction="eps", overwrite=True)
+        assert read_model_file(report.output).metadata[keys.PREDICTION] == "eps"
+
+
+def test_existing_output_is_never_overwritten_without_asking(tmp_path):
+    from conftest import ldm_safetensors
+
+    src = ldm_safetensors("sd1", tmp_path)
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"precious")
+    with pytest.raises(ConversionError, match="exists"):
+        convert(src, out, "f16")
+    assert out.read_bytes() == b"precious"
+    convert(src, out, "f16", overwrite=True)
+    assert out.read_bytes()[:4] == b"GGUF"

@@ -70,6 +70,7 @@ def test_bad_arguments():
         linear(np.zeros((4, 8)), np.zeros((3, 8)), np.zeros(4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_unet_fast_linear_against_pytorch(family):
     """One UNet evaluation (f16 file, 256 px latent, batch 2) with the linear layers on our GEMM and on ggml's,
@@ -79,7 +80,7 @@ def test_unet_fast_linear_against_pytorch(family):
     from conftest import rel_l2, unet_against_diffusers
 
     out, ref = unet_against_diffusers(family, 11, {mode: dict(conv="im2col", attention="upstream", linear=mode)
-                                                   for mode in ("upstream", "fast")}, weights="f16")
+                                                   for mode in ("upstream", "fast")})
     err = {mode: rel_l2(o, ref) for mode, o in out.items()}
     assert err["fast"] <= 2e-3 and err["upstream"] <= 2e-3, err
     assert err["fast"] <= 1.05 * err["upstream"], err

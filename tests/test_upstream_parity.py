@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from converters import convert
+from pysdcpp.converters import convert
 from pysdcpp import StableDiffusion, _native
 
 
@@ -26,8 +26,12 @@ def gguf_tensors(path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
 
 
 @pytest.fixture(scope="module")
-def ldm_file(sd15_ldm_safetensors):
-    return sd15_ldm_safetensors
+def ldm_file(module_tmp):
+    """A reduced SD1.5 in LDM names (the layout of original checkpoints): every tensor name and type rule of the
+    real one, few channels; upstream's converter reads names and shapes, never runs the model."""
+    from conftest import ldm_safetensors
+
+    return ldm_safetensors("sd1", module_tmp)
 
 
 @pytest.mark.parametrize("out_type", ["f16", "q8_0"])
@@ -52,7 +56,7 @@ def test_q4_0_same_layout_and_comparable_error(ldm_file, tmp_path):
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize
 
-    from converters.checkpoint_io import read_safetensors
+    from pysdcpp.format.checkpoint_io import read_safetensors
 
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
     convert(ldm_file, ours, "q4_0")
@@ -79,8 +83,10 @@ def test_q4_0_same_layout_and_comparable_error(ldm_file, tmp_path):
     assert rel_ours <= 1.25 * rel_theirs
 
 
-def test_ckpt_converts_like_safetensors(sd15_ldm_ckpt, ldm_file, tmp_path):
-    convert(sd15_ldm_ckpt, tmp_path / "a.gguf", "f16")
+def test_ckpt_converts_like_safetensors(ldm_file, tmp_path):
+    from conftest import ldm_ckpt
+
+    convert(ldm_ckpt("sd1", tmp_path), tmp_path / "a.gguf", "f16")
     convert(ldm_file, tmp_path / "b.gguf", "f16")
     a, b = gguf_tensors(tmp_path / "a.gguf"), gguf_tensors(tmp_path / "b.gguf")
     (tmp_path / "a.gguf").unlink()
@@ -88,12 +94,21 @@ def test_ckpt_converts_like_safetensors(sd15_ldm_ckpt, ldm_file, tmp_path):
     assert a == b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_our_gguf_loads_in_upstream(family):
-    from conftest import gguf_from_folder
+def test_our_gguf_loads_and_runs_in_upstream(family):
+    """Upstream's library loads our file, takes its recorded prediction type, and draws the same image as the
+    accelerated library with upstream's kernels."""
+    from conftest import model_gguf
 
-    path = gguf_from_folder(family, "f16")
+    from pysdcpp.format.families import DEFAULT_PREDICTION
+
+    path = model_gguf(family)
+    args = dict(width=64, height=64, num_inference_steps=1, seed=3)
     with StableDiffusion(path, backend="upstream", threads=2) as sd:
-        assert not sd.closed
-    # The recorded prediction type comes from the diffusers scheduler config.
-    assert sd.prediction == ("eps" if family == "sd1" else "v")
+        assert sd.prediction == DEFAULT_PREDICTION[family]
+        theirs = np.asarray(sd.generate("a photo of a cat", **args)[0])
+    with StableDiffusion(path, threads=2, conv="im2col", attention="upstream", linear="upstream") as sd:
+        ours = np.asarray(sd.generate("a photo of a cat", **args)[0])
+    assert theirs.std() > 0
+    np.testing.assert_array_equal(ours, theirs)

@@ -180,17 +180,18 @@ def test_cost_model_plan():
     assert conv_plan(1, 128, 256, 256, 3) == "winograd_f4_ggml_gemm"  # 3 output channels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_unet_and_vae_winograd_vs_im2col(family):
     """One UNet evaluation and one VAE decode at 256 px (f16 weights): Winograd against upstream's im2col. The
     32x32 latent has every kind of map: 32x32 (filters hoisted), 16x16 (F(4x4) with the transform inside the
     products), 8x8 (F(2x2), likewise) and 4x4 (im2col); the decoder's maps of 32x32 and up hoist theirs."""
-    from conftest import gguf_from_folder, rel_l2
+    from conftest import model_gguf, rel_l2
 
     from pysdcpp import StableDiffusion
     from pysdcpp.layers import conv_routes
 
-    path = gguf_from_folder(family, "f16")
+    path = model_gguf(family)
     rng = np.random.default_rng(3)
     width = 768 if family == "sd1" else 1024
     latent = rng.standard_normal((1, 4, 32, 32)).astype(np.float32)
@@ -210,17 +211,18 @@ def test_unet_and_vae_winograd_vs_im2col(family):
     assert rel_l2(out["winograd"][1], out["im2col"][1]) <= 2e-3
 
 
+@pytest.mark.slow
 def test_filter_cache_lives_with_the_component(tmp_path):
     """Transformed filters are cached while the UNet samples (or a caller loops over sd.unet()) and released
     with its compute buffer when sampling ends; a VAE decode
     (one evaluation) transforms its filters inside the graph and caches nothing; the scope's end changes no
     result: two generations in one context give the same image, equal to a fresh context's."""
-    from conftest import gguf_from_folder
+    from conftest import model_gguf
 
     from pysdcpp import StableDiffusion, _native
 
     lib = _native.load("accelerated").lib
-    path = gguf_from_folder("sd1", "f16")
+    path = model_gguf("sd1")
     kw = dict(width=256, height=256, num_inference_steps=2, sampler="euler", seed=7)
     with StableDiffusion(path, threads=2) as sd:
         # sd.unet() calls share one scope (a caller's own sampling loop): the filters stay between calls...
@@ -250,16 +252,17 @@ def test_filter_cache_lives_with_the_component(tmp_path):
     assert np.array_equal(first, no_cache)
 
 
+@pytest.mark.slow
 def test_chunked_vae_decode_batch2(small_chunks):
     """A batch-2 VAE decode with the smallest chunks (every Winograd conv at the 8-chunk cap, 3 nodes each: the
     decoder's graph, ggml's default 2048 nodes, must hold them) against the default chunking: the graph
     allocator's handling of the in-place chunk nodes, in a real model graph."""
-    from conftest import gguf_from_folder, rel_l2
+    from conftest import model_gguf, rel_l2
 
     from pysdcpp import StableDiffusion
 
     latent = np.random.default_rng(4).standard_normal((2, 4, 32, 32)).astype(np.float32)
-    with StableDiffusion(gguf_from_folder("sd1", "f16"), threads=2) as sd:
+    with StableDiffusion(model_gguf("sd1"), threads=2) as sd:
         default = sd.decode(latent)
         small_chunks(128, 128, 1)
         chunked = sd.decode(latent)

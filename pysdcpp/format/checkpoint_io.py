@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import ConversionError
+from .errors import FormatError
 
 
 @dataclass
@@ -53,44 +53,107 @@ def _as_float(array: np.ndarray, dtype: str) -> np.ndarray:
     return array
 
 
+_ST_MAX_HEADER = 100 << 20   # the safetensors library's own limit on the JSON header
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise _DuplicateKey(dup)
+    return dict(pairs)
+
+
+def _is_dims(value) -> bool:
+    """A shape or stride as checkpoints store it: a list or tuple of non-negative 64-bit integers."""
+    return isinstance(value, (list, tuple)) and all(type(d) is int and 0 <= d < 1 << 63 for d in value)
+
+
+def _n_elements(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def read_safetensors(path: str | os.PathLike) -> list[TensorSource]:
+    """The tensors of a safetensors file, after checking its header: a JSON object whose every entry has a known
+    dtype, a shape and data_offsets that match it, inside the file and overlapping no other tensor's."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ConversionError(f"{path}: too short to be a safetensors file")
+            raise FormatError(f"{path}: too short to be a safetensors file ({size} bytes)")
         (n,) = struct.unpack("<Q", head)
-        if n <= 0 or n > min(size - 8, 100 << 20):
-            raise ConversionError(f"{path}: not a safetensors file (bad header length {n})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConversionError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+        if n < 2:
+            raise FormatError(f"{path}: not a safetensors file (header length {n})")
+        if n > size - 8:
+            raise FormatError(f"{path}: truncated or not a safetensors file: the header length is {n} bytes, "
+                              f"the file has {size - 8} after it")
+        if n > _ST_MAX_HEADER:
+            raise FormatError(f"{path}: not a safetensors file (a {n}-byte header; at most {_ST_MAX_HEADER})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise FormatError(f"{path}: corrupt safetensors header: {e.args[0]!r} appears twice") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: not a safetensors file (header is JSON nested too deeply)") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: not a safetensors file (the header is a JSON {type(header).__name__}, "
+                          "not an object)")
     base = 8 + n
     out = []
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise FormatError(f"{where}: its header entry is not an object with dtype, shape and data_offsets")
         dtype = info.get("dtype")
-        if dtype not in _ST_DTYPES:
-            raise ConversionError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        shape = tuple(int(d) for d in info["shape"])
-        start, end = (int(x) for x in info["data_offsets"])
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+            raise FormatError(f"{where} has unsupported dtype {dtype!r:.40}")
+        shape = info.get("shape")
+        if not isinstance(shape, list) or not _is_dims(shape):
+            raise FormatError(f"{where}: shape {shape!r:.80} is not a list of non-negative integers")
+        shape = tuple(shape)
+        offsets = info.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and _is_dims(offsets) and offsets[0] <= offsets[1]):
+            raise FormatError(f"{where}: data_offsets {offsets!r:.80} is not [start, end] with 0 <= start <= end")
+        start, end = offsets
         np_dtype = np.dtype(_ST_DTYPES[dtype])
-        if end - start != int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize or base + end > size:
-            raise ConversionError(f"{path}: tensor {name} lies outside the file (truncated or corrupt)")
+        if base + end > size:
+            raise FormatError(f"{where} lies outside the file: its data ends at byte {base + end}, the file has "
+                              f"{size} (truncated or corrupt)")
+        nbytes = _n_elements(shape) * np_dtype.itemsize
+        if end - start != nbytes:
+            raise FormatError(f"{where}: {dtype} of shape {list(shape)} is {nbytes} bytes, its data_offsets "
+                              f"[{start}, {end}] hold {end - start}")
+        if nbytes:
+            spans.append((start, end, name))
 
         # Plain reads, not a memory map: streamed tensors do not stay resident after use.
-        def load(start=start, end=end, np_dtype=np_dtype, shape=shape, dtype=dtype):
+        def load(start=start, end=end, np_dtype=np_dtype, shape=shape, dtype=dtype, name=name):
             buf = bytearray(end - start)
             with open(path, "rb") as f:
                 f.seek(base + start)
                 if f.readinto(buf) != len(buf):
-                    raise ConversionError(f"{path}: file ended early reading {name}")
+                    raise FormatError(f"{path}: file ended early reading {name}")
             return _as_float(np.frombuffer(buf, dtype=np_dtype).reshape(shape), dtype)
 
         out.append(TensorSource(name, shape, dtype, load))
+    spans.sort()
+    for (_, a_end, a), (b_start, _, b) in zip(spans, spans[1:]):
+        if b_start < a_end:
+            raise FormatError(f"{path}: corrupt safetensors header: the data of tensors {a!r} and {b!r} overlap")
     return out
 
 
@@ -134,8 +197,18 @@ class _DType:
         self.name = name
 
 
+class RefusedPickle(pickle.UnpicklingError):
+    """The pickle asks for something the restricted unpickler does not build (a global, a storage, a tensor)."""
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, *_args):
-    return LazyTorchTensor(storage, int(storage_offset), tuple(size), tuple(stride))
+    if not isinstance(storage, _StorageRef):
+        raise RefusedPickle(f"a tensor without a storage (found {type(storage).__name__})")
+    if (not _is_dims(size) or not _is_dims(stride) or len(size) != len(stride) or type(storage_offset) is not int
+            or storage_offset < 0):
+        raise RefusedPickle(f"a tensor with an invalid shape {size!r:.60}, stride {stride!r:.60} or "
+                            f"offset {storage_offset!r:.20}")
+    return LazyTorchTensor(storage, storage_offset, tuple(size), tuple(stride))
 
 
 def _rebuild_parameter(data, *_args):
@@ -176,19 +249,19 @@ class RestrictedUnpickler(pickle.Unpickler):
         if module == "pytorch_lightning.callbacks.model_checkpoint" or module.startswith("numpy"):
             # Training bookkeeping in some LDM checkpoints: never needed for weights.
             return lambda *a, **k: None
-        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: the checkpoint holds more than "
-                                     "tensors, and loading it could run arbitrary code")
+        raise RefusedPickle(f"refusing to load global {module}.{name}: the checkpoint holds more than "
+                            "tensors, and loading it could run arbitrary code")
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+            raise RefusedPickle(f"unsupported persistent id {pid!r}")
         _, storage_type, key, _location, _numel = pid
         if isinstance(storage_type, _DType):
             kind = _TORCH_DTYPE_NAMES[storage_type.name]
         elif isinstance(storage_type, _StorageType):
             kind = storage_type.kind
         else:
-            raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
+            raise RefusedPickle(f"unsupported storage type {storage_type!r}")
         return _StorageRef(kind, str(key))
 
 
@@ -199,34 +272,91 @@ def load_torch_pickle(path: str | os.PathLike):
         with open(path, "rb") as f:
             magic = f.read(2)
         if magic[:1] == b"\x80":
-            raise ConversionError(f"{path}: legacy (pre-1.6, non-zip) torch pickle; re-save it with a current torch "
-                                  "or convert it to safetensors first")
-        raise ConversionError(f"{path}: not a torch checkpoint (not a zip archive)")
-    zf = zipfile.ZipFile(path)
-    pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-    if not pkl:
-        raise ConversionError(f"{path}: zip archive without data.pkl: not a torch checkpoint")
-    prefix = pkl[0][: -len("data.pkl")]
+            raise FormatError(f"{path}: legacy (pre-1.6, non-zip) torch pickle; re-save it with a current torch "
+                              "or convert it to safetensors first")
+        raise FormatError(f"{path}: not a torch checkpoint (not a zip archive)")
     try:
-        with zf.open(pkl[0]) as f:
-            obj = RestrictedUnpickler(f, zf, prefix).load()
-    except pickle.UnpicklingError as e:
-        raise ConversionError(f"{path}: {e}") from None
-    except (EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise ConversionError(f"{path}: corrupt torch checkpoint ({e})") from None
+        zf = zipfile.ZipFile(path)
+        names = zf.namelist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+        raise FormatError(f"{path}: corrupt zip archive ({e})") from None
+    try:
+        pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+        if not pkl:
+            raise FormatError(f"{path}: zip archive without data.pkl: not a torch checkpoint")
+        # The native loader reads every member whose name contains data.pkl: one, or which one is the checkpoint?
+        pickles = [n for n in names if "data.pkl" in n]
+        if len(pickles) > 1:
+            raise FormatError(f"{path}: the archive holds {len(pickles)} pickles ({', '.join(pickles[:3])}): not a "
+                              "torch checkpoint")
+        prefix = pkl[0][: -len("data.pkl")]
+        if f"{prefix}byteorder" in names:
+            try:
+                order = zf.read(f"{prefix}byteorder").strip()
+            except Exception as e:
+                raise FormatError(f"{path}: corrupt zip archive ({type(e).__name__}: {e})") from None
+            if order != b"little":
+                raise FormatError(f"{path}: a {order[:10].decode('ascii', 'replace')!r}-endian torch checkpoint; "
+                                  "only little-endian ones are supported")
+        try:
+            with zf.open(pkl[0]) as f:
+                obj = RestrictedUnpickler(f, zf, prefix).load()
+        except RefusedPickle as e:
+            raise FormatError(f"{path}: {e}") from None
+        except Exception as e:   # nothing but the allowed constructors ran: any other error is a corrupt pickle
+            raise FormatError(f"{path}: corrupt torch checkpoint ({type(e).__name__}: {e})") from None
+    except BaseException:
+        zf.close()
+        raise
     return obj, zf, prefix
 
 
-def lazy_tensor_loader(t: LazyTorchTensor, zf: zipfile.ZipFile, prefix: str) -> Callable[[], np.ndarray]:
+_MAX_EXPANDED = 1 << 32
+
+
+def _storage_extent(t: LazyTorchTensor, zf: zipfile.ZipFile, prefix: str, name: str = "") -> tuple[str, int]:
+    """(the storage record of a tensor, the bytes of it the tensor spans); FormatError if the record is missing or
+    too short, so that no read goes past a record's end."""
+    itemsize = np.dtype(_TORCH_STORAGES[t.storage.kind][1]).itemsize
+    record = f"{prefix}data/{t.storage.key}"
+    what = f"{zf.filename}: tensor {name or '(unnamed)'}"
+    try:
+        have = zf.getinfo(record).file_size
+    except KeyError:
+        raise FormatError(f"{what} points to storage record {record}, which the archive does not hold") from None
+    if any(d == 0 for d in t.shape):
+        return record, 0
+    last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
+    need = (last + 1) * itemsize
+    if need > have:
+        raise FormatError(f"{what} of shape {list(t.shape)} needs {need} bytes of storage record {record}, which "
+                          f"holds {have}")
+    size = _n_elements(t.shape) * itemsize
+    if size > max(have, _MAX_EXPANDED):   # zero strides repeat a small storage: allowed, within reason
+        raise FormatError(f"{what} of shape {list(t.shape)} would be {size} bytes, from a storage record of {have}")
+    return record, need
+
+
+def lazy_tensor_loader(t: LazyTorchTensor, zf: zipfile.ZipFile, prefix: str,
+                       name: str = "") -> Callable[[], np.ndarray]:
     dtype_name, np_dtype = _TORCH_STORAGES[t.storage.kind]
     itemsize = np.dtype(np_dtype).itemsize
 
     def load() -> np.ndarray:
-        raw = zf.read(f"{prefix}data/{t.storage.key}")
+        record, need = _storage_extent(t, zf, prefix, name)
+        if need == 0:
+            return _as_float(np.zeros(t.shape, dtype=np_dtype), dtype_name)
+        try:
+            with zf.open(record) as f:
+                raw = f.read(need)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+            raise FormatError(f"{zf.filename}: corrupt storage record {record} ({type(e).__name__}: {e})") from None
+        if len(raw) != need:
+            raise FormatError(f"{zf.filename}: storage record {record} ended after {len(raw)} of {need} bytes")
         flat = np.frombuffer(raw, dtype=np_dtype)
         if not t.shape:
             arr = flat[t.offset: t.offset + 1].reshape(())
-        else:
+        else:   # within the record: _storage_extent checked the last element the strides reach
             arr = np.lib.stride_tricks.as_strided(flat[t.offset:], shape=t.shape,
                                                   strides=tuple(s * itemsize for s in t.stride))
             arr = np.ascontiguousarray(arr)
@@ -240,11 +370,25 @@ def torch_dtype_name(t: LazyTorchTensor) -> str:
 
 
 def iter_tensors(obj, prefix: str = "") -> Iterator[tuple[str, LazyTorchTensor]]:
-    if isinstance(obj, LazyTorchTensor):
-        yield prefix.rstrip("."), obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from iter_tensors(v, f"{prefix}{k}.")
+    """(dotted name, tensor) for every tensor in nested dicts, depth first in order; iterative, so a pickle's
+    deep or cyclic containers cannot exhaust the stack."""
+    stack = [iter([(prefix, obj)])]
+    active: list[int] = []   # ids of the dicts being walked: a dict that contains itself is walked once
+    while stack:
+        try:
+            name, value = next(stack[-1])
+        except StopIteration:
+            stack.pop()
+            if active:
+                active.pop()
+            continue
+        if isinstance(value, LazyTorchTensor):
+            yield name.rstrip("."), value
+        elif isinstance(value, dict) and id(value) not in active:
+            if len(stack) > 64:
+                raise FormatError(f"containers nested more than 64 deep around {name[:100]!r}")
+            active.append(id(value))
+            stack.append(iter([(f"{name}{k}.", v) for k, v in value.items()]))
 
 
 def read_torch_checkpoint(path: str | os.PathLike) -> list[TensorSource]:
@@ -252,23 +396,54 @@ def read_torch_checkpoint(path: str | os.PathLike) -> list[TensorSource]:
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     out = []
-    for name, t in iter_tensors(obj):
-        out.append(TensorSource(name, t.shape, torch_dtype_name(t), lazy_tensor_loader(t, zf, prefix)))
-    if not out:
-        raise ConversionError(f"{path}: no tensors found in the checkpoint")
+    try:
+        try:
+            found = list(iter_tensors(obj))
+        except FormatError as e:
+            raise FormatError(f"{path}: {e}") from None
+        for name, t in found:
+            _storage_extent(t, zf, prefix, name)   # every record there and long enough before anyone reads one
+            out.append(TensorSource(name, t.shape, torch_dtype_name(t), lazy_tensor_loader(t, zf, prefix, name)))
+        if not out:
+            raise FormatError(f"{path}: no tensors found in the checkpoint")
+    except BaseException:
+        zf.close()
+        raise
     return out
+
+
+def checkpoint_format(path: str | os.PathLike) -> str | None:
+    """What a file holds, by its first bytes: "gguf", "safetensors" (a length, then a JSON object), "torch" (a zip,
+    or a pickle: a legacy torch file); by its suffix when they show none of these; None if neither tells."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "torch"
+    if path.suffix.lower() == ".safetensors":
+        return "safetensors"
+    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        return "torch"
+    return None
 
 
 def read_checkpoint_file(path: str | os.PathLike) -> list[TensorSource]:
     path = Path(path)
     if not path.exists():
-        raise ConversionError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
+        raise FormatError(f"{path}: no such file")
+    if path.is_dir():
+        raise FormatError(f"{path} is a folder, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise FormatError(f"{path}: empty file")
+    fmt = checkpoint_format(path)
+    if fmt == "gguf":
+        raise FormatError(f"{path}: already a GGUF file, not a checkpoint to convert")
+    if fmt == "torch":
+        return read_torch_checkpoint(path)
+    if fmt == "safetensors":
         return read_safetensors(path)
-    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        return read_torch_checkpoint(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:2] == b"PK":
-        return read_torch_checkpoint(path)
-    return read_safetensors(path)
+    raise FormatError(f"{path}: not a checkpoint (neither safetensors nor a torch zip)")

@@ -1,0 +1,43 @@
+"""What every report records and every table ends with: the machine, the native build, the footer line."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+
+
+def machine_info() -> dict:
+    cpu, flags = platform.processor() or "", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        if m := re.search(r"^model name\s*:\s*(.+)$", text, re.M):
+            cpu = m.group(1).strip()
+        if m := re.search(r"^flags\s*:\s*(.+)$", text, re.M):
+            wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
+            flags = [f for f in m.group(1).split() if f in wanted]
+    except OSError:
+        pass
+    return {"cpu": cpu, "machine": platform.machine(), "logical_cores": os.cpu_count(), "simd": flags,
+            "system": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
+
+
+def footer(report: dict, what: str) -> str:
+    """The line under every table: machine, threads, size, what was measured, date."""
+    m = report["machine"]
+    return f"{m['cpu']} ({', '.join(m['simd'])}), {report['threads']} threads, {report['size']} px, {what}, " \
+        f"{report['date']}"
+
+
+def build_info() -> dict:
+    from .. import _native
+
+    return _native.build_info()
+
+
+def utc_now() -> str:
+    """The date every report records: UTC, to the second."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,207 @@
+"""The one walk over an SD1.x/SD2.x UNet: its blocks in graph order, with LDM and diffusers names, channels and
+latent level, read from a diffusers UNet config. ALTER's prunable units, the MAC counts, the synthetic models'
+parameters and the benchmarks' conv shapes are all derived from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import FormatError
+from .families import UNET_CONFIGS
+from .names import UNET_PREFIX
+
+_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
+_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCK = "UNetMidBlock2DCrossAttn"
+
+
+def normalize_unet_config(config: dict) -> dict:
+    """A diffusers UNet config with ALTER's `Pruned` class-name suffixes removed."""
+
+    def strip(name):
+        return name[: -len("Pruned")] if isinstance(name, str) and name.endswith("Pruned") else name
+
+    out = dict(config)
+    for key in ("_class_name", "mid_block_type"):
+        if key in out:
+            out[key] = strip(out[key])
+    for key in ("down_block_types", "up_block_types"):
+        if key in out:
+            out[key] = [strip(n) for n in out[key]]
+    return out
+
+
+def is_alter_config(config: dict | None) -> bool:
+    """True for the UNet config of an ALTER run (block class names with a `Pruned` suffix)."""
+    if not config:
+        return False
+    names = [config.get("_class_name", ""), config.get("mid_block_type", "")]
+    names += list(config.get("down_block_types", [])) + list(config.get("up_block_types", []))
+    return any(isinstance(n, str) and n.endswith("Pruned") for n in names)
+
+
+def unet_config(family_or_config: str | dict) -> dict:
+    """The (normalized, checked) UNet config of a family name ("sd1", "sd2") or of a diffusers config dict."""
+    if isinstance(family_or_config, str):
+        if family_or_config not in UNET_CONFIGS:
+            raise FormatError(f"an SD1.x or SD2.x UNet is needed, not {family_or_config!r}")
+        return dict(UNET_CONFIGS[family_or_config])
+    cfg = normalize_unet_config(family_or_config)
+    for key in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block"):
+        if key not in cfg:
+            raise FormatError(f"UNet config has no {key!r}: not a diffusers UNet2DConditionModel config")
+    if not isinstance(cfg["layers_per_block"], int):
+        raise FormatError("UNet configs with a per-block layers_per_block list are not supported")
+    n = len(cfg["block_out_channels"])
+    if len(cfg["down_block_types"]) != n or len(cfg["up_block_types"]) != n:
+        raise FormatError("UNet config: block type lists and block_out_channels differ in length")
+    bad = [t for t in cfg["down_block_types"] if t not in _DOWN] + [t for t in cfg["up_block_types"] if t not in _UP]
+    if bad:
+        raise FormatError(f"UNet config: block type {bad[0]!r} is not an SD1.x/SD2.x block")
+    mid = cfg.get("mid_block_type", MID_BLOCK)
+    if mid != MID_BLOCK:
+        raise FormatError(f"UNet config: mid block {mid!r} is not an SD1.x/SD2.x mid block")
+    cfg.setdefault("in_channels", 4)
+    cfg.setdefault("out_channels", 4)
+    cfg.setdefault("cross_attention_dim", 768)
+    return cfg
+
+
+def transformer_depths(cfg: dict) -> list[int]:
+    """Transformer blocks per attention module, per down level (`transformer_layers_per_block`)."""
+    n = len(cfg["block_out_channels"])
+    tl = cfg.get("transformer_layers_per_block", 1)
+    tl = [tl] * n if isinstance(tl, int) else list(tl)
+    if len(tl) != n:
+        raise FormatError("UNet config: transformer_layers_per_block has the wrong length")
+    return tl
+
+
+@dataclass(frozen=True)
+class UnetBlock:
+    """One block of the UNet graph: a ResNet, an attention module (a stack of `depth` transformer blocks), a
+    downsampler (stride-2 conv) or an upsampler (nearest x2, then a 3x3 conv)."""
+
+    kind: str        # "resnet" | "attention" | "downsample" | "upsample"
+    ldm: str         # LDM name relative to model.diffusion_model.: input_blocks.1.0, middle_block.1, ...
+    diffusers: str   # down_blocks.0.resnets.0, mid_block.attentions.0, up_blocks.1.upsamplers.0, ...
+    section: str     # "down" | "mid" | "up"
+    block: int       # the diffusers block index (0 in the mid block)
+    block_type: str  # CrossAttnDownBlock2D, UpBlock2D, UNetMidBlock2DCrossAttn ...
+    index: int       # position inside the diffusers block (resnets.j / attentions.j)
+    cin: int         # input channels (up-block ResNets: without the concatenated skip)
+    cout: int
+    level: int       # latent level the block computes at: 0 = the latent's size, k = after k downsamplers
+    skip: int = 0    # channels of the skip tensor an up-block ResNet concatenates
+    depth: int = 0   # transformer blocks of an attention module
+
+    @property
+    def resnet_in(self) -> int:
+        """Channels entering a ResNet's first conv (input plus skip)."""
+        return self.cin + self.skip
+
+
+def unet_blocks(family_or_config: str | dict) -> list[UnetBlock]:
+    """Every block of the UNet in graph order (input blocks, middle block, output blocks)."""
+    cfg = unet_config(family_or_config)
+    boc, lpb = cfg["block_out_channels"], cfg["layers_per_block"]
+    n = len(boc)
+    depth = transformer_depths(cfg)
+    out: list[UnetBlock] = []
+    skips = [boc[0]]   # channels pushed onto the skip stack, conv_in first
+    for i, btype in enumerate(cfg["down_block_types"]):
+        cin, cout = (boc[i - 1] if i else boc[0]), boc[i]
+        for j in range(lpb):
+            slot = i * (lpb + 1) + j + 1
+            out.append(UnetBlock("resnet", f"input_blocks.{slot}.0", f"down_blocks.{i}.resnets.{j}", "down", i,
+                                 btype, j, cin if j == 0 else cout, cout, i))
+            if btype.startswith("CrossAttn"):
+                out.append(UnetBlock("attention", f"input_blocks.{slot}.1", f"down_blocks.{i}.attentions.{j}",
+                                     "down", i, btype, j, cout, cout, i, depth=depth[i]))
+            skips.append(cout)
+        if i < n - 1:
+            out.append(UnetBlock("downsample", f"input_blocks.{(i + 1) * (lpb + 1)}.0",
+                                 f"down_blocks.{i}.downsamplers.0", "down", i, btype, 0, cout, cout, i + 1))
+            skips.append(cout)
+    c = boc[-1]
+    out.append(UnetBlock("resnet", "middle_block.0", "mid_block.resnets.0", "mid", 0, MID_BLOCK, 0, c, c, n - 1))
+    out.append(UnetBlock("attention", "middle_block.1", "mid_block.attentions.0", "mid", 0, MID_BLOCK, 0, c, c,
+                         n - 1, depth=depth[-1]))
+    out.append(UnetBlock("resnet", "middle_block.2", "mid_block.resnets.1", "mid", 0, MID_BLOCK, 1, c, c, n - 1))
+    rev, rev_depth = list(reversed(boc)), list(reversed(depth))
+    prev = rev[0]
+    for i, btype in enumerate(cfg["up_block_types"]):
+        cout, level = rev[i], n - 1 - i
+        has_attention = btype.startswith("CrossAttn")
+        for j in range(lpb + 1):
+            slot = i * (lpb + 1) + j
+            out.append(UnetBlock("resnet", f"output_blocks.{slot}.0", f"up_blocks.{i}.resnets.{j}", "up", i, btype,
+                                 j, prev if j == 0 else cout, cout, level, skip=skips.pop()))
+            if has_attention:
+                out.append(UnetBlock("attention", f"output_blocks.{slot}.1", f"up_blocks.{i}.attentions.{j}", "up",
+                                     i, btype, j, cout, cout, level, depth=rev_depth[i]))
+        if i < n - 1:
+            out.append(UnetBlock("upsample", f"output_blocks.{i * (lpb + 1) + lpb}.{2 if has_attention else 1}",
+                                 f"up_blocks.{i}.upsamplers.0", "up", i, btype, 0, cout, cout, level - 1))
+        prev = cout
+    return out
+
+
+def level_sizes(n_levels: int, latent_h: int, latent_w: int) -> list[tuple[int, int]]:
+    """(h, w) of each latent level: every downsampler is a 3x3 stride-2 conv with padding 1."""
+    sizes = [(latent_h, latent_w)]
+    for _ in range(n_levels - 1):
+        h, w = sizes[-1]
+        sizes.append(((h - 1) // 2 + 1, (w - 1) // 2 + 1))
+    return sizes
+
+
+# ---- ALTER's prunable units ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PrunableUnit:
+    """One unit ALTER can skip: a BasicTransformerBlock or a ResNet."""
+
+    index: int      # position in ALTER order (the column of a mask row)
+    name: str       # LDM name relative to `model.diffusion_model.`, e.g. input_blocks.1.1.transformer_blocks.0
+    kind: str       # names.UNIT_KINDS
+    diffusers: str  # e.g. down_blocks.0.attentions.0.transformer_blocks.0, up_blocks.1.resnets.2
+    group: int      # ALTER block group: down blocks, then up blocks, then the mid block
+    block: str      # the diffusers block type holding it: CrossAttnDownBlock2D, UpBlock2D, UNetMidBlock2DCrossAttn ...
+
+
+def _unit_pieces(family_or_config: str | dict) -> list[list[list[tuple[str, str, str, str]]]]:
+    """ALTER groups (down blocks, up blocks, then the mid block) -> pieces (each attention module's transformer
+    blocks, then the block's ResNets) -> units (ldm name, kind, diffusers name, block type)."""
+    blocks = unet_blocks(family_or_config)
+    keys = sorted({(b.section, b.block) for b in blocks if b.section != "mid"}, key=lambda k: (k[0] != "down", k[1]))
+    groups = []
+    for section, index in keys + [("mid", 0)]:
+        members = [b for b in blocks if (b.section, b.block) == (section, index)]
+        pieces = [[(f"{b.ldm}.transformer_blocks.{k}", "transformer", f"{b.diffusers}.transformer_blocks.{k}",
+                    b.block_type) for k in range(b.depth)] for b in members if b.kind == "attention"]
+        # A ResNet that changes the channel count cannot be skipped.
+        pieces.append([(b.ldm, "resnet", b.diffusers, b.block_type) for b in members
+                       if b.kind == "resnet" and b.cin == b.cout])
+        groups.append([p for p in pieces if p])
+    return groups
+
+
+def prunable_units(family_or_config: str | dict) -> list[PrunableUnit]:
+    """The prunable units of an SD1.x/SD2.x UNet in ALTER order (34 for the standard configs)."""
+    out = []
+    for g, pieces in enumerate(_unit_pieces(family_or_config)):
+        for piece in pieces:
+            for ldm, kind, diff, btype in piece:
+                out.append(PrunableUnit(len(out), ldm, kind, diff, g, btype))
+    return out
+
+
+def piece_structure(family_or_config: str | dict) -> list[list[int]]:
+    """ALTER's nested piece sizes (its `p_structures`): per group, the size of each piece."""
+    return [[len(p) for p in pieces] for pieces in _unit_pieces(family_or_config)]
+
+
+def unit_prefix(name: str) -> str:
+    """Prefix of every GGUF tensor belonging to a unit (the trailing dot keeps output_blocks.1 off output_blocks.10)."""
+    return f"{UNET_PREFIX}{name}."
