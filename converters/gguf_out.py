@@ -17,11 +17,14 @@ from pysdcpp.format.names import OUTPUT_TYPES as OUTPUT_TYPE_NAMES
 
 from .errors import ConversionError
 
-OUTPUT_TYPES = dict(zip(OUTPUT_TYPE_NAMES, (Q.F32, Q.F16, Q.Q8_0, Q.Q5_1, Q.Q5_0, Q.Q4_1, Q.Q4_0)))
-# general.file_type of each output type (gguf-py's LlamaFileType numbering, which readers of GGUF know)
-_FILE_TYPES = dict(zip(OUTPUT_TYPE_NAMES, (LlamaFileType.ALL_F32, LlamaFileType.MOSTLY_F16, LlamaFileType.MOSTLY_Q8_0,
-                                           LlamaFileType.MOSTLY_Q5_1, LlamaFileType.MOSTLY_Q5_0,
-                                           LlamaFileType.MOSTLY_Q4_1, LlamaFileType.MOSTLY_Q4_0)))
+# Each output type: its ggml type and its general.file_type (gguf-py's LlamaFileType numbering, which GGUF readers
+# know).
+_TYPES = {"f32": (Q.F32, LlamaFileType.ALL_F32), "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
+          "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0), "q5_1": (Q.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+          "q5_0": (Q.Q5_0, LlamaFileType.MOSTLY_Q5_0), "q4_1": (Q.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+          "q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0)}
+assert tuple(_TYPES) == OUTPUT_TYPE_NAMES, "the format layer's output types and this table differ"
+OUTPUT_TYPES = {name: qtype for name, (qtype, _) in _TYPES.items()}
 _BLOCK = {Q.Q8_0: 32, Q.Q5_1: 32, Q.Q5_0: 32, Q.Q4_1: 32, Q.Q4_0: 32}
 _SOURCE_TYPES = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16, "F64": Q.F32}
 
@@ -117,7 +120,7 @@ def write_gguf(path: str | os.PathLike, tensors: Iterable[TensorSource], target:
     tmp = path.with_name(path.name + ".partial")
     writer = GGUFWriter(tmp, keys.ARCHITECTURE)
     try:
-        writer.add_file_type(int(_FILE_TYPES[target]))
+        writer.add_file_type(int(_TYPES[target][1]))
         if qtarget not in (Q.F32, Q.F16):
             writer.add_quantization_version(GGML_QUANT_VERSION)
         for key, value in metadata.items():

@@ -21,6 +21,8 @@ from pysdcpp.format.vae import vae_blocks
 
 from pysdcpp.format.checkpoint_io import TensorSource
 
+from .sd_layout import map_text_encoder, map_unet, map_vae
+
 # ---- parameter lists (name, shape) in diffusers layout ------------------------------------------
 
 def _norm(name: str, c: int):
@@ -181,6 +183,12 @@ def synthetic_sources(family: str, seed: int = 0, reduced: bool = False) -> dict
                                                            random_weight(n, s, seed).astype(np.float16)))
                           for name, shape in params]
     return out
+
+
+def ldm_sources(family: str, seed: int = 0, reduced: bool = False) -> list[TensorSource]:
+    """The synthetic model under the names stable-diffusion.cpp loads (LDM UNet and VAE, HF CLIP text encoder)."""
+    parts = synthetic_sources(family, seed, reduced)
+    return map_unet(parts["unet"]) + map_vae(parts["vae"]) + map_text_encoder(parts["text_encoder"])
 
 
 def write_diffusers_folder(folder: Path, family: str, seed: int = 0, reduced: bool = False) -> Path:

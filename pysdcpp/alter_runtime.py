@@ -11,12 +11,11 @@ import numpy as np
 from .errors import ModelLoadError
 from .format.errors import FormatError
 from .format.macs import unet_macs
-from .format.names import FAMILIES, UNET_PREFIX
+from .format.names import FAMILIES
 from .format.routing import AlterRouting, read_alter, read_mask_json
-from .format.unet import prunable_units
+from .format.unet import prunable_units, unit_prefix
 
 log = logging.getLogger("pysdcpp.alter")
-
 
 
 def routing_of(model_file, masks=None) -> AlterRouting | None:
@@ -111,7 +110,7 @@ class NativeRouting:
 
 
 def missing_ok_prefixes(routing: AlterRouting) -> list[str]:
-    return [f"{UNET_PREFIX}{u}." for u in routing.dropped]
+    return [unit_prefix(u) for u in routing.dropped]
 
 
 def log_steps(steps: list[AlterStep]) -> None:

@@ -29,10 +29,7 @@ def synthetic_gguf(family: str = "sd1", out_type: str = "f16", seed: int = DEMO_
     path = folder / f"synthetic-{family}-seed{seed}-{out_type}{'-alter' if alter else ''}.gguf"
     if path.is_file():
         return path
-    layout = submodule("sd_layout")
-    parts = submodule("synthetic").synthetic_sources(family, seed)
-    tensors = (layout.map_unet(parts["unet"]) + layout.map_vae(parts["vae"])
-               + layout.map_text_encoder(parts["text_encoder"]))
+    tensors = submodule("synthetic").ldm_sources(family, seed)
     meta = {keys.FAMILY: family, keys.SOURCE: f"synthetic {family} seed {seed}", keys.SOURCE_LAYOUT: "synthetic",
             keys.OUTPUT_TYPE: out_type, keys.SYNTHETIC: True, keys.PREDICTION: DEFAULT_PREDICTION[family]}
     if alter:

@@ -7,7 +7,6 @@ and reported as a `ModelLoadError`.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelLoadError
+from .format.checkpoint_io import checkpoint_format, read_checkpoint_file
+from .format.errors import FormatError
 from .format import keys
 from .format.families import family_of_context_width
 from .format.names import UNET_PREFIX
@@ -250,16 +251,11 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
         raise ModelLoadError(f"{path} is a folder; convert a diffusers folder first with `pysdcpp convert`")
     if not os.access(path, os.R_OK):
         raise ModelLoadError(f"{path}: permission denied")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if not head:
+    if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: empty file")
-    if head[:4] == b"GGUF":
-        return read_gguf(path)
-    from .format.checkpoint_io import checkpoint_format, read_checkpoint_file
-    from .format.errors import FormatError
-
     fmt = checkpoint_format(path)
+    if fmt == "gguf":
+        return read_gguf(path)
     if fmt not in ("safetensors", "torch"):
         raise ModelLoadError(f"{path}: not a model file (neither GGUF, safetensors nor a torch checkpoint)")
     try:
@@ -270,7 +266,5 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
         raise ModelLoadError(f"{path}: not a model file ({type(e).__name__}: {e})") from None
     if not sources:
         raise ModelLoadError(f"{path}: the {fmt} file holds no tensors")
-    itemsize = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4}
-    tensors = [TensorInfo(s.name, s.dtype, tuple(s.shape),
-                          math.prod(s.shape) * itemsize.get(s.dtype, 1)) for s in sources]
+    tensors = [TensorInfo(s.name, s.dtype, tuple(s.shape), s.nbytes) for s in sources]
     return ModelFile(path, fmt, tensors, {})

@@ -23,7 +23,6 @@ converters()   # a source checkout's converters/ (PYTHONPATH=.) or the installed
 from pysdcpp.demo import DEMO_SEED, synthetic_gguf  # noqa: E402
 from pysdcpp.format.families import context_width  # noqa: E402
 from pysdcpp.converters import convert, synthetic  # noqa: E402
-from pysdcpp.converters.sd_layout import map_text_encoder, map_unet, map_vae  # noqa: E402
 
 FIXTURE_SEED = DEMO_SEED   # the SD1.5 fixture is the demo model: one 2 GB file serves both
 
@@ -145,9 +144,7 @@ def diffusers_folder(family: str, folder: Path, reduced: bool = False) -> Path:
 
 def ldm_state(family: str, reduced: bool = False) -> dict[str, np.ndarray]:
     """The synthetic model in LDM single-file names (what original-format checkpoints hold), F16."""
-    parts = synthetic.synthetic_sources(family, FIXTURE_SEED, reduced)
-    tensors = map_unet(parts["unet"]) + map_vae(parts["vae"]) + map_text_encoder(parts["text_encoder"])
-    return {t.name: t.load() for t in tensors}
+    return {t.name: t.load() for t in synthetic.ldm_sources(family, FIXTURE_SEED, reduced)}
 
 
 def ldm_safetensors(family: str, folder: Path, reduced: bool = True) -> Path:

@@ -66,13 +66,11 @@ def dropped_gguf(folder, family: str, rows, table):
     from pysdcpp.format import keys
     from pysdcpp.format.families import DEFAULT_PREDICTION
     from pysdcpp.format.routing import routing_metadata
-    from pysdcpp.converters import alter, gguf_out, sd_layout, synthetic
+    from pysdcpp.converters import alter, gguf_out, synthetic
 
     masks = mask_file(family, "dropped", rows, table)
-    parts = synthetic.synthetic_sources(family, FIXTURE_SEED)
-    tensors = (sd_layout.map_unet(parts["unet"]) + sd_layout.map_vae(parts["vae"])
-               + sd_layout.map_text_encoder(parts["text_encoder"]))
-    tensors, routing = alter.attach_routing(masks, tensors, family, masks, drop_unused=True)
+    tensors, routing = alter.attach_routing(masks, synthetic.ldm_sources(family, FIXTURE_SEED), family, masks,
+                                            drop_unused=True)
     path = folder / f"{family}-dropped.gguf"
     meta = {keys.FAMILY: family, keys.PREDICTION: DEFAULT_PREDICTION[family], **routing_metadata(routing)}
     gguf_out.write_gguf(path, tensors, "f16", meta)

@@ -7,6 +7,7 @@ a model tensor by tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -29,6 +30,10 @@ class TensorSource:
     shape: tuple[int, ...]
     dtype: str  # "F32", "F16", "BF16", "F64", "I64", ...
     load: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(_ST_DTYPES.get(self.dtype, np.uint8)).itemsize
 
     def renamed(self, name: str, reshape: tuple[int, ...] | None = None) -> "TensorSource":
         if reshape is None:
