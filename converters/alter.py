@@ -169,7 +169,7 @@ def _folder_unet_config(folder: Path) -> dict | None:
         raise ConversionError(f"{cfg}: not valid JSON ({e})") from None
 
 
-def find_routing(src: str | os.PathLike, family: str, masks_file: str | os.PathLike | None = None
+def find_routing(src: str | os.PathLike, family: str | dict, masks_file: str | os.PathLike | None = None
                  ) -> AlterRouting | None:
     """The routing for a conversion input: the JSON file if given, else an ALTER folder's pruning_mask.pth,
     else its hypernet/; None for an input without masks."""
@@ -190,7 +190,7 @@ def find_routing(src: str | os.PathLike, family: str, masks_file: str | os.PathL
     return None
 
 
-def attach_routing(src: str | os.PathLike, tensors: list[TensorSource], family: str,
+def attach_routing(src: str | os.PathLike, tensors: list[TensorSource], family: str | dict,
                    masks_file: str | os.PathLike | None = None, drop_unused: bool = False
                    ) -> tuple[list[TensorSource], AlterRouting | None]:
     """Find the input's routing, check every unit against the tensors, and optionally drop never-kept units."""

@@ -1,5 +1,6 @@
 """Tensor names: diffusers layout -> the names stable-diffusion.cpp loads (LDM for UNet and VAE, HF CLIP
-for the text encoder), and detection of the model family from names and shapes (SD1.x / SD2.x).
+for the text encoders), the Stability single-file layouts mapped as stable-diffusion.cpp's own converter maps them,
+and detection of the model's family and UNet variant from its tensors.
 """
 
 from __future__ import annotations
@@ -8,18 +9,18 @@ import re
 from dataclasses import dataclass
 
 from pysdcpp.format.checkpoint_io import TensorSource
-from pysdcpp.format.families import context_width, family_of_context_width
-from pysdcpp.format.names import FAMILIES, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from pysdcpp.format.detect import (UnetArchitecture, classify, config_from_diffusers_tensors,
+                                   config_from_ldm_tensors)
+from pysdcpp.format.errors import FormatError
+from pysdcpp.format.families import TEXT_ENCODERS
+from pysdcpp.format.names import TEXT2_PREFIX, TEXT2_PROJECTION, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from pysdcpp.format.unet import top_level_parameters, unet_blocks
 
 from .errors import ConversionError
 
 _RESNET_NAMES = {
     "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
     "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
-}
-_UNET_TOP = {
-    "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
 }
 
 
@@ -30,52 +31,53 @@ def _resnet(rest: str) -> str:
     return f"{_RESNET_NAMES[head]}.{tail}"
 
 
-@dataclass
-class UnetShape:
-    """What the name mapping needs to know of a diffusers UNet: resnets per block, attention per up block."""
-
-    layers_per_block: int
-    up_blocks_with_attention: frozenset[int]
-
-
-def unet_shape_from_names(names: list[str]) -> UnetShape:
-    down_resnets = {int(m.group(1)) for n in names if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", n))}
-    if not down_resnets:
-        raise ConversionError("no down_blocks.0.resnets.* tensors: not a diffusers SD UNet")
-    with_attn = frozenset(int(m.group(1)) for n in names if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", n)))
-    return UnetShape(max(down_resnets) + 1, with_attn)
+def unet_name_map(cfg: dict) -> dict[str, tuple[str, bool]]:
+    """diffusers prefix -> (LDM prefix, is a ResNet), for every block of the UNet walk and the top-level layers."""
+    out: dict[str, tuple[str, bool]] = {d: (l, False) for d, l in top_level_parameters(cfg)}
+    for b in unet_blocks(cfg):
+        if b.kind == "downsample":
+            out[f"{b.diffusers}.conv"] = (f"{b.ldm}.op", False)
+        elif b.kind == "upsample":
+            out[f"{b.diffusers}.conv"] = (f"{b.ldm}.conv", False)
+        else:
+            out[b.diffusers] = (b.ldm, b.kind == "resnet")
+    return out
 
 
-def diffusers_unet_name(name: str, shape: UnetShape) -> str:
-    """Map one diffusers UNet parameter name to its LDM name (without the model prefix)."""
-    for src, dst in _UNET_TOP.items():
-        if name.startswith(src + "."):
-            return dst + name[len(src):]
-    lpb = shape.layers_per_block
-    if m := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", name):
-        i, j, rest = int(m[1]), int(m[2]), m[3]
-        return f"input_blocks.{i * (lpb + 1) + j + 1}.0.{_resnet(rest)}"
-    if m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", name):
-        i, j, rest = int(m[1]), int(m[2]), m[3]
-        return f"input_blocks.{i * (lpb + 1) + j + 1}.1.{rest}"
-    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", name):
-        i, rest = int(m[1]), m[2]
-        return f"input_blocks.{(i + 1) * (lpb + 1)}.0.op.{rest}"
-    if m := re.match(r"mid_block\.resnets\.(\d+)\.(.+)", name):
-        return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
-    if m := re.match(r"mid_block\.attentions\.0\.(.+)", name):
-        return f"middle_block.1.{m[1]}"
-    if m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", name):
-        i, j, rest = int(m[1]), int(m[2]), m[3]
-        return f"output_blocks.{i * (lpb + 1) + j}.0.{_resnet(rest)}"
-    if m := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", name):
-        i, j, rest = int(m[1]), int(m[2]), m[3]
-        return f"output_blocks.{i * (lpb + 1) + j}.1.{rest}"
-    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", name):
-        i, rest = int(m[1]), m[2]
-        slot = 2 if i in shape.up_blocks_with_attention else 1
-        return f"output_blocks.{i * (lpb + 1) + lpb}.{slot}.conv.{rest}"
-    raise ConversionError(f"unexpected UNet parameter {name!r}")
+def _split_prefix(name: str) -> list[str]:
+    """Candidate prefixes of a parameter name, longest first (a.b.c.weight -> a.b.c, a.b, a)."""
+    parts = name.split(".")
+    return [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)]
+
+
+def map_unet(tensors: list[TensorSource], config: dict | None = None) -> list[TensorSource]:
+    """diffusers UNet tensors -> LDM names. The layout is read back from the tensors; a config (the folder's
+    config.json) must describe the same UNet."""
+    found = config_from_diffusers_tensors([(t.name, t.shape) for t in tensors], "UNet")
+    if config is not None:
+        _same_architecture(config, found)
+    names = unet_name_map(found)
+    out = []
+    for t in tensors:
+        for prefix in _split_prefix(t.name):
+            if prefix in names:
+                ldm, is_resnet = names[prefix]
+                rest = t.name[len(prefix) + 1:]
+                out.append(t.renamed(f"{UNET_PREFIX}{ldm}.{_resnet(rest) if is_resnet else rest}"))
+                break
+        else:
+            raise ConversionError(f"unexpected UNet parameter {t.name!r}")
+    return out
+
+
+def _same_architecture(config: dict, found: dict) -> None:
+    try:
+        said = classify(config)
+    except FormatError as e:
+        raise ConversionError(f"unet/config.json: {e}") from None
+    held = classify(found)
+    if (said.family, said.variant) != (held.family, held.variant):
+        raise ConversionError(f"unet/config.json describes a {said.name} UNet, its weights hold a {held.name} one")
 
 
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
@@ -116,18 +118,16 @@ def diffusers_vae_name(name: str, n_up_blocks: int) -> tuple[str, bool]:
     raise ConversionError(f"unexpected VAE parameter {name!r}")
 
 
-def text_encoder_name(name: str) -> str | None:
-    """HF CLIP text-model name with or without the `text_model.` prefix (transformers 4 vs 5 saves)."""
+def text_encoder_name(name: str, second: bool = False) -> str | None:
+    """HF CLIP text-model name with or without the `text_model.` prefix (transformers 4 vs 5 saves); `second`:
+    SDXL's text_encoder_2, whose pooled-output projection is kept (stable-diffusion.cpp's name, no transpose)."""
     if name.startswith("text_model."):
         name = name[len("text_model."):]
+    if second and name == "text_projection.weight":
+        return TEXT2_PROJECTION
     if name in ("embeddings.position_ids", "logit_scale") or name.startswith("text_projection."):
         return None
-    return TEXT_PREFIX + name
-
-
-def map_unet(tensors: list[TensorSource]) -> list[TensorSource]:
-    shape = unet_shape_from_names([t.name for t in tensors])
-    return [t.renamed(UNET_PREFIX + diffusers_unet_name(t.name, shape)) for t in tensors]
+    return (TEXT2_PREFIX if second else TEXT_PREFIX) + name
 
 
 def map_vae(tensors: list[TensorSource]) -> list[TensorSource]:
@@ -141,10 +141,10 @@ def map_vae(tensors: list[TensorSource]) -> list[TensorSource]:
     return out
 
 
-def map_text_encoder(tensors: list[TensorSource]) -> list[TensorSource]:
+def map_text_encoder(tensors: list[TensorSource], second: bool = False) -> list[TensorSource]:
     out = []
     for t in tensors:
-        name = text_encoder_name(t.name)
+        name = text_encoder_name(t.name, second)
         if name is not None:
             out.append(t.renamed(name))
     return out
@@ -162,6 +162,51 @@ _UNUSED_PREFIXES = ("model_ema.", "cond_stage_model.transformer.text_model.embed
                     "model_ema", "lvlb_weights", "logvar")
 
 
+# OpenCLIP text-encoder names (SD2.x `cond_stage_model.model.`, SDXL `conditioner.embedders.1.model.`) -> the HF
+# CLIP names stable-diffusion.cpp's converter gives them (the fused in_proj stays fused; upstream loads it so)
+_OPEN_CLIP_TOP = {"ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias",
+                  "positional_embedding": "embeddings.position_embedding.weight",
+                  "token_embedding.weight": "embeddings.token_embedding.weight", "text_projection": "text_projection"}
+_OPEN_CLIP_LAYER = {"attn.in_proj_weight": "self_attn.in_proj.weight", "attn.in_proj_bias": "self_attn.in_proj.bias",
+                    "attn.out_proj.weight": "self_attn.out_proj.weight", "attn.out_proj.bias": "self_attn.out_proj.bias",
+                    "ln_1.weight": "layer_norm1.weight", "ln_1.bias": "layer_norm1.bias",
+                    "ln_2.weight": "layer_norm2.weight", "ln_2.bias": "layer_norm2.bias",
+                    "mlp.c_fc.weight": "mlp.fc1.weight", "mlp.c_fc.bias": "mlp.fc1.bias",
+                    "mlp.c_proj.weight": "mlp.fc2.weight", "mlp.c_proj.bias": "mlp.fc2.bias"}
+
+
+def _open_clip_name(rest: str) -> str | None:
+    """An OpenCLIP text-model parameter (after `model.`) -> its HF name under `transformer.text_model.`; None for
+    what is not the text model (logit_scale, the visual tower)."""
+    if rest in _OPEN_CLIP_TOP:
+        return _OPEN_CLIP_TOP[rest]
+    if m := re.match(r"transformer\.resblocks\.(\d+)\.(.+)", rest):
+        if m[2] in _OPEN_CLIP_LAYER:
+            return f"encoder.layers.{m[1]}.{_OPEN_CLIP_LAYER[m[2]]}"
+        raise ConversionError(f"unexpected OpenCLIP text-encoder parameter {rest!r}")
+    return None
+
+
+# The single-file text-encoder prefixes -> (the prefix stable-diffusion.cpp loads, OpenCLIP naming)
+_SINGLE_FILE_TEXT = (("conditioner.embedders.0.transformer.text_model.", TEXT_PREFIX, False),
+                     ("conditioner.embedders.1.model.", TEXT2_PREFIX, True),
+                     ("cond_stage_model.model.", TEXT_PREFIX, True))
+
+
+def _single_file_name(name: str) -> str | None:
+    """An LDM single file's tensor name -> the name stable-diffusion.cpp's converter writes; None: dropped."""
+    if name.startswith(_UNUSED_PREFIXES):
+        return None
+    for src, dst, open_clip in _SINGLE_FILE_TEXT:
+        if name.startswith(src):
+            rest = name[len(src):]
+            if not open_clip:
+                return None if rest == "embeddings.position_ids" else dst + rest
+            mapped = _open_clip_name(rest)
+            return None if mapped is None else dst + mapped
+    return name
+
+
 def single_file_layout(names: list[str]) -> str:
     if any(n.startswith(UNET_PREFIX) for n in names):
         return "ldm"
@@ -171,18 +216,25 @@ def single_file_layout(names: list[str]) -> str:
 
 
 def map_single_file(tensors: list[TensorSource]) -> list[TensorSource]:
-    """A one-file checkpoint: LDM names pass through; a diffusers-layout file (unet./vae./text_encoder.) is mapped."""
+    """A one-file checkpoint: LDM names as stable-diffusion.cpp's converter writes them (UNet and VAE unchanged,
+    text encoders under the HF CLIP names); a diffusers-layout file (unet./vae./text_encoder[_2].) is mapped."""
     names = [t.name for t in tensors]
     layout = single_file_layout(names)
     if layout == "ldm":
-        return [t for t in tensors if not t.name.startswith(_UNUSED_PREFIXES)]
+        out = []
+        for t in tensors:
+            name = _single_file_name(t.name)
+            if name is not None:
+                out.append(t if name == t.name else t.renamed(name))
+        return out
     if layout == "diffusers":
-        parts: dict[str, list[TensorSource]] = {"unet": [], "vae": [], "text_encoder": []}
+        parts: dict[str, list[TensorSource]] = {"unet": [], "vae": [], "text_encoder": [], "text_encoder_2": []}
         for t in tensors:
             head, _, rest = t.name.partition(".")
             if head in parts:
                 parts[head].append(t.renamed(rest))
-        return map_unet(parts["unet"]) + map_vae(parts["vae"]) + map_text_encoder(parts["text_encoder"])
+        return (map_unet(parts["unet"]) + map_vae(parts["vae"]) + map_text_encoder(parts["text_encoder"])
+                + map_text_encoder(parts["text_encoder_2"], second=True))
     raise ConversionError(describe_unsupported(names))
 
 
@@ -190,37 +242,37 @@ def map_single_file(tensors: list[TensorSource]) -> list[TensorSource]:
 
 @dataclass
 class ModelInfo:
-    family: str  # names.FAMILIES
-    context_dim: int
-    has_text_encoder: bool
+    architecture: UnetArchitecture
+    has_text_encoder: bool   # every text encoder of the family
     has_vae: bool
+
+    @property
+    def family(self) -> str:
+        return self.architecture.family
+
+    @property
+    def variant(self) -> str:
+        return self.architecture.variant
 
 
 def describe_unsupported(names: list[str]) -> str:
     hints = [
         ("double_blocks.", "a Flux transformer"), ("joint_blocks.", "an SD3 MMDiT"),
-        ("conditioner.embedders.1", "an SDXL checkpoint"), ("label_emb.", "an SDXL-style UNet"),
-        ("add_embedding.", "an SDXL diffusers UNet"), ("blocks.0.self_attn", "a DiT/video transformer"),
+        ("blocks.0.self_attn", "a DiT/video transformer"), ("time_mixer", "a video UNet (SVD)"),
     ]
     found = [desc for key, desc in hints if any(key in n for n in names)]
     sample = ", ".join(sorted(names)[:5])
     what = found[0] if found else f"an unknown model ({len(names)} tensors, e.g. {sample})"
-    return f"unsupported architecture: found {what}; pysdcpp converts SD1.x and SD2.x models"
+    return f"unsupported architecture: found {what}; pysdcpp converts the SD1.x, SD2.x and SDXL UNet families"
 
 
 def detect(tensors: list[TensorSource]) -> ModelInfo:
-    names = {t.name: t for t in tensors}
-    if any("label_emb." in n for n in names) or any(n.startswith("cond_stage_model.1.") for n in names):
-        raise ConversionError(describe_unsupported(list(names)))
-    k = names.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-    if k is None:
-        raise ConversionError(describe_unsupported(list(names)))
-    context_dim = int(k.shape[1])
-    family = family_of_context_width(context_dim)
-    if family is None:
-        known = ", ".join(f"{f} has {context_width(f)}" for f in FAMILIES)
-        raise ConversionError(f"unsupported architecture: a UNet with cross-attention width {context_dim} "
-                              f"({known})")
-    has_text = any(n.startswith("cond_stage_model.") for n in names)
+    """Family and UNet variant of LDM-named tensors (what stable-diffusion.cpp loads)."""
+    names = [t.name for t in tensors]
+    if not any(n.startswith(UNET_PREFIX + "input_blocks.") for n in names) or any("time_mixer" in n for n in names):
+        raise ConversionError(describe_unsupported(names))
+    arch = classify(config_from_ldm_tensors([(t.name, t.shape) for t in tensors], "UNet"))
+    prefixes = {"text_encoder": TEXT_PREFIX, "text_encoder_2": TEXT2_PREFIX}
+    has_text = all(any(n.startswith(prefixes[c]) for n in names) for c in TEXT_ENCODERS[arch.family])
     has_vae = any(n.startswith(VAE_PREFIX) for n in names)
-    return ModelInfo(family, context_dim, has_text, has_vae)
+    return ModelInfo(arch, has_text, has_vae)

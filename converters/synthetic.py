@@ -1,4 +1,5 @@
-"""Deterministic random-weight models with the real SD1.5 / SD2.1 architectures, with no download and no torch.
+"""Deterministic random-weight models with the real SD1.5 / SD2.1 / SDXL architectures (and the UNet variants
+stable-diffusion.cpp builds), with no download and no torch.
 
 Used by `pysdcpp generate --demo` and by the test suite. The parameter list is derived from the same
 configs diffusers uses (written beside the weights as config.json), so diffusers can load the result
@@ -14,7 +15,8 @@ from typing import Iterator
 
 import numpy as np
 
-from pysdcpp.format.families import SCHEDULER_CONFIGS, TEXT_CONFIGS, UNET_CONFIGS, VAE_CONFIG
+from pysdcpp.format.families import (SCHEDULER_CONFIGS, TEXT2_CONFIG, TEXT_CONFIGS, TEXT_ENCODERS, VAE_CONFIG,
+                                     VAE_SCALING, check_family, variant_unet_config)
 from pysdcpp.format.names import FAMILIES
 from pysdcpp.format.unet import unet_blocks
 from pysdcpp.format.vae import vae_blocks
@@ -51,15 +53,16 @@ def _unet_resnet(name: str, cin: int, cout: int, temb: int):
         yield from _conv(f"{name}.conv_shortcut", cout, cin, 1)
 
 
-def _transformer(name: str, c: int, ctx: int, linear_proj: bool, depth: int):
+def _transformer(name: str, c: int, ctx: int, linear_proj: bool, depth: int, self_context: bool = False):
     yield from _norm(f"{name}.norm", c)
     proj = (lambda n: _linear(n, c, c)) if linear_proj else (lambda n: _conv(n, c, c, 1))
     yield from proj(f"{name}.proj_in")
     for k in range(depth):
         b = f"{name}.transformer_blocks.{k}"
         yield from _norm(f"{b}.norm1", c)
-        for q in ("to_q", "to_k", "to_v"):
-            yield from _linear(f"{b}.attn1.{q}", c, c, bias=False)
+        yield from _linear(f"{b}.attn1.to_q", c, c, bias=False)
+        for q in ("to_k", "to_v"):   # attn1 reads the text too where the config says only_cross_attention
+            yield from _linear(f"{b}.attn1.{q}", c, ctx if self_context else c, bias=False)
         yield from _linear(f"{b}.attn1.to_out.0", c, c)
         yield from _norm(f"{b}.norm2", c)
         yield from _linear(f"{b}.attn2.to_q", c, c, bias=False)
@@ -78,12 +81,15 @@ def unet_parameters(cfg: dict) -> Iterator[tuple[str, tuple[int, ...]]]:
     yield from _conv("conv_in", boc[0], cfg["in_channels"], 3)
     yield from _linear("time_embedding.linear_1", temb, boc[0])
     yield from _linear("time_embedding.linear_2", temb, temb)
+    if cfg.get("addition_embed_type") == "text_time":
+        yield from _linear("add_embedding.linear_1", temb, cfg["projection_class_embeddings_input_dim"])
+        yield from _linear("add_embedding.linear_2", temb, temb)
     for b in unet_blocks(cfg):
         if b.kind == "resnet":
             yield from _unet_resnet(b.diffusers, b.resnet_in, b.cout, temb)
         elif b.kind == "attention":
             yield from _transformer(b.diffusers, b.cout, cfg["cross_attention_dim"], cfg["use_linear_projection"],
-                                    b.depth)
+                                    b.depth, b.self_context)
         else:
             yield from _conv(f"{b.diffusers}.conv", b.cout, b.cin, 3)
     yield from _norm("conv_norm_out", boc[0])
@@ -126,6 +132,8 @@ def text_parameters(cfg: dict) -> Iterator[tuple[str, tuple[int, ...]]]:
         yield from _linear(f"{p}.mlp.fc2", h, inter)
         yield from _norm(f"{p}.layer_norm2", h)
     yield from _norm("text_model.final_layer_norm", h)
+    if cfg["architectures"] == ["CLIPTextModelWithProjection"]:   # SDXL's second encoder: the pooled projection
+        yield from _linear("text_projection", cfg["projection_dim"], h, bias=False)
 
 
 # ---- values ------------------------------------------------------------------------------------
@@ -150,64 +158,92 @@ def random_weight(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     return out
 
 
-def model_configs(family: str, reduced: bool = False) -> dict[str, dict]:
-    """The diffusers configs of a family's synthetic model (unet, vae, text_encoder, scheduler). `reduced`: the same
-    layout with few channels and one text-encoder layer (names, block structure and the cross-attention width
-    are the family's, so detection and name mapping see a real SD model) for tests that never run it natively."""
-    configs = {"unet": dict(UNET_CONFIGS[family]), "vae": dict(VAE_CONFIG), "text_encoder": dict(TEXT_CONFIGS[family]),
-               "scheduler": dict(SCHEDULER_CONFIGS[family])}
+def model_configs(family: str, reduced: bool = False, variant: str = "base") -> dict[str, dict]:
+    """The diffusers configs of a family's synthetic model (unet, vae, text encoder(s), scheduler). `reduced`: the
+    same layout with a tenth of the channels and one text-encoder layer (names, block structure and the
+    cross-attention width are the family's, so detection and name mapping see a real SD model) for tests that
+    never run it natively."""
+    check_family(family)
+    configs = {"unet": variant_unet_config(family, variant),
+               "vae": dict(VAE_CONFIG, scaling_factor=VAE_SCALING[family]),
+               "text_encoder": dict(TEXT_CONFIGS[family])}
+    if "text_encoder_2" in TEXT_ENCODERS[family]:
+        configs["text_encoder_2"] = dict(TEXT2_CONFIG)
+    configs["scheduler"] = dict(SCHEDULER_CONFIGS[family])
     if reduced:
-        heads = configs["unet"]["attention_head_dim"]
-        configs["unet"].update(block_out_channels=[32, 64, 128, 128], norm_num_groups=8,
-                               attention_head_dim=[2, 4, 8, 8] if isinstance(heads, list) else 4)
+        unet = configs["unet"]
+        unet["block_out_channels"] = [c // 10 for c in unet["block_out_channels"]]
+        unet["norm_num_groups"] = 8
+        heads = unet["attention_head_dim"]
+        # heads 16 wide (SDXS-0.9's one-head first level keeps its one head)
+        unet["attention_head_dim"] = ([1 if h == 1 else c // 16 for h, c in zip(heads, unet["block_out_channels"])]
+                                      if isinstance(heads, list) else 4)
         configs["vae"].update(block_out_channels=[32, 32, 64, 64], norm_num_groups=8)
+        # the hidden sizes stay: they are the UNet's context width (SDXL: both side by side) and SDXL's pooled width
         configs["text_encoder"].update(intermediate_size=64, num_attention_heads=4, num_hidden_layers=1,
                                        vocab_size=64, projection_dim=32)
+        if "text_encoder_2" in configs:
+            configs["text_encoder_2"].update(intermediate_size=64, num_attention_heads=4, num_hidden_layers=1,
+                                             vocab_size=64)
     return configs
 
 
-def component_parameters(family: str, reduced: bool = False) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
-    cfg = model_configs(family, reduced)
-    return {"unet": list(unet_parameters(cfg["unet"])), "vae": list(vae_parameters(cfg["vae"])),
-            "text_encoder": list(text_parameters(cfg["text_encoder"]))}
+def component_parameters(family: str, reduced: bool = False, variant: str = "base"
+                         ) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    cfg = model_configs(family, reduced, variant)
+    out = {"unet": list(unet_parameters(cfg["unet"])), "vae": list(vae_parameters(cfg["vae"]))}
+    for name in TEXT_ENCODERS[family]:
+        out[name] = list(text_parameters(cfg[name]))
+    return out
 
 
-def synthetic_sources(family: str, seed: int = 0, reduced: bool = False) -> dict[str, list[TensorSource]]:
+def synthetic_sources(family: str, seed: int = 0, reduced: bool = False, variant: str = "base"
+                      ) -> dict[str, list[TensorSource]]:
     """Lazy random tensors per component, in diffusers layout, F16 (as a half-precision checkpoint holds them, so
     a reference that upcasts them computes with exactly the weights a converted file holds)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
     out = {}
-    for component, params in component_parameters(family, reduced).items():
+    for component, params in component_parameters(family, reduced, variant).items():
         out[component] = [TensorSource(name, shape, "F16", (lambda n=f"{component}.{name}", s=shape:
                                                            random_weight(n, s, seed).astype(np.float16)))
                           for name, shape in params]
     return out
 
 
-def ldm_sources(family: str, seed: int = 0, reduced: bool = False) -> list[TensorSource]:
-    """The synthetic model under the names stable-diffusion.cpp loads (LDM UNet and VAE, HF CLIP text encoder)."""
-    parts = synthetic_sources(family, seed, reduced)
-    return map_unet(parts["unet"]) + map_vae(parts["vae"]) + map_text_encoder(parts["text_encoder"])
+def map_components(parts: dict[str, list[TensorSource]]) -> list[TensorSource]:
+    """diffusers components (unet, vae, text_encoder, text_encoder_2) -> the names stable-diffusion.cpp loads."""
+    out = map_unet(parts["unet"]) + map_vae(parts["vae"]) + map_text_encoder(parts["text_encoder"])
+    if "text_encoder_2" in parts:
+        out += map_text_encoder(parts["text_encoder_2"], second=True)
+    return out
 
 
-def write_diffusers_folder(folder: Path, family: str, seed: int = 0, reduced: bool = False) -> Path:
+def ldm_sources(family: str, seed: int = 0, reduced: bool = False, variant: str = "base") -> list[TensorSource]:
+    """The synthetic model under the names stable-diffusion.cpp loads (LDM UNet and VAE, HF CLIP text encoders)."""
+    return map_components(synthetic_sources(family, seed, reduced, variant))
+
+
+def write_diffusers_folder(folder: Path, family: str, seed: int = 0, reduced: bool = False,
+                           variant: str = "base") -> Path:
     """Write a diffusers pipeline folder (configs + F16 safetensors) of the synthetic model."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)
-    configs = model_configs(family, reduced)
+    configs = model_configs(family, reduced, variant)
     for component, cfg in configs.items():
         (folder / component).mkdir(parents=True, exist_ok=True)
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
         (folder / component / name).write_text(json.dumps(cfg, indent=2))
-    for component, sources in synthetic_sources(family, seed, reduced).items():
+    for component, sources in synthetic_sources(family, seed, reduced, variant).items():
         tensors = {t.name: t.load() for t in sources}
-        fname = "model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        fname = "model.safetensors" if component.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
         save_file(tensors, str(folder / component / fname))
         del tensors
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"]}, indent=2))
+    index = {"_class_name": "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+    if "text_encoder_2" in configs:
+        index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder

@@ -21,13 +21,21 @@ int pysdcpp_api_version(void);
 
 /* Token ids the text encoder sees for `text` (BOS, tokens, EOS, padding to whole 77-token chunks). */
 int pysdcpp_tokenize(sd_ctx_t* ctx, const char* text, int32_t* out_ids, int capacity, int* out_count);
-/* Text-encoder hidden states [n_tokens, hidden] for `text`; clip_skip <= 0 takes the model's default. */
-int pysdcpp_encode_prompt(sd_ctx_t* ctx, const char* text, int clip_skip, pysdcpp_tensor_t* out);
-/* One diffusion-model evaluation: x [W, H, C, N], timesteps [N], context [hidden, tokens, N] -> model output. The
+/* Text-encoder hidden states [n_tokens, hidden] for `text` (the UNet's context); clip_skip <= 0 takes the model's
+   default. out_y (may be NULL) receives the UNet's extra input where the model has one (SDXL: the pooled text
+   embedding and the size conditioning, original = target = width x height, crop 0, as upstream's generation
+   builds it), else n_dims 0 and data NULL. */
+int pysdcpp_encode_prompt(sd_ctx_t* ctx, const char* text, int clip_skip, int width, int height,
+                          pysdcpp_tensor_t* out_y, pysdcpp_tensor_t* out);
+/* One diffusion-model evaluation: x [W, H, C, N], timesteps [N], context [hidden, tokens, N], y [width, N] or NULL
+   (the models that take one need it) -> model output. The
    UNet's working memory (and the Winograd filters cached for it) stays between calls, as in a sampling loop,
    until a generation's sampling ends or the context closes. */
 int pysdcpp_unet(sd_ctx_t* ctx, const float* x, const int64_t* x_ne, const float* timesteps,
-                 const float* context, const int64_t* context_ne, pysdcpp_tensor_t* out);
+                 const float* context, const int64_t* context_ne, const float* y, const int64_t* y_ne,
+                 pysdcpp_tensor_t* out);
+/* Width of the UNet's extra input y (SDXL: 2816), 0 where it takes none. */
+int64_t pysdcpp_unet_y_width(sd_ctx_t* ctx);
 /* VAE decode of a diffusion latent [W, H, C, N]: the decoder's raw output (about -1..1), before clamping. */
 int pysdcpp_decode(sd_ctx_t* ctx, const float* latent, const int64_t* latent_ne, pysdcpp_tensor_t* out);
 

@@ -64,7 +64,7 @@ def _ranges_text(ranges: list[tuple[int, int]]) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in ranges) or "none"
 
 
-def alter_summary(routing: AlterRouting, family: str | None, size: int = 512, steps: int = 20) -> dict:
+def alter_summary(routing: AlterRouting, family: str | dict | None, size: int = 512, steps: int = 20) -> dict:
     """Everything `pysdcpp inspect` shows about a routing, as plain JSON-able values."""
     step_ts = discrete_step_timesteps(steps)
     step_experts = [routing.expert_for_timestep(t) for t in step_ts]

@@ -21,20 +21,20 @@ log = logging.getLogger("pysdcpp.alter")
 def routing_of(model_file, masks=None) -> AlterRouting | None:
     """The routing to run a model file with: from a JSON mask file (`masks`, docs/alter-gguf.md) if given, else
     the file's own (GGUF metadata); checked against the UNet's prunable units."""
-    family = model_file.family
+    family, layout = model_file.family, model_file.unet_layout
     try:
         own = read_alter(model_file.metadata)
     except FormatError as e:
         raise ModelLoadError(f"{model_file.path}: {e}") from None
     if masks is None and own is None:
         return None
-    if family not in FAMILIES:
-        raise ModelLoadError(f"{model_file.path}: ALTER routing needs an SD1.x or SD2.x UNet; the file's family is "
-                             f"{family or 'unknown'}")
+    if family not in FAMILIES or layout is None:
+        raise ModelLoadError(f"{model_file.path}: ALTER routing needs a UNet of the SD family (SD1.x, SD2.x, SDXL "
+                             f"and their variants); the file's family is {family or 'unknown'}")
     routing = own
     if masks is not None:
         try:
-            routing = read_mask_json(masks, family)
+            routing = read_mask_json(masks, layout)
         except FormatError as e:
             raise ValueError(str(e)) from None
         if own is not None and own.dropped:
@@ -45,7 +45,7 @@ def routing_of(model_file, masks=None) -> AlterRouting | None:
         if kept or len(col) != len(routing.dropped):
             raise ModelLoadError(f"{model_file.path}: the routing keeps units whose weights the file leaves out "
                                  f"(--drop-unused): {', '.join(kept or routing.dropped)[:200]}")
-    known = {u.name for u in prunable_units(family)}
+    known = {u.name for u in prunable_units(layout)}
     unknown = [u for u in routing.units if u not in known]
     if unknown:
         raise ModelLoadError(f"{model_file.path}: ALTER routing names units this {family} UNet does not have: "
@@ -76,7 +76,7 @@ class NativeRouting:
 
     routing: AlterRouting
     semantics: str
-    family: str
+    unet: str | dict   # the UNet's family or config, for the MAC counts
     _args: tuple = field(default=(), repr=False)
 
     def install(self, ffi, lib) -> None:
@@ -96,7 +96,7 @@ class NativeRouting:
         """Per sampling step, the expert of its first evaluation. `step_marks` holds (step, evaluations so far)
         from each progress callback: the evaluations between two callbacks belong to the later one's step (the
         library also reports a step 0 before sampling, with none)."""
-        macs = unet_macs(self.family, height // 8, width // 8)
+        macs = unet_macs(self.unet, height // 8, width // 8)
         per_expert = macs.experts(self.routing)
         out = []
         start = 0

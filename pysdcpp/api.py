@@ -18,8 +18,9 @@ from PIL import Image
 
 from . import _native
 from .errors import GenerationError, ModelLoadError, PySDCppError
-from .format.families import context_width
+from .format.families import context_width, default_image_size, y_width
 from .format.names import FAMILIES, PREDICTIONS, SKIP_SEMANTICS
+from .format.sampling import generation_defaults
 from .modelfile import ModelFile, read_model_file
 
 StepCallback = Callable[[int, int, float], None]
@@ -50,18 +51,20 @@ class GenerationParams:
     batch_size: int = 1
     clip_skip: int = -1
 
-    def validate(self, samplers: list[str], schedulers: list[str]) -> None:
+    def validate(self, samplers: list[str], schedulers: list[str], multiple: int = 64) -> None:
+        """Check every field; `multiple`: what width and height must be multiples of (8 per latent pixel, times 2
+        per UNet downsampler: 64 for SD1.x/SD2.x, 32 for SDXL and the three-level tiny UNets)."""
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise TypeError("prompt and negative_prompt must be strings")
         for name in ("width", "height"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v <= 0 or v % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {v!r}")
-            if v % 64:
-                # The latent is 1/8 of the image and the UNet halves it three times; upstream would silently
-                # enlarge the image instead.
-                raise ValueError(f"{name} must be a multiple of 64 for SD1.x/SD2.x models (the UNet downsamples "
-                                 f"the 1/8-size latent three times), got {v}")
+            if v % multiple:
+                # The latent is 1/8 of the image and the UNet halves it once per level after the first; upstream
+                # would silently enlarge the image instead.
+                raise ValueError(f"{name} must be a multiple of {multiple} for this model (the UNet downsamples "
+                                 f"the 1/8-size latent {multiple.bit_length() - 4} times), got {v}")
             if v > 4096:
                 raise ValueError(f"{name} {v} is larger than 4096")
         if not isinstance(self.num_inference_steps, (int, np.integer)) or self.num_inference_steps < 1:
@@ -241,7 +244,7 @@ class StableDiffusion:
                                      "accelerated library")
             return None
         return NativeRouting(routing, routing.semantics if semantics == "default" else semantics,
-                             self.model_file.family)
+                             self.model_file.unet_layout)
 
     def _cstr(self, s: str):
         buf = self.native.ffi.new("char[]", s.encode("utf-8"))
@@ -298,11 +301,17 @@ class StableDiffusion:
                 lib.pysdcpp_alter_clear()
 
     # -- generation ------------------------------------------------------------------------------
-    def generate(self, prompt: str, negative_prompt: str = "", *, width: int = 512, height: int = 512,
-                 num_inference_steps: int = 20, guidance_scale: float = 7.0, sampler: str = "euler_a",
+    def generate(self, prompt: str, negative_prompt: str = "", *, width: int | None = None,
+                 height: int | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 sampler: str | None = None,
                  scheduler: str = "default", seed: int = 42, batch_size: int = 1, clip_skip: int = -1,
                  callback: StepCallback | None = None) -> list[Image.Image]:
-        """Text to image; returns PIL images. `callback(step, steps, seconds)` is called after every step."""
+        """Text to image; returns PIL images. `callback(step, steps, seconds)` is called after every step. Width
+        and height default to the family's size (SD1.x 512, SD2.x 768, SDXL 1024); steps, guidance and sampler to
+        20, 7.0 and euler_a, or for a few-step model (the file records turbo or lcm) to its kind's
+        (`pysdcpp.format.sampling`: turbo 1 step, guidance off, euler_a; lcm 4 steps, guidance off, lcm).
+        guidance_scale 1.0 turns guidance off (one UNet evaluation per step)."""
         return self.generate_with_info(prompt, negative_prompt, width=width, height=height,
                                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                        sampler=sampler, scheduler=scheduler, seed=seed, batch_size=batch_size,
@@ -310,8 +319,15 @@ class StableDiffusion:
 
     def generate_with_info(self, prompt: str, negative_prompt: str = "", *, callback: StepCallback | None = None,
                            **kwargs) -> GenerationResult:
+        side, multiple = image_size_rules(self.model_file)
+        for key in ("width", "height"):
+            if kwargs.get(key) is None:
+                kwargs[key] = side
+        for key, value in generation_defaults(self.model_file.few_step).items():
+            if kwargs.get(key) is None:
+                kwargs[key] = value
         p = GenerationParams(prompt, negative_prompt, **kwargs)
-        p.validate(self.samplers, self.schedulers)
+        p.validate(self.samplers, self.schedulers, multiple)
         ctx = self._require_open()
         ffi, lib = self.native.ffi, self.native.lib
         keep = []
@@ -409,28 +425,63 @@ class StableDiffusion:
                 raise GenerationError(ffi.string(lib.pysdcpp_last_error()).decode())
         return np.frombuffer(ffi.buffer(ids, 4 * count[0]), dtype=np.int32).copy()
 
-    def encode_prompt(self, text: str, clip_skip: int = -1) -> np.ndarray:
-        """Text-encoder hidden states, shape (1, tokens, hidden): the UNet's cross-attention context."""
+    def encode_prompt(self, text: str, clip_skip: int = -1, *, width: int | None = None, height: int | None = None,
+                      return_y: bool = False):
+        """Text-encoder hidden states, shape (1, tokens, hidden): the UNet's cross-attention context. With
+        `return_y`: (context, y), y the UNet's extra input of shape (1, y_width) or None for models without one
+        (SDXL: the pooled text embedding and the size conditioning for a width x height image, original = target
+        size, crop 0, as stable-diffusion.cpp's generation builds it; `size_conditioning` builds other ones)."""
         if not isinstance(text, str):
             raise TypeError("text must be a string")
+        w, h = self._default_size(width, height)
         ctx = self._components()
-        out = self._call_tensor("pysdcpp_encode_prompt", ctx, text.encode("utf-8"), int(clip_skip))
-        return out.reshape(1, *out.shape[-2:])
+        ffi, lib = self.native.ffi, self.native.lib
+        y_out = ffi.new("pysdcpp_tensor_t*")
+        try:
+            out = self._call_tensor("pysdcpp_encode_prompt", ctx, text.encode("utf-8"), int(clip_skip), int(w),
+                                    int(h), y_out)
+            y = None
+            if y_out.data != ffi.NULL:
+                n = int(np.prod([y_out.ne[i] for i in range(y_out.n_dims)]))
+                y = np.frombuffer(ffi.buffer(y_out.data, n * 4), dtype=np.float32).copy().reshape(1, n)
+        finally:
+            lib.pysdcpp_tensor_free(y_out)
+        context = out.reshape(1, *out.shape[-2:])
+        return (context, y) if return_y else context
 
     def _context_width(self) -> int:
         family = self.model_file.family
         return context_width(family) if family in FAMILIES else 0
 
-    def unet(self, latent: np.ndarray, timestep, context: np.ndarray) -> np.ndarray:
-        """One diffusion-model evaluation: latent (N, 4, h, w), timestep scalar or (N,), context (N, T, D).
-        The UNet's working memory and cached Winograd filters stay between calls (a loop of calls pays the
-        filter transforms once) until a generation's sampling ends or the context closes."""
+    @property
+    def y_width(self) -> int:
+        """Width of the UNet's extra input y (SDXL: 2816), 0 where it takes none."""
+        family = self.model_file.family
+        return y_width(family) if family in FAMILIES else 0
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the UNet's input: 4, and 9 (inpaint) or 8 (pix2pix) for the variants with an extra input."""
+        arch = self.model_file.architecture
+        return int(arch.config["in_channels"]) if arch is not None else 4
+
+    def _default_size(self, width: int | None, height: int | None) -> tuple[int, int]:
+        side = default_image_size(self.model_file.family)
+        return (side if width is None else width), (side if height is None else height)
+
+    def unet(self, latent: np.ndarray, timestep, context: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        """One diffusion-model evaluation: latent (N, C, h, w) (C = `in_channels`), timestep scalar or (N,), context
+        (N, T, D), and for SDXL y (N, 2816) (`encode_prompt(..., return_y=True)`). The UNet's working memory and
+        cached Winograd filters stay between calls (a loop of calls pays the filter transforms once) until a
+        generation's sampling ends or the context closes."""
         ctx = self._components()
         x = np.ascontiguousarray(latent, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1] != 4:
-            raise ValueError(f"latent must have shape (N, 4, h, w), got {x.shape}")
-        if x.shape[2] % 8 or x.shape[3] % 8 or x.shape[2] < 8 or x.shape[3] < 8:
-            raise ValueError(f"latent height and width must be multiples of 8, got {x.shape[2:]}")
+        cin = self.in_channels
+        if x.ndim != 4 or x.shape[1] != cin:
+            raise ValueError(f"latent must have shape (N, {cin}, h, w), got {x.shape}")
+        multiple = self._latent_multiple()
+        if x.shape[2] % multiple or x.shape[3] % multiple or x.shape[2] < multiple or x.shape[3] < multiple:
+            raise ValueError(f"latent height and width must be multiples of {multiple}, got {x.shape[2:]}")
         n = x.shape[0]
         t = np.broadcast_to(np.asarray(timestep, dtype=np.float32), (n,)).copy()
         if not np.all(np.isfinite(t)):
@@ -443,18 +494,39 @@ class StableDiffusion:
             raise ValueError(f"context must have shape ({n}, tokens, {width or 'hidden'}), got {c.shape}")
         if c.shape[0] != n:
             c = np.ascontiguousarray(np.broadcast_to(c, (n, *c.shape[1:])))
+        yw = self.y_width
+        if yw and y is None:
+            raise ValueError(f"this {self.model_file.family} UNet needs y of shape ({n}, {yw}): the pooled text "
+                             "embedding and size conditioning (encode_prompt(..., return_y=True))")
+        if not yw and y is not None:
+            raise ValueError(f"this {self.model_file.family} UNet takes no y")
+        if y is not None:
+            y = np.ascontiguousarray(y, dtype=np.float32)
+            if y.ndim == 1:
+                y = y[None]
+            if y.ndim != 2 or y.shape[1] != yw or y.shape[0] not in (1, n) or not np.all(np.isfinite(y)):
+                raise ValueError(f"y must be finite with shape ({n}, {yw}), got {y.shape}")
+            if y.shape[0] != n:
+                y = np.ascontiguousarray(np.broadcast_to(y, (n, yw)))
         if self.alter is not None and n > 1:
             # Elements routed to different experts: one call per run of equal experts keeps every graph to one
             # UNet (the library would otherwise build one UNet per element into a single graph).
             experts = [self.alter.routing.expert_for_timestep(float(v)) for v in t]
             cuts = [0] + [i for i in range(1, n) if experts[i] != experts[i - 1]] + [n]
             if len(cuts) > 2:
-                return np.concatenate([self.unet(x[a:b], t[a:b], c[a:b]) for a, b in zip(cuts, cuts[1:])])
+                return np.concatenate([self.unet(x[a:b], t[a:b], c[a:b], None if y is None else y[a:b])
+                                       for a, b in zip(cuts, cuts[1:])])
         ffi = self.native.ffi
         x_ne = ffi.new("int64_t[4]", list(reversed(x.shape)))
         c_ne = ffi.new("int64_t[3]", list(reversed(c.shape)))
+        y_ptr, y_ne = (ffi.NULL, ffi.NULL) if y is None else (ffi.from_buffer("float[]", y),
+                                                              ffi.new("int64_t[2]", [y.shape[1], y.shape[0]]))
         return self._call_tensor("pysdcpp_unet", ctx, ffi.from_buffer("float[]", x), x_ne,
-                                 ffi.from_buffer("float[]", t), ffi.from_buffer("float[]", c), c_ne)
+                                 ffi.from_buffer("float[]", t), ffi.from_buffer("float[]", c), c_ne, y_ptr, y_ne)
+
+    def _latent_multiple(self) -> int:
+        """The latent's sides must be multiples of this: the UNet halves it once per level after the first."""
+        return image_size_rules(self.model_file)[1] // 8
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         """VAE decode of a diffusion latent (N, 4, h, w) -> the decoder's raw output (N, 3, 8h, 8w), about -1..1."""
@@ -502,6 +574,14 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> No
         tmp.unlink(missing_ok=True)
 
 
+def image_size_rules(model_file: ModelFile) -> tuple[int, int]:
+    """(default side, what width and height must be multiples of) for a model: the family's published size, and 8
+    per latent pixel times 2 per UNet downsampler."""
+    arch = model_file.architecture
+    levels = len(arch.config["block_out_channels"]) if arch is not None else 4
+    return default_image_size(model_file.family if model_file.family in FAMILIES else None), 8 << (levels - 1)
+
+
 def generation_choices(backend: str = "accelerated") -> tuple[list[str], list[str]]:
     """(sampler names, scheduler names) of a library, for checking parameters before any model is loaded."""
     if backend not in _native.BACKENDS:
@@ -512,5 +592,6 @@ def generation_choices(backend: str = "accelerated") -> tuple[list[str], list[st
             native.enum_names("sd_scheduler_name", int(lib.SCHEDULER_COUNT)))
 
 
-__all__ = ["StableDiffusion", "GenerationParams", "GenerationResult", "generation_choices", "png_parameters",
+__all__ = ["StableDiffusion", "GenerationParams", "GenerationResult", "generation_choices", "image_size_rules",
+           "png_parameters",
            "save_png"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .format.sampling import FEW_STEP_KINDS
 from .format.names import OUTPUT_TYPES, PREDICTIONS, SKIP_SEMANTICS, UNET_PREFIX, VAE_PREFIX
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -72,11 +73,15 @@ class _StepBar:
 @click.option("--demo", is_flag=True, help="Use the embedded synthetic SD1.5 model (random weights: draws noise).")
 @click.option("-p", "--prompt", default=None, help="What to draw.")
 @click.option("-n", "--negative-prompt", default="", help="What not to draw.")
-@click.option("-W", "--width", type=int, default=None, help="Image width, a multiple of 64 [512; demo 256].")
-@click.option("-H", "--height", type=int, default=None, help="Image height, a multiple of 64 [512; demo 256].")
-@click.option("--steps", type=int, default=None, help="Sampling steps [20; demo 4].")
-@click.option("--cfg", "guidance_scale", type=float, default=7.0, show_default=True, help="Guidance scale.")
-@click.option("--sampler", default="euler_a", show_default=True, help="Sampling method (see `pysdcpp info`).")
+@click.option("-W", "--width", type=int, default=None,
+              help="Image width, a multiple of 64 (SDXL, tiny UNets: 32) [the family's: 512, SD2 768, SDXL 1024; "
+                   "demo 256].")
+@click.option("-H", "--height", type=int, default=None, help="Image height, as --width.")
+@click.option("--steps", type=int, default=None,
+              help="Sampling steps [20; few-step models: turbo 1, lcm 4; demo 4].")
+@click.option("--cfg", "guidance_scale", type=float, default=None,
+              help="Guidance scale; 1 turns guidance off [7; few-step models: 1].")
+@click.option("--sampler", default=None, help="Sampling method (see `pysdcpp info`) [euler_a; lcm models: lcm].")
 @click.option("--scheduler", default="default", show_default=True, help="Noise schedule (see `pysdcpp info`).")
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--batch", "batch_size", type=int, default=1, show_default=True, help="Images per run.")
@@ -137,9 +142,22 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
         width, height, steps = _default(width, 256), _default(height, 256), _default(steps, 4)
         prompt = prompt if prompt is not None else "a lighthouse at dusk, oil painting"
     else:
-        width, height, steps = _default(width, 512), _default(height, 512), _default(steps, 20)
         if prompt is None:
             _fail("--prompt is required")
+    try:
+        from .api import image_size_rules
+        from .format.sampling import generation_defaults
+        from .modelfile import read_model_file
+
+        header = read_model_file(model)
+        side, multiple = image_size_rules(header)
+    except (PySDCppError, ValueError) as e:
+        _fail(str(e))
+    defaults = generation_defaults(header.few_step)
+    width, height = _default(width, side), _default(height, side)
+    steps = _default(steps, defaults["num_inference_steps"])
+    guidance_scale = _default(guidance_scale, defaults["guidance_scale"])
+    sampler = _default(sampler, defaults["sampler"])
     if output.suffix.lower() != ".png":
         _fail(f"output must be a .png path, got {output}")
     if not output.parent.exists():
@@ -153,7 +171,7 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
         # Every generation parameter is checked before the model loads (the library's sampler names need no model).
         GenerationParams(prompt, negative_prompt, width=width, height=height, num_inference_steps=steps,
                          guidance_scale=guidance_scale, sampler=sampler, scheduler=scheduler, seed=seed,
-                         batch_size=batch_size, clip_skip=clip_skip).validate(*generation_choices(backend))
+                         batch_size=batch_size, clip_skip=clip_skip).validate(*generation_choices(backend), multiple)
     except (PySDCppError, ValueError, TypeError) as e:
         _fail(str(e))
     try:
@@ -234,9 +252,14 @@ class _WriteBar:
 @click.option("--drop-unused", is_flag=True,
               help="Leave out the tensors of units no ALTER expert keeps (stock stable-diffusion.cpp cannot load that).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (without it an existing file is never touched).")
-def convert(input_path, output, out_type, prediction, base, alter_masks, drop_unused, overwrite):
-    """Convert a checkpoint to GGUF: a .safetensors / .ckpt file, a diffusers folder or an ALTER output folder
-    (SD1.x, SD2.x). ALTER masks (pruning_mask.pth, else hypernet/, or --alter-masks) become routing metadata.
+@click.option("--few-step", type=click.Choice(["auto", "none", *FEW_STEP_KINDS]), default="auto", show_default=True,
+              help="Record a few-step model (turbo: 1 step, lcm: 4, both without guidance) for generate's defaults; "
+                   "auto: only where the source declares it (scheduler config, safetensors ModelSpec metadata).")
+def convert(input_path, output, out_type, prediction, base, alter_masks, drop_unused, overwrite, few_step):
+    """Convert a checkpoint to GGUF: a .safetensors / .ckpt file, a diffusers folder or an ALTER output folder (SD1.x,
+    SD2.x, SDXL and the UNet variants stable-diffusion.cpp builds: inpaint, pix2pix, tiny, SDXS, SSD-1B, Vega; the
+    layout is read from the weights). ALTER masks (pruning_mask.pth, else hypernet/, or --alter-masks) become
+    routing metadata.
 
     \b
     Examples:
@@ -252,14 +275,16 @@ def convert(input_path, output, out_type, prediction, base, alter_masks, drop_un
     try:
         report = converters().convert(input_path, output, out_type, prediction=prediction, base=base,
                                       alter_masks=alter_masks, drop_unused=drop_unused, overwrite=overwrite,
-                                      progress=bar)
+                                      few_step=few_step, progress=bar)
     except FormatError as e:
         _fail(str(e))
     finally:
         bar.close()
     types = ", ".join(f"{k} {v}" for k, v in sorted(report.types.items()))
-    click.echo(f"wrote {report.output}: {report.family}, {report.n_tensors} tensors ({types}), "
-               f"prediction {report.prediction or 'not recorded'}")
+    variant = "" if report.variant == "base" else f" ({report.variant} UNet)"
+    few = f", few-step {report.few_step}" if report.few_step else ""
+    click.echo(f"wrote {report.output}: {report.family}{variant}, {report.n_tensors} tensors ({types}), "
+               f"prediction {report.prediction or 'not recorded'}{few}")
     if report.alter is not None:
         r = report.alter
         dropped = f", tensors of {len(r.dropped)} never-kept units left out" if drop_unused else ""
@@ -325,7 +350,15 @@ def inspect(model, as_json, list_tensors, size, steps):
         head = next((p for p in (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.")
                      if t.name.startswith(p)), "other")
         groups[head] = groups.get(head, 0) + t.nbytes
-    info = {"path": str(mf.path), "format": mf.format, "family": mf.family, "prediction": mf.prediction,
+    arch = mf.architecture
+    layout = None
+    if mf.unet_layout is not None:
+        from .format.detect import describe_layout
+
+        layout = describe_layout(mf.unet_layout)
+    info = {"path": str(mf.path), "format": mf.format, "family": mf.family, "variant": mf.variant,
+            "upstream_version": arch.upstream_version if arch is not None else None, "unet_layout": layout,
+            "prediction": mf.prediction,
             "n_tensors": len(mf.tensors), "bytes": mf.total_bytes,
             "types": {k: {"tensors": v[0], "bytes": v[1]} for k, v in sorted(by_type.items())},
             "components": {"unet" if k == UNET_PREFIX else "vae" if k == VAE_PREFIX else
@@ -337,12 +370,15 @@ def inspect(model, as_json, list_tensors, size, steps):
     if routing is not None:
         from .alter_info import alter_summary
 
-        info["alter"] = alter_summary(routing, mf.family, size, steps)
+        info["alter"] = alter_summary(routing, mf.unet_layout, size, steps)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
     click.echo(f"{mf.path}  ({mf.format}, {_human(mf.total_bytes)})")
-    click.echo(f"  family      {mf.family or 'unknown'}")
+    click.echo(f"  family      {mf.family or 'unknown'}" + (f", {mf.variant} UNet" if mf.variant else "")
+               + (f" (stable-diffusion.cpp: {arch.upstream_version})" if arch is not None else ""))
+    if layout:
+        click.echo(f"  unet        {layout}")
     click.echo(f"  prediction  {mf.prediction or 'not recorded (decided at load)'}")
     click.echo(f"  tensors     {len(mf.tensors)}")
     for k, v in info["components"].items():
@@ -394,13 +430,16 @@ def inspect(model, as_json, list_tensors, size, steps):
 @click.option("--paths", default="upstream,gemm,fused", show_default=True,
               help="With --attention: upstream, gemm, fused, fused_scalar, fast, upstream_flash.")
 @click.option("--only", default=None, help="With --layers: only shapes of layers whose name contains this.")
+@click.option("--family", "families", default=None,
+              help="With --layers (one) and --attention (comma-separated): the UNet families whose shapes to time "
+                   "[--layers sd1; --attention sd1,sd2]; sdxl gives SDXL's.")
 @click.option("--timeout", type=float, default=1800, show_default=True, help="Seconds per worker run.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the full report (machine, build, every timing) here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a chart (PNG) here; needs matplotlib (pip install 'pysdcpp[plot]').")
-def bench(model, layers, alter_demo, experts, attention_layers, linear_layers, size, steps, threads, repeat, variants, algorithms, paths, only, timeout,
-          json_path, plot_path):
+def bench(model, layers, alter_demo, experts, attention_layers, linear_layers, size, steps, threads, repeat, variants,
+          algorithms, paths, only, families, timeout, json_path, plot_path):
     """Latency, memory and fidelity against upstream stable-diffusion.cpp, measured in the same run.
 
     Each variant's generation runs in its own worker process (peak RSS per variant; a crash or timeout is
@@ -431,6 +470,13 @@ def bench(model, layers, alter_demo, experts, attention_layers, linear_layers, s
         _fail("--layers, --attention, --linear and --experts are separate benchmarks: give one")
     if size is not None and (size <= 0 or size % 64):
         _fail(f"--size must be a positive multiple of 64, got {size}")
+    from .format.names import FAMILIES
+
+    family_list = tuple(f.strip() for f in (families or ("sd1" if layers else "sd1,sd2")).split(",") if f.strip())
+    if not family_list or any(f not in FAMILIES for f in family_list):
+        _fail(f"--family takes {', '.join(FAMILIES)} (comma-separated for --attention), got {families!r}")
+    if layers and len(family_list) != 1:
+        _fail("--layers times one family's shapes: give one --family")
     size_arg = size
     sizes = (size,) if size is not None else (512, 768)  # --attention
     if alter_demo:
@@ -467,7 +513,7 @@ def bench(model, layers, alter_demo, experts, attention_layers, linear_layers, s
         def attention_progress(i, n, shape):
             click.echo(f"  [{i}/{n}] {shape.Lq}x{shape.Lk} {shape.heads}x{shape.d}", err=True)
 
-        report = attention_bench(("sd1", "sd2"), sizes, threads, repeat, chosen, progress=attention_progress)
+        report = attention_bench(family_list, sizes, threads, repeat, chosen, progress=attention_progress)
         click.echo(format_attention_table(report))
     elif linear_layers:
         if plot_path is not None:
@@ -487,7 +533,7 @@ def bench(model, layers, alter_demo, experts, attention_layers, linear_layers, s
         def layer_progress(i, n, res):
             click.echo(f"  [{i}/{n}] {res.shape.C}->{res.shape.K} at {res.shape.H}x{res.shape.W}", err=True)
 
-        report = layer_bench(size, threads, repeat, algos, progress=layer_progress, only=only)
+        report = layer_bench(size, threads, repeat, algos, progress=layer_progress, only=only, family=family_list[0])
         click.echo(format_layer_table(report))
     else:
         names = [v.strip() for v in variants.split(",") if v.strip()]

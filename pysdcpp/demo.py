@@ -21,17 +21,19 @@ def cache_dir() -> Path:
 
 def synthetic_gguf(family: str = "sd1", out_type: str = "f16", seed: int = DEMO_SEED,
                    folder: Path | None = None, progress: Callable[[int, int, str], None] | None = None,
-                   alter: bool = False) -> Path:
-    """Path of the synthetic model's GGUF, writing it first if it is not cached yet; with `alter`, plus the demo
-    ALTER routing (synthetic_alter_masks) in its metadata."""
+                   alter: bool = False, variant: str = "base") -> Path:
+    """Path of the synthetic model's GGUF (a family's UNet variant), writing it first if it is not cached yet; with
+    `alter`, plus the demo ALTER routing (synthetic_alter_masks) in its metadata."""
     folder = Path(folder) if folder else cache_dir() / "models"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"synthetic-{family}-seed{seed}-{out_type}{'-alter' if alter else ''}.gguf"
+    name = family if variant == "base" else f"{family}-{variant}"
+    path = folder / f"synthetic-{name}-seed{seed}-{out_type}{'-alter' if alter else ''}.gguf"
     if path.is_file():
         return path
-    tensors = submodule("synthetic").ldm_sources(family, seed)
-    meta = {keys.FAMILY: family, keys.SOURCE: f"synthetic {family} seed {seed}", keys.SOURCE_LAYOUT: "synthetic",
-            keys.OUTPUT_TYPE: out_type, keys.SYNTHETIC: True, keys.PREDICTION: DEFAULT_PREDICTION[family]}
+    tensors = submodule("synthetic").ldm_sources(family, seed, variant=variant)
+    meta = {keys.FAMILY: family, keys.VARIANT: variant, keys.SOURCE: f"synthetic {name} seed {seed}",
+            keys.SOURCE_LAYOUT: "synthetic", keys.OUTPUT_TYPE: out_type, keys.SYNTHETIC: True,
+            keys.PREDICTION: DEFAULT_PREDICTION[family]}
     if alter:
         from .format.routing import routing_metadata
 

@@ -18,7 +18,9 @@ from .errors import ModelLoadError
 from .format.checkpoint_io import checkpoint_format, read_checkpoint_file
 from .format.errors import FormatError
 from .format import keys
-from .format.families import family_of_context_width
+from .format.detect import UnetArchitecture, architecture_of_tensors, tensor_shape
+from .format.families import variant_unet_config
+from .format.names import FAMILIES
 from .format.names import UNET_PREFIX
 
 
@@ -37,15 +39,49 @@ class ModelFile:
     tensors: list[TensorInfo]
     metadata: dict[str, object] = field(default_factory=dict)
 
+    @functools.cached_property
+    def architecture(self) -> UnetArchitecture | None:
+        """The UNet's family and variant, read from its tensors (None: no UNet of the SD family stable-diffusion.cpp
+        builds)."""
+        tensors = [(t.name, tensor_shape(t.shape, self.format == "gguf")) for t in self.tensors
+                   if t.name.startswith(UNET_PREFIX)]
+        try:
+            return architecture_of_tensors(tensors, str(self.path))
+        except FormatError:
+            return None
+
     @property
     def family(self) -> str | None:
         value = self.metadata.get(keys.FAMILY)
-        if value is None:
-            names = {t.name: t for t in self.tensors}
-            k = names.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-            if k is not None:   # GGUF lists shapes innermost first
-                value = family_of_context_width(int(k.shape[-1] if self.format != "gguf" else k.shape[0]))
+        if value is None and self.architecture is not None:
+            value = self.architecture.family
         return value
+
+    @property
+    def variant(self) -> str | None:
+        value = self.metadata.get(keys.VARIANT)
+        if value is None and self.architecture is not None:
+            value = self.architecture.variant
+        return value if value is not None or self.metadata.get(keys.FAMILY) is None else "base"
+
+    @property
+    def unet_layout(self) -> dict | None:
+        """The UNet's diffusers config: read from its tensors, else (a file that leaves units out) the published
+        layout of the family and variant its metadata names; None when neither is known."""
+        leaves_out = bool(self.metadata.get(keys.ALTER_DROPPED_UNITS))   # its tensors no longer show the layout
+        if self.architecture is not None and not leaves_out:
+            return self.architecture.config
+        if self.family in FAMILIES:
+            try:
+                return variant_unet_config(self.family, self.variant or "base")
+            except FormatError:
+                return None
+        return None
+
+    @property
+    def few_step(self) -> str | None:
+        """The few-step kind the file records (sampling.FEW_STEP_KINDS: turbo, lcm), None for a usual model."""
+        return self.metadata.get(keys.FEW_STEP)  # type: ignore[return-value]
 
     @property
     def prediction(self) -> str | None:

@@ -1,6 +1,6 @@
 """PyTorch reference of ALTER's eval path (alter-format.md section 3), independent of pysdcpp's code.
 
-`alter_unet_forward` evaluates a diffusers UNet2DConditionModel (SD1.x/SD2.x layout) with the prunable
+`alter_unet_forward` evaluates a diffusers UNet2DConditionModel (SD1.x/SD2.x/SDXL layout) with the prunable
 units whose keep flag is False bypassed. The unit order is derived here from the module tree, not taken
 from pysdcpp.converters.alter, so tests can hold one against the other.
 """
@@ -62,8 +62,10 @@ def _spatial_transformer(attn, h, encoder_hidden_states, skipped_blocks: set[int
 
 
 def alter_unet_forward(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                       keep: Sequence[bool], semantics: str = "reference") -> torch.Tensor:
-    """The UNet's output (the `.sample` of a plain forward) with the units where keep[i] is False skipped.
+                       keep: Sequence[bool], semantics: str = "reference", y: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """The UNet's output (the `.sample` of a plain forward) with the units where keep[i] is False skipped; `y`:
+    SDXL's added-embedding input (pooled text and size embeddings), projected and added to the time embedding.
 
     semantics: "reference" (a skipped ResNet of a plain UpBlock2D leaves its skip tensor for the next kept
     ResNet; leftovers are dropped) or "consume" (it pops its skip tensor and discards it).
@@ -85,6 +87,8 @@ def alter_unet_forward(unet, sample: torch.Tensor, timestep, encoder_hidden_stat
         timestep = timestep[None]
     t_emb = unet.time_proj(timestep.expand(sample.shape[0])).to(dtype=sample.dtype)
     emb = unet.time_embedding(t_emb)
+    if y is not None:
+        emb = emb + unet.add_embedding(y.to(dtype=emb.dtype))
 
     h = unet.conv_in(sample)
     stack = [h]

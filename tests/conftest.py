@@ -41,7 +41,7 @@ def _fixture_key() -> str:
     conv, fmt = Path(pysdcpp.converters.__file__).parent, Path(pysdcpp.format.__file__).parent
     h = hashlib.sha256()
     for path in [conv / "synthetic.py", conv / "sd_layout.py", conv / "gguf_out.py", Path(pysdcpp.demo.__file__)] + \
-            [fmt / f"{m}.py" for m in ("families", "keys", "names", "routing", "unet", "vae")]:
+            [fmt / f"{m}.py" for m in ("detect", "families", "keys", "names", "routing", "unet", "vae")]:
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
@@ -88,9 +88,9 @@ def cache_root() -> Path:
     return _cache_root()
 
 
-def model_gguf(family: str) -> Path:
-    """The family's full-size synthetic model as an F16 GGUF (cached)."""
-    return synthetic_gguf(family, "f16", seed=FIXTURE_SEED, folder=_cache_root() / "models")
+def model_gguf(family: str, variant: str = "base") -> Path:
+    """The family's full-size synthetic model (a UNet variant of it) as an F16 GGUF (cached)."""
+    return synthetic_gguf(family, "f16", seed=FIXTURE_SEED, folder=_cache_root() / "models", variant=variant)
 
 
 @pytest.fixture(scope="session")
@@ -105,33 +105,64 @@ def sd21_f16() -> Path:
 
 # ---- the PyTorch originals ---------------------------------------------------------------------------
 
-def torch_reference(family: str, component: str):
-    """diffusers' / transformers' module of a component (unet, vae, text_encoder) with the fixture's weights (F16
-    values in float32: exactly what the GGUF holds), built in memory."""
+def torch_reference(family: str, component: str, variant: str = "base"):
+    """diffusers' / transformers' module of a component (unet, vae, text_encoder, text_encoder_2) with the fixture's
+    weights (F16 values in float32: exactly what the GGUF holds), built in memory one parameter at a time (peak
+    memory: the module itself, 10 GB for SDXL's UNet)."""
     import torch
 
-    cfg = synthetic.model_configs(family)[component]
-    if component == "unet":
-        from diffusers import UNet2DConditionModel
-        module = UNet2DConditionModel.from_config(cfg)
-    elif component == "vae":
-        from diffusers import AutoencoderKL
-        module = AutoencoderKL.from_config(cfg)
-    else:
-        from transformers import CLIPTextConfig, CLIPTextModel
-        module = CLIPTextModel(CLIPTextConfig(**cfg))
-    own = set(module.state_dict())
-    state = {}
-    for t in synthetic.synthetic_sources(family, FIXTURE_SEED)[component]:
+    cfg = synthetic.model_configs(family, variant=variant)[component]
+    with torch.device("meta"):
+        if component == "unet":
+            from diffusers import UNet2DConditionModel
+            module = UNet2DConditionModel.from_config(cfg)
+        elif component == "vae":
+            from diffusers import AutoencoderKL
+            module = AutoencoderKL.from_config(cfg)
+        else:
+            from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+            kind = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+            module = kind(CLIPTextConfig(**cfg))
+    module = module.to_empty(device="cpu")
+    params = dict(module.named_parameters())
+    loaded = set()
+    for t in synthetic.synthetic_sources(family, FIXTURE_SEED, variant=variant)[component]:
         # transformers 5 saves the CLIP text model without the `text_model.` prefix that 4.x used
-        name = t.name if t.name in own else t.name.removeprefix("text_model.")
-        state[name] = torch.from_numpy(t.load().astype(np.float32))
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.endswith("position_ids") for k in missing), (missing[:3], unexpected[:3])
-    del state
+        name = t.name if t.name in params else t.name.removeprefix("text_model.")
+        with torch.no_grad():
+            params[name].copy_(torch.from_numpy(t.load().astype(np.float32)))
+        loaded.add(name)
+    assert loaded == set(params), sorted(set(params) - loaded)[:3]
+    for name, buf in module.named_buffers():   # position ids and the like: the modules' own initial values
+        if name.endswith("position_ids"):
+            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
     gc.collect()
     torch.set_num_threads(2)
     return module.eval()
+
+
+def reference_arrays(family: str, inputs: dict[str, np.ndarray], variant: str = "base") -> dict[str, np.ndarray]:
+    """torch_reference.py's outputs for `inputs`, computed once in a process of its own (the PyTorch originals of a
+    full-size SDXL need 10+ GB that must not share a process with our runtime) and kept beside the fixtures."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("torch_reference.py")
+    h = hashlib.sha256(script.read_bytes() + Path(__file__).read_bytes() + f"{family}/{variant}".encode())
+    for k in sorted(inputs):
+        h.update(k.encode() + np.ascontiguousarray(inputs[k]).tobytes())
+    folder = _cache_root() / "references"
+    folder.mkdir(exist_ok=True)
+    out = folder / f"{family}-{variant}-{h.hexdigest()[:16]}.npz"
+    if not out.is_file():
+        src = folder / f"{out.stem}.inputs.npz"
+        np.savez(src, **inputs)
+        proc = subprocess.run([sys.executable, str(script), family, str(src), str(out), variant],
+                              capture_output=True, text=True, timeout=3600)
+        src.unlink(missing_ok=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(out) as f:
+        return {k: f[k] for k in f.files}
 
 
 # ---- checkpoints in the layouts users have, made per test in a temporary folder --------------------------
@@ -147,11 +178,48 @@ def ldm_state(family: str, reduced: bool = False) -> dict[str, np.ndarray]:
     return {t.name: t.load() for t in synthetic.ldm_sources(family, FIXTURE_SEED, reduced)}
 
 
+def _open_clip_state(hf: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """An HF CLIP text model (q/k/v separate, Linear projection) in OpenCLIP's layout, the way Stability's single
+    files hold SDXL's second encoder: fused in_proj, transposed text_projection (written here from OpenCLIP's
+    parameter list, not from our converter's table)."""
+    out = {}
+    hf = {k.removeprefix("text_model."): v for k, v in hf.items()}
+    layers = sorted({int(k.split(".")[2]) for k in hf if k.startswith("encoder.layers.")})
+    for i in layers:
+        p, q = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        out[q + "attn.in_proj_weight"] = np.concatenate([hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        out[q + "attn.in_proj_bias"] = np.concatenate([hf[p + f"self_attn.{x}_proj.bias"] for x in "qkv"])
+        for ours, theirs in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+                             ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            for w in ("weight", "bias"):
+                out[q + f"{theirs}.{w}"] = hf[p + f"{ours}.{w}"]
+    out[prefix + "token_embedding.weight"] = hf["embeddings.token_embedding.weight"]
+    out[prefix + "positional_embedding"] = hf["embeddings.position_embedding.weight"]
+    out[prefix + "ln_final.weight"] = hf["final_layer_norm.weight"]
+    out[prefix + "ln_final.bias"] = hf["final_layer_norm.bias"]
+    out[prefix + "text_projection"] = np.ascontiguousarray(hf["text_projection.weight"].T)
+    out[prefix + "logit_scale"] = np.array(4.6052, dtype=hf["final_layer_norm.weight"].dtype)
+    return out
+
+
+def sdxl_single_file_state(variant: str = "base", reduced: bool = True) -> dict[str, np.ndarray]:
+    """The synthetic SDXL in the layout Stability publishes its single files in: LDM UNet and VAE, the CLIP-L
+    encoder under conditioner.embedders.0.transformer., OpenCLIP bigG under conditioner.embedders.1.model."""
+    parts = synthetic.synthetic_sources("sdxl", FIXTURE_SEED, reduced, variant)
+    state = {t.name: t.load() for t in synthetic.map_unet(parts["unet"]) + synthetic.map_vae(parts["vae"])}
+    for t in parts["text_encoder"]:
+        state["conditioner.embedders.0.transformer.text_model." + t.name.removeprefix("text_model.")] = t.load()
+    state["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = \
+        np.arange(77, dtype=np.int64)[None]
+    state.update(_open_clip_state({t.name: t.load() for t in parts["text_encoder_2"]}, "conditioner.embedders.1.model."))
+    return state
+
+
 def ldm_safetensors(family: str, folder: Path, reduced: bool = True) -> Path:
     from safetensors.numpy import save_file
 
     path = folder / f"{family}-ldm.safetensors"
-    save_file(ldm_state(family, reduced), str(path))
+    save_file(sdxl_single_file_state(reduced=reduced) if family == "sdxl" else ldm_state(family, reduced), str(path))
     return path
 
 

@@ -28,15 +28,22 @@ def _meta_sources(params):
     return [TensorSource(n, s, "F32", lambda: None) for n, s in params]
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_unet_names_invert_through_diffusers_ldm_converter(family):
+# The layouts diffusers' LDM converter numbers as stable-diffusion.cpp does (the one-ResNet tiny UNets it numbers
+# two slots per level, upstream three: their reference is upstream's own converter, in test_upstream_parity).
+_DIFFUSERS_NUMBERED = [("sd1", "base"), ("sd1", "inpaint"), ("sd1", "pix2pix"), ("sd2", "base"), ("sd2", "inpaint"),
+                       ("sdxl", "base"), ("sdxl", "inpaint"), ("sdxl", "pix2pix"), ("sdxl", "ssd-1b"),
+                       ("sdxl", "vega")]
+
+
+@pytest.mark.parametrize("family,variant", _DIFFUSERS_NUMBERED)
+def test_unet_names_invert_through_diffusers_ldm_converter(family, variant):
     """Our diffusers->LDM names, fed to diffusers' LDM->diffusers converter, give back every original name."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    params = synthetic.component_parameters(family)["unet"]
+    params = synthetic.component_parameters(family, variant=variant)["unet"]
     mapped = map_unet(_meta_sources(params))
     ldm = {t.name: torch.empty(t.shape, device="meta") for t in mapped}
-    cfg = {k: v for k, v in synthetic.UNET_CONFIGS[family].items() if not k.startswith("_")}
+    cfg = {k: v for k, v in synthetic.model_configs(family, variant=variant)["unet"].items() if not k.startswith("_")}
     back = convert_ldm_unet_checkpoint(ldm, cfg)
     assert {k: tuple(v.shape) for k, v in back.items()} == dict(params)
 
@@ -158,13 +165,13 @@ def test_unsupported_architectures_are_named(tmp_path):
 
 
 def test_detect_family_from_cross_attention_width():
-    for family, width in (("sd1", 768), ("sd2", 1024)):
+    for family, width in (("sd1", 768), ("sd2", 1024), ("sdxl", 2048)):
         params = synthetic.component_parameters(family)
-        srcs = map_unet(_meta_sources(params["unet"])) + map_vae(_meta_sources(params["vae"])) + \
-            map_text_encoder(_meta_sources(params["text_encoder"]))
+        srcs = synthetic.map_components({k: _meta_sources(v) for k, v in params.items()})
         info = detect(srcs)
-        assert (info.family, info.context_dim) == (family, width)
-        assert any(t.name.startswith(UNET_PREFIX + "output_blocks.11.1.") for t in srcs)
+        assert (info.family, info.variant, info.architecture.config["cross_attention_dim"]) == (family, "base", width)
+        last = {"sd1": "output_blocks.11.1.", "sd2": "output_blocks.11.1.", "sdxl": "output_blocks.5.1."}[family]
+        assert any(t.name.startswith(UNET_PREFIX + last) for t in srcs)
 
 
 def test_writer_type_rules(tmp_path):

@@ -77,3 +77,19 @@ def test_seed_changes_image_and_batch(sd15_f16):
     assert len(batch) == 2
     np.testing.assert_array_equal(np.asarray(batch[0]), np.asarray(a))
 
+
+
+def test_few_step_file_gets_its_defaults_and_a_plain_one_does_not(sd15_f16):
+    """A file recording a turbo model samples 1 step without guidance unless told otherwise; a plain one keeps 20
+    steps and guidance 7 (checked on the parameters the generation ran with)."""
+    from pysdcpp.format import keys
+
+    with StableDiffusion(sd15_f16, threads=2) as sd:
+        plain = sd.generate_with_info("x", width=64, height=64, num_inference_steps=1)
+        assert (plain.params.guidance_scale, plain.params.sampler) == (7.0, "euler_a")
+        sd.model_file.metadata[keys.FEW_STEP] = "turbo"
+        turbo = sd.generate_with_info("x", width=64, height=64)
+        assert (turbo.params.num_inference_steps, turbo.params.guidance_scale) == (1, 1.0)
+        assert len(turbo.step_seconds) >= 1
+        told = sd.generate_with_info("x", width=64, height=64, num_inference_steps=2, guidance_scale=3.0)
+        assert (told.params.num_inference_steps, told.params.guidance_scale) == (2, 3.0)

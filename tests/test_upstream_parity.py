@@ -8,6 +8,7 @@ import pytest
 from gguf import GGUFReader
 
 from pysdcpp.converters import convert
+from pysdcpp.format.families import UPSTREAM_VERSIONS
 from pysdcpp import StableDiffusion, _native
 
 
@@ -112,3 +113,42 @@ def test_our_gguf_loads_and_runs_in_upstream(family):
         ours = np.asarray(sd.generate("a photo of a cat", **args)[0])
     assert theirs.std() > 0
     np.testing.assert_array_equal(ours, theirs)
+
+
+# ---- every UNet variant, and SDXL's single file --------------------------------------------------------------
+
+@pytest.mark.parametrize("family,variant", sorted(UPSTREAM_VERSIONS))
+def test_unet_names_as_upstream_converts_diffusers_names(family, variant, tmp_path):
+    """Upstream's converter maps a diffusers-named UNet (its own name tables, per detected version) to the same LDM
+    names and shapes as ours, for every variant: the reference for the tiny UNets' three-slot numbering."""
+    from safetensors.numpy import save_file
+
+    from pysdcpp.converters import synthetic
+
+    parts = synthetic.synthetic_sources(family, 0, True, variant)
+    state = {"unet." + t.name: t.load() for t in parts["unet"]}
+    # the text encoders only tell upstream's version detection the family
+    state.update({"te." + t.name: t.load() for t in parts["text_encoder"]})
+    if "text_encoder_2" in parts:
+        state.update({"cond_stage_model.1.transformer." + t.name: t.load() for t in parts["text_encoder_2"]})
+    src = tmp_path / "diffusers-names.safetensors"
+    save_file(state, str(src))
+    upstream_convert(src, tmp_path / "theirs.gguf", "f32")
+    theirs = {n: v[1] for n, v in gguf_tensors(tmp_path / "theirs.gguf").items() if n.startswith("model.diffusion_model.")}
+    ours = {t.name: tuple(reversed(t.shape)) for t in synthetic.map_unet(parts["unet"])}
+    assert ours == theirs
+
+
+def test_sdxl_single_file_same_bytes_as_upstream_convert(module_tmp, tmp_path):
+    """Stability's SDXL single-file layout (conditioner.embedders.0/1, OpenCLIP's fused in_proj): our f16 GGUF has
+    upstream's names, shapes, types and bytes."""
+    from conftest import ldm_safetensors
+
+    src = ldm_safetensors("sdxl", module_tmp)
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    report = convert(src, ours, "f16")
+    assert (report.family, report.variant, report.layout) == ("sdxl", "base", "ldm-file")
+    upstream_convert(src, theirs, "f16")
+    a, b = gguf_tensors(ours), gguf_tensors(theirs)
+    assert sorted(a) == sorted(b)
+    assert [n for n in a if a[n] != b[n]] == []

@@ -3,7 +3,7 @@ package re-exports their public names."""
 
 from .attention import AttentionShape, attention_bench, format_attention_table, sd_attention_shapes
 from .experts import expert_bench, format_expert_table
-from .layers import LAYER_ALGORITHMS, ConvShape, LayerResult, format_layer_table, layer_bench, sd15_conv_shapes
+from .layers import LAYER_ALGORITHMS, ConvShape, LayerResult, format_layer_table, layer_bench, conv_shapes
 from .linear import format_linear_table, linear_bench, sd15_linear_shapes
 from .machine import machine_info
 from .model import VARIANTS, format_model_table, model_bench, parse_variant, psnr, run_variant, summarize
@@ -11,7 +11,7 @@ from .plot import plot_report
 
 __all__ = ["AttentionShape", "attention_bench", "format_attention_table", "sd_attention_shapes",
            "expert_bench", "format_expert_table",
-           "LAYER_ALGORITHMS", "ConvShape", "LayerResult", "format_layer_table", "layer_bench", "sd15_conv_shapes",
+           "LAYER_ALGORITHMS", "ConvShape", "LayerResult", "format_layer_table", "layer_bench", "conv_shapes",
            "format_linear_table", "linear_bench", "sd15_linear_shapes",
            "machine_info",
            "VARIANTS", "format_model_table", "model_bench", "parse_variant", "psnr", "run_variant", "summarize",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..format.families import CONTEXT_LENGTH, UNET_CONFIGS, VAE_CONFIG
+from ..format.unet import attention_heads, unet_blocks
 from .machine import build_info, footer, machine_info, utc_now
 
 
@@ -28,20 +29,21 @@ class AttentionShape:
 
 
 def sd_attention_shapes(family: str, size: int) -> dict[AttentionShape, list[str]]:
-    """Distinct attention calls of a UNet (self- and cross-attention per level) and the VAE mid-block at
-    `size` px, with the layers that make them. SD1.x: 8 heads of C/8; SD2.x: heads of 64 (stable-diffusion.cpp's
-    reading of both configs)."""
-    cfg = UNET_CONFIGS[family]
+    """Distinct attention calls of a family's UNet (self- and cross-attention per level with attention) and the VAE
+    mid-block at `size` px, with the layers that make them; heads as stable-diffusion.cpp reads the config (SD1.x
+    8 heads of C/8, SD2.x and SDXL heads of 64)."""
     latent = size // 8
     context = CONTEXT_LENGTH
     shapes: dict[AttentionShape, list[str]] = {}
-    for level, (channels, kind) in enumerate(zip(cfg["block_out_channels"], cfg["down_block_types"])):
-        if "CrossAttn" not in kind:
+    seen = set()
+    for b in unet_blocks(family):
+        if b.kind != "attention" or b.level in seen:
             continue
-        heads, d = (8, channels // 8) if family == "sd1" else (channels // 64, 64)
-        tokens = (latent >> level) ** 2
+        seen.add(b.level)
+        heads, d = attention_heads(UNET_CONFIGS[family], b.level)
+        tokens = (latent >> b.level) ** 2
         for attn, lk in (("attn1", tokens), ("attn2", context)):
-            shapes.setdefault(AttentionShape(tokens, lk, heads, d), []).append(f"unet level {level} {attn}")
+            shapes.setdefault(AttentionShape(tokens, lk, heads, d), []).append(f"unet level {b.level} {attn}")
     tokens = latent ** 2
     vae_c = VAE_CONFIG["block_out_channels"][-1]
     shapes.setdefault(AttentionShape(tokens, tokens, 1, vae_c), []).append("vae mid_block attention")

@@ -34,11 +34,11 @@ class ConvShape:
         return self.N * self.K * self.C * 9 * self.H * self.W
 
 
-def sd15_conv_shapes(size: int) -> dict[ConvShape, list[str]]:
-    """Distinct 3x3 stride-1 convs of the SD1.5 UNet and VAE at `size` px, with the layers that have them (the
+def conv_shapes(size: int, family: str = "sd1") -> dict[ConvShape, list[str]]:
+    """Distinct 3x3 stride-1 convs of a family's UNet and the VAE at `size` px, with the layers that have them (the
     stride-2 downsamplers keep upstream's path)."""
     latent = size // 8
-    cfg = UNET_CONFIGS["sd1"]
+    cfg = UNET_CONFIGS[family]
     shapes: dict[ConvShape, list[str]] = {}
 
     def add(name: str, cin: int, cout: int, hw: int) -> None:
@@ -84,8 +84,8 @@ LAYER_ALGORITHMS = ("im2col", "winograd_f4", "winograd_f4_fused", "winograd_f2_f
 
 def layer_bench(size: int = 512, threads: int = 2, repeat: int = 3,
                 algorithms: tuple[str, ...] = LAYER_ALGORITHMS, progress=None,
-                only: str | None = None) -> dict:
-    shapes = sd15_conv_shapes(size)
+                only: str | None = None, family: str = "sd1") -> dict:
+    shapes = conv_shapes(size, family)
     results = []
     rng = np.random.default_rng(0)
     for i, (shape, names) in enumerate(sorted(shapes.items(), key=lambda kv: -kv[0].macs)):

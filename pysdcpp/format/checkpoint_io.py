@@ -85,10 +85,8 @@ def _n_elements(shape) -> int:
     return n
 
 
-def read_safetensors(path: str | os.PathLike) -> list[TensorSource]:
-    """The tensors of a safetensors file, after checking its header: a JSON object whose every entry has a known
-    dtype, a shape and data_offsets that match it, inside the file and overlapping no other tensor's."""
-    path = Path(path)
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """(the JSON header, where the data starts) of a safetensors file, checked to be a JSON object."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -114,7 +112,24 @@ def read_safetensors(path: str | os.PathLike) -> list[TensorSource]:
     if not isinstance(header, dict):
         raise FormatError(f"{path}: not a safetensors file (the header is a JSON {type(header).__name__}, "
                           "not an object)")
-    base = 8 + n
+    return header, 8 + n
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string entries of a safetensors file's __metadata__ (e.g. Stability's modelspec.* fields); {} if none."""
+    header, _ = _safetensors_header(Path(path))
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict):
+        return {}
+    return {str(k): v for k, v in meta.items() if isinstance(v, str)}
+
+
+def read_safetensors(path: str | os.PathLike) -> list[TensorSource]:
+    """The tensors of a safetensors file, after checking its header: a JSON object whose every entry has a known
+    dtype, a shape and data_offsets that match it, inside the file and overlapping no other tensor's."""
+    path = Path(path)
+    size = path.stat().st_size
+    header, base = _safetensors_header(path)
     out = []
     spans = []
     for name, info in header.items():

@@ -6,6 +6,9 @@ converter writes gguf-py's standard keys (gguf.Keys.General: name, file_type, qu
 
 ARCHITECTURE = "stable-diffusion"      # value of general.architecture
 FAMILY = "pysdcpp.model.family"        # names.FAMILIES
+VARIANT = "pysdcpp.model.variant"      # names.VARIANTS; absent: base (files before SDXL support)
+FEW_STEP = "pysdcpp.model.few_step"    # sampling.FEW_STEP_KINDS; absent: a model for the usual 20+ steps
+FEW_STEP_SOURCE = "pysdcpp.model.few_step_source"  # what declared it: a scheduler config, a metadata field, the user
 PREDICTION = "pysdcpp.model.prediction"  # names.PREDICTIONS; absent: let the runtime decide
 SOURCE = "pysdcpp.convert.source"      # what the file was converted from
 SOURCE_LAYOUT = "pysdcpp.convert.layout"  # "diffusers-folder" | "ldm-file" | "diffusers-file" | "synthetic"

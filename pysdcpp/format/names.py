@@ -1,7 +1,12 @@
 """The name lists both sides accept: model families, output types, prediction types, ALTER's unit kinds and skip
 semantics, and the tensor-name prefixes of the files stable-diffusion.cpp loads."""
 
-FAMILIES = ("sd1", "sd2")
+FAMILIES = ("sd1", "sd2", "sdxl")
+# UNet variants of a family: the layouts stable-diffusion.cpp builds (families.ARCHITECTURES says which family has
+# which). base: the family's own UNet; inpaint/pix2pix: extra conv_in channels (9: latent, mask, masked image; 8:
+# latent, image); tiny: one ResNet per level, three levels, no mid block (BK-SDM-Tiny); sdxs: the SDXS UNets;
+# ssd-1b, vega: Segmind's distilled SDXL UNets.
+VARIANTS = ("base", "inpaint", "pix2pix", "tiny", "sdxs", "ssd-1b", "vega")
 # Output types of the converter, in the order `--type` lists them.
 OUTPUT_TYPES = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 PREDICTIONS = ("eps", "v")
@@ -15,3 +20,7 @@ SKIP_SEMANTICS = ("reference", "consume")  # how a skipped up-block ResNet treat
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+# SDXL's second text encoder (OpenCLIP ViT-bigG) under the HF CLIP names stable-diffusion.cpp loads, with its
+# pooled-output projection beside it
+TEXT2_PREFIX = "cond_stage_model.1.transformer.text_model."
+TEXT2_PROJECTION = "cond_stage_model.1.transformer.text_projection.weight"

@@ -1,6 +1,7 @@
-"""The one walk over an SD1.x/SD2.x UNet: its blocks in graph order, with LDM and diffusers names, channels and
-latent level, read from a diffusers UNet config. ALTER's prunable units, the MAC counts, the synthetic models'
-parameters and the benchmarks' conv shapes are all derived from it."""
+"""The one walk over a UNet of the SD family (SD1.x, SD2.x, SDXL and the variants stable-diffusion.cpp builds): its
+blocks in graph order, with LDM and diffusers names, channels, latent level and attention shape, read from a
+diffusers UNet config. ALTER's prunable units, the MAC counts, the synthetic models' parameters, the name mapping of
+the converters and the benchmarks' shapes are all derived from it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from .names import UNET_PREFIX
 
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP = ("CrossAttnUpBlock2D", "UpBlock2D")
-MID_BLOCK = "UNetMidBlock2DCrossAttn"
+MID_BLOCK = "UNetMidBlock2DCrossAttn"      # ResNet, attention, ResNet
+MID_RESNET = "UNetMidBlock2D"             # (as diffusers builds it for a UNet2DConditionModel) one ResNet
+MID_TYPES = (MID_BLOCK, MID_RESNET, None)  # None: no mid block (the tiny UNets)
 
 
 def normalize_unet_config(config: dict) -> dict:
@@ -41,40 +44,92 @@ def is_alter_config(config: dict | None) -> bool:
 
 
 def unet_config(family_or_config: str | dict) -> dict:
-    """The (normalized, checked) UNet config of a family name ("sd1", "sd2") or of a diffusers config dict."""
+    """The (normalized, checked) UNet config of a family name ("sd1", "sd2", "sdxl": its base UNet) or of a
+    diffusers config dict."""
     if isinstance(family_or_config, str):
         if family_or_config not in UNET_CONFIGS:
-            raise FormatError(f"an SD1.x or SD2.x UNet is needed, not {family_or_config!r}")
-        return dict(UNET_CONFIGS[family_or_config])
+            raise FormatError(f"an SD1.x, SD2.x or SDXL family name is needed, not {family_or_config!r}")
+        family_or_config = UNET_CONFIGS[family_or_config]
     cfg = normalize_unet_config(family_or_config)
     for key in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block"):
         if key not in cfg:
             raise FormatError(f"UNet config has no {key!r}: not a diffusers UNet2DConditionModel config")
-    if not isinstance(cfg["layers_per_block"], int):
+    if not isinstance(cfg["layers_per_block"], int) or cfg["layers_per_block"] < 1:
         raise FormatError("UNet configs with a per-block layers_per_block list are not supported")
     n = len(cfg["block_out_channels"])
     if len(cfg["down_block_types"]) != n or len(cfg["up_block_types"]) != n:
         raise FormatError("UNet config: block type lists and block_out_channels differ in length")
     bad = [t for t in cfg["down_block_types"] if t not in _DOWN] + [t for t in cfg["up_block_types"] if t not in _UP]
     if bad:
-        raise FormatError(f"UNet config: block type {bad[0]!r} is not an SD1.x/SD2.x block")
-    mid = cfg.get("mid_block_type", MID_BLOCK)
-    if mid != MID_BLOCK:
-        raise FormatError(f"UNet config: mid block {mid!r} is not an SD1.x/SD2.x mid block")
+        raise FormatError(f"UNet config: block type {bad[0]!r} is not a block of the SD UNet family")
+    cfg.setdefault("mid_block_type", MID_BLOCK)
+    if cfg["mid_block_type"] not in MID_TYPES:
+        raise FormatError(f"UNet config: mid block {cfg['mid_block_type']!r} is not one of the SD UNet family "
+                          f"({', '.join(str(t) for t in MID_TYPES)})")
+    if cfg.get("addition_embed_type") not in (None, "text_time"):
+        raise FormatError(f"UNet config: added embedding {cfg['addition_embed_type']!r} is not SDXL's text_time")
     cfg.setdefault("in_channels", 4)
     cfg.setdefault("out_channels", 4)
     cfg.setdefault("cross_attention_dim", 768)
     return cfg
 
 
-def transformer_depths(cfg: dict) -> list[int]:
-    """Transformer blocks per attention module, per down level (`transformer_layers_per_block`)."""
-    n = len(cfg["block_out_channels"])
+def _per_layer(value, n_blocks: int, n_layers: int, what: str) -> list[list[int]]:
+    """An int, a per-block list, or a per-block list of per-layer lists -> per block, per layer."""
+    if isinstance(value, int):
+        return [[value] * n_layers for _ in range(n_blocks)]
+    value = list(value)
+    if len(value) != n_blocks:
+        raise FormatError(f"UNet config: {what} has {len(value)} entries for {n_blocks} blocks")
+    out = []
+    for v in value:
+        layers = [v] * n_layers if isinstance(v, int) else list(v)
+        if len(layers) != n_layers or not all(isinstance(x, int) and x >= 0 for x in layers):
+            raise FormatError(f"UNet config: {what} entry {v!r} does not give {n_layers} layer depths")
+        out.append(layers)
+    return out
+
+
+def attention_depths(cfg: dict) -> tuple[list[list[int]], list[list[int]]]:
+    """Transformer blocks of each attention module: (per down block per layer, per up block per layer), diffusers'
+    transformer_layers_per_block and reverse_transformer_layers_per_block."""
+    n, lpb = len(cfg["block_out_channels"]), cfg["layers_per_block"]
     tl = cfg.get("transformer_layers_per_block", 1)
-    tl = [tl] * n if isinstance(tl, int) else list(tl)
-    if len(tl) != n:
-        raise FormatError("UNet config: transformer_layers_per_block has the wrong length")
-    return tl
+    down = _per_layer(tl, n, lpb, "transformer_layers_per_block")
+    reverse = cfg.get("reverse_transformer_layers_per_block")
+    if reverse is not None:
+        up = _per_layer(reverse, n, lpb + 1, "reverse_transformer_layers_per_block")
+    elif isinstance(tl, int) or all(isinstance(v, int) for v in tl):
+        up = [[layers[0]] * (lpb + 1) for layers in reversed(down)]
+    else:
+        raise FormatError("UNet config: per-layer transformer_layers_per_block needs "
+                          "reverse_transformer_layers_per_block")
+    return down, up
+
+
+def transformer_depths(cfg: dict) -> list[int]:
+    """Transformer blocks of the first attention module of each down level (and, last, the mid block's depth)."""
+    return [layers[0] for layers in attention_depths(cfg)[0]]
+
+
+def attention_heads(cfg: dict, level: int) -> tuple[int, int]:
+    """(heads, head width) of the attention at a level, as stable-diffusion.cpp reads the config: diffusers'
+    `attention_head_dim` (or `num_attention_heads`) gives the number of heads."""
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+    if not isinstance(heads, int) and len(heads) != len(cfg["block_out_channels"]):
+        raise FormatError(f"UNet config: attention_head_dim has {len(heads)} entries for "
+                          f"{len(cfg['block_out_channels'])} levels")
+    h = int(heads if isinstance(heads, int) else heads[level])
+    c = cfg["block_out_channels"][level]
+    if h < 1 or c % h:
+        raise FormatError(f"UNet config: {h} attention heads do not divide {c} channels at level {level}")
+    return h, c // h
+
+
+def ldm_stride(cfg: dict) -> int:
+    """Input/output block slots per level in the LDM names: layers_per_block + 1, and 3 for the one-ResNet tiny
+    UNets (stable-diffusion.cpp numbers them as if the second ResNet were there)."""
+    return max(3, cfg["layers_per_block"] + 1)
 
 
 @dataclass(frozen=True)
@@ -94,6 +149,8 @@ class UnetBlock:
     level: int       # latent level the block computes at: 0 = the latent's size, k = after k downsamplers
     skip: int = 0    # channels of the skip tensor an up-block ResNet concatenates
     depth: int = 0   # transformer blocks of an attention module
+    heads: int = 0   # attention heads of an attention module
+    self_context: bool = False  # attn1 attends to the text context too (SDXS-0.9's first level)
 
     @property
     def resnet_in(self) -> int:
@@ -105,46 +162,66 @@ def unet_blocks(family_or_config: str | dict) -> list[UnetBlock]:
     """Every block of the UNet in graph order (input blocks, middle block, output blocks)."""
     cfg = unet_config(family_or_config)
     boc, lpb = cfg["block_out_channels"], cfg["layers_per_block"]
-    n = len(boc)
-    depth = transformer_depths(cfg)
+    n, stride = len(boc), ldm_stride(cfg)
+    down_depth, up_depth = attention_depths(cfg)
+    only_cross = cfg.get("only_cross_attention", False)
+    only_cross = [bool(only_cross)] * n if isinstance(only_cross, bool) else list(only_cross)
     out: list[UnetBlock] = []
+
+    def attention(ldm, diffusers, section, i, btype, j, c, level, depth):
+        heads = attention_heads(cfg, level)[0]
+        out.append(UnetBlock("attention", ldm, diffusers, section, i, btype, j, c, c, level, depth=depth,
+                             heads=heads, self_context=only_cross[level]))
+
     skips = [boc[0]]   # channels pushed onto the skip stack, conv_in first
     for i, btype in enumerate(cfg["down_block_types"]):
         cin, cout = (boc[i - 1] if i else boc[0]), boc[i]
         for j in range(lpb):
-            slot = i * (lpb + 1) + j + 1
+            slot = i * stride + j + 1
             out.append(UnetBlock("resnet", f"input_blocks.{slot}.0", f"down_blocks.{i}.resnets.{j}", "down", i,
                                  btype, j, cin if j == 0 else cout, cout, i))
             if btype.startswith("CrossAttn"):
-                out.append(UnetBlock("attention", f"input_blocks.{slot}.1", f"down_blocks.{i}.attentions.{j}",
-                                     "down", i, btype, j, cout, cout, i, depth=depth[i]))
+                attention(f"input_blocks.{slot}.1", f"down_blocks.{i}.attentions.{j}", "down", i, btype, j, cout,
+                          i, down_depth[i][j])
             skips.append(cout)
         if i < n - 1:
-            out.append(UnetBlock("downsample", f"input_blocks.{(i + 1) * (lpb + 1)}.0",
+            out.append(UnetBlock("downsample", f"input_blocks.{(i + 1) * stride}.0",
                                  f"down_blocks.{i}.downsamplers.0", "down", i, btype, 0, cout, cout, i + 1))
             skips.append(cout)
-    c = boc[-1]
-    out.append(UnetBlock("resnet", "middle_block.0", "mid_block.resnets.0", "mid", 0, MID_BLOCK, 0, c, c, n - 1))
-    out.append(UnetBlock("attention", "middle_block.1", "mid_block.attentions.0", "mid", 0, MID_BLOCK, 0, c, c,
-                         n - 1, depth=depth[-1]))
-    out.append(UnetBlock("resnet", "middle_block.2", "mid_block.resnets.1", "mid", 0, MID_BLOCK, 1, c, c, n - 1))
-    rev, rev_depth = list(reversed(boc)), list(reversed(depth))
+    c, mid = boc[-1], cfg["mid_block_type"]
+    if mid is not None:
+        out.append(UnetBlock("resnet", "middle_block.0", "mid_block.resnets.0", "mid", 0, mid, 0, c, c, n - 1))
+    if mid == MID_BLOCK:
+        attention("middle_block.1", "mid_block.attentions.0", "mid", 0, mid, 0, c, n - 1, down_depth[-1][-1])
+        out.append(UnetBlock("resnet", "middle_block.2", "mid_block.resnets.1", "mid", 0, mid, 1, c, c, n - 1))
+    rev = list(reversed(boc))
     prev = rev[0]
     for i, btype in enumerate(cfg["up_block_types"]):
         cout, level = rev[i], n - 1 - i
         has_attention = btype.startswith("CrossAttn")
         for j in range(lpb + 1):
-            slot = i * (lpb + 1) + j
+            slot = i * stride + j
             out.append(UnetBlock("resnet", f"output_blocks.{slot}.0", f"up_blocks.{i}.resnets.{j}", "up", i, btype,
                                  j, prev if j == 0 else cout, cout, level, skip=skips.pop()))
             if has_attention:
-                out.append(UnetBlock("attention", f"output_blocks.{slot}.1", f"up_blocks.{i}.attentions.{j}", "up",
-                                     i, btype, j, cout, cout, level, depth=rev_depth[i]))
+                attention(f"output_blocks.{slot}.1", f"up_blocks.{i}.attentions.{j}", "up", i, btype, j, cout,
+                          level, up_depth[i][j])
         if i < n - 1:
-            out.append(UnetBlock("upsample", f"output_blocks.{i * (lpb + 1) + lpb}.{2 if has_attention else 1}",
+            # after the attention if there is one; upstream's tiny UNets put the first upsampler at .1 regardless
+            sub = 2 if has_attention and not (lpb == 1 and i == 0) else 1
+            out.append(UnetBlock("upsample", f"output_blocks.{i * stride + stride - 1}.{sub}",
                                  f"up_blocks.{i}.upsamplers.0", "up", i, btype, 0, cout, cout, level - 1))
         prev = cout
     return out
+
+
+def top_level_parameters(cfg: dict) -> list[tuple[str, str]]:
+    """(diffusers, LDM) names of the UNet's layers outside the blocks: time (and SDXL's added) embedding, conv_in,
+    the output norm and conv."""
+    out = [("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2")]
+    if cfg.get("addition_embed_type") == "text_time":
+        out += [("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2")]
+    return out + [("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2")]
 
 
 def level_sizes(n_levels: int, latent_h: int, latent_w: int) -> list[tuple[int, int]]:

@@ -1,0 +1,107 @@
+"""Run the PyTorch originals (diffusers / transformers, float32) of a synthetic fixture on given inputs, in a process
+of their own, so that a 10 GB SDXL UNet and our runtime never share one process: `python torch_reference.py FAMILY
+INPUTS.npz OUTPUTS.npz`. Inputs and outputs are named arrays (see `compute`); conftest.reference_arrays caches the
+outputs beside the fixture."""
+
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def compute(family: str, inputs: dict[str, np.ndarray], variant: str = "base") -> dict[str, np.ndarray]:
+    """ids -> text_encoder (hidden states before the last layer, as SDXL and upstream use them) and, with two
+    encoders, text_encoder_2 and pooled; latent + timesteps + context (+ y) -> unet; alter_* (latent, context, y,
+    timesteps, keep rows, consume flags) -> alter and alter_dense (tests/alter_reference.py's eval path with the
+    units skipped, and with none); vae_latent -> vae (raw decoder output of latent / scaling factor)."""
+    from conftest import synthetic, torch_reference
+
+    out: dict[str, np.ndarray] = {}
+    torch.set_num_threads(2)
+    with torch.no_grad():
+        if "ids" in inputs:
+            ids = torch.from_numpy(inputs["ids"].astype(np.int64))
+            names = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+            for name in names:
+                module = torch_reference(family, name, variant)
+                tokens = ids
+                if name == "text_encoder_2":
+                    # SDXL's second tokenizer pads with "!" (id 0) after the end token, where the first pads with
+                    # the end token itself (diffusers' tokenizer_2; upstream does the same)
+                    tokens = ids.clone()
+                    for row in tokens:
+                        end = int((row == 49407).nonzero()[0])
+                        row[end + 1:] = 0
+                result = module(tokens, output_hidden_states=True)
+                out[f"{name}.last"] = result.last_hidden_state.numpy()
+                out[f"{name}.penultimate"] = result.hidden_states[-2].numpy()
+                if name == "text_encoder_2":
+                    out["pooled"] = result.text_embeds.numpy()
+                del module, result
+                gc.collect()
+        if "latent" in inputs or "alter_keep" in inputs:
+            unet = torch_reference(family, "unet", variant)
+            kwargs = {}
+            if "latent" in inputs and "y" in inputs:
+                # diffusers builds y as [text_embeds, add_time_proj(time_ids)]; to feed a given y through its own
+                # forward, add_time_proj hands back y's tail (the size embeddings) for dummy time ids
+                y = torch.from_numpy(inputs["y"])
+                width = unet.config.addition_time_embed_dim
+                unet.add_time_proj = _Fixed(y[:, 1280:].reshape(-1, width))
+                kwargs["added_cond_kwargs"] = {"text_embeds": y[:, :1280], "time_ids": torch.zeros(len(y), 6)}
+            if "latent" in inputs:
+                out["unet"] = unet(torch.from_numpy(inputs["latent"]), torch.from_numpy(inputs["timesteps"]),
+                                   encoder_hidden_states=torch.from_numpy(inputs["context"]), **kwargs).sample.numpy()
+            if "alter_keep" in inputs:
+                from alter_reference import alter_unet_forward
+
+                x, c = torch.from_numpy(inputs["alter_latent"]), torch.from_numpy(inputs["alter_context"])
+                y = torch.from_numpy(inputs["alter_y"]) if "alter_y" in inputs else None
+                skipped, dense = [], []
+                for t, keep, consume in zip(inputs["alter_timesteps"], inputs["alter_keep"], inputs["alter_consume"]):
+                    tt = torch.tensor([float(t)])
+                    skipped.append(alter_unet_forward(unet, x, tt, c, [bool(k) for k in keep],
+                                                      "consume" if consume else "reference", y).numpy())
+                    dense.append(alter_unet_forward(unet, x, tt, c, [True] * len(keep), "reference", y).numpy())
+                out["alter"], out["alter_dense"] = np.stack(skipped), np.stack(dense)
+            del unet
+            gc.collect()
+        if "vae_latent" in inputs:
+            vae = torch_reference(family, "vae", variant)
+            scale = synthetic.model_configs(family, variant=variant)["vae"]["scaling_factor"]
+            out["vae"] = vae.decode(torch.from_numpy(inputs["vae_latent"]) / scale).sample.numpy()
+            del vae
+    return out
+
+
+class _Fixed(torch.nn.Module):
+    """Stands in for a module: returns the same tensor whatever it is given."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, *args, **kwargs):
+        return self.value
+
+
+def main(argv: list[str]) -> int:
+    family, src, dst = argv[1], Path(argv[2]), Path(argv[3])
+    variant = argv[4] if len(argv) > 4 else "base"
+    with np.load(src) as f:
+        inputs = {k: f[k] for k in f.files}
+    out = compute(family, inputs, variant)
+    tmp = dst.with_name(dst.name + ".partial.npz")
+    np.savez(tmp, **out)
+    tmp.replace(dst)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
