@@ -106,6 +106,10 @@ def read_diffusers_folder(folder: Path, base: Path | None = None) -> tuple[list[
     for component, mapper in (("vae", map_vae), ("text_encoder", map_text_encoder),
                               ("text_encoder_2", lambda t: map_text_encoder(t, second=True))):
         path = _component_file(folder, component) or (base and _component_file(base, component))
+        if component == "vae" and path is not None and (path.parent / "config.json").is_file() and \
+                _json(path.parent / "config.json").get("_class_name") == "AutoencoderTiny":
+            raise ConversionError(f"{path.parent}: a tiny autoencoder (TAESD, as the SDXS models ship): pysdcpp "
+                                  "converts the KL autoencoder only, so far (the UNet itself is supported)")
         if path is None:
             if component == "text_encoder_2":
                 continue   # SDXL's; detection says if the UNet needs it

@@ -95,20 +95,27 @@ def _nbytes(shape: tuple[int, ...], qtype: Q) -> int:
 
 
 def write_gguf(path: str | os.PathLike, tensors: Iterable[TensorSource], target: str,
-               metadata: dict[str, object], progress: ProgressFn | None = None) -> dict[str, int]:
+               metadata: dict[str, object], progress: ProgressFn | None = None,
+               type_overrides: dict[str, str] | None = None) -> dict[str, int]:
     """Write `tensors` to `path` (atomically: a temporary file renamed on success). Returns a type histogram.
+    `type_overrides`: another output type for some tensors by name (the same type rules apply to it).
 
     Besides `metadata` (general.name among it, where the caller has one) the file gets gguf-py's standard
     general.file_type and, for quantized types, general.quantization_version."""
     if target not in OUTPUT_TYPES:
         raise ConversionError(f"unknown output type {target!r}; choose one of {', '.join(OUTPUT_TYPES)}")
     qtarget = OUTPUT_TYPES[target]
+    overrides = type_overrides or {}
+    bad = sorted({v for v in overrides.values() if v not in OUTPUT_TYPES})
+    if bad:
+        raise ConversionError(f"unknown output type {bad[0]!r}; choose one of {', '.join(OUTPUT_TYPES)}")
     path = Path(path)
     plan = []
     for t in tensors:
         if t.dtype not in _SOURCE_TYPES:
             continue  # integer bookkeeping tensors (e.g. position ids) are not weights
-        qtype = output_type_for(t.name, t.shape, _SOURCE_TYPES[t.dtype], qtarget)
+        want = OUTPUT_TYPES[overrides[t.name]] if t.name in overrides else qtarget
+        qtype = output_type_for(t.name, t.shape, _SOURCE_TYPES[t.dtype], want)
         plan.append((t, qtype))
     if not plan:
         raise ConversionError("no weight tensors to write")

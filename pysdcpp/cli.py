@@ -415,6 +415,8 @@ def inspect(model, as_json, list_tensors, size, steps):
 @click.option("--size", type=int, default=None,
               help="Image size [256 for a model, 512 for --layers and --linear, 512 and 768 for --attention].")
 @click.option("--steps", type=int, default=4, show_default=True, help="Sampling steps per generation.")
+@click.option("--cfg", "guidance_scale", type=float, default=None,
+              help="Guidance scale of the generations; 1 turns guidance off [the model's: 7, few-step models 1].")
 @click.option("-t", "--threads", type=int, default=2, show_default=True)
 @click.option("--repeat", type=int, default=2, show_default=True, help="Interleaved repetitions per variant.")
 @click.option("--variants", default="upstream,accelerated", show_default=True,
@@ -438,8 +440,8 @@ def inspect(model, as_json, list_tensors, size, steps):
               help="Write the full report (machine, build, every timing) here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a chart (PNG) here; needs matplotlib (pip install 'pysdcpp[plot]').")
-def bench(model, layers, alter_demo, experts, attention_layers, linear_layers, size, steps, threads, repeat, variants,
-          algorithms, paths, only, families, timeout, json_path, plot_path):
+def bench(model, layers, alter_demo, experts, attention_layers, linear_layers, size, steps, guidance_scale, threads,
+          repeat, variants, algorithms, paths, only, families, timeout, json_path, plot_path):
     """Latency, memory and fidelity against upstream stable-diffusion.cpp, measured in the same run.
 
     Each variant's generation runs in its own worker process (peak RSS per variant; a crash or timeout is
@@ -557,7 +559,8 @@ def bench(model, layers, alter_demo, experts, attention_layers, linear_layers, s
             state = f"{r['phases']['total']:.1f} s" if r.get("ok") else f"FAILED ({r['error']})"
             click.echo(f"  repetition {rep + 1}/{repeat} {name}: {state}", err=True)
 
-        report = model_bench(str(model), names, size, steps, threads, repeat, timeout, progress=model_progress)
+        report = model_bench(str(model), names, size, steps, threads, repeat, timeout, progress=model_progress,
+                             guidance_scale=guidance_scale)
         click.echo(format_model_table(report))
     if json_path:
         json_path.write_text(json.dumps(report, indent=2, default=float))

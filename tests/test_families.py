@@ -241,3 +241,11 @@ def test_generation_defaults_table():
     assert generation_defaults(None) == {"num_inference_steps": 20, "guidance_scale": 7.0, "sampler": "euler_a"}
     assert generation_defaults("turbo") == {"num_inference_steps": 1, "guidance_scale": 1.0, "sampler": "euler_a"}
     assert generation_defaults("lcm")["sampler"] == "lcm"
+
+
+def test_a_tiny_autoencoder_is_refused_clearly(tmp_path):
+    folder = synthetic.write_diffusers_folder(tmp_path / "model", "sd1", 0, reduced=True, variant="sdxs")
+    cfg = folder / "vae" / "config.json"
+    cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), _class_name="AutoencoderTiny")))
+    with pytest.raises(ConversionError, match="tiny autoencoder"):
+        convert(folder, tmp_path / "m.gguf")

@@ -162,13 +162,16 @@ def summarize(runs: dict[str, list[dict]], baseline: str = "upstream") -> dict:
 
 def model_bench(model: str, variants: list[str], size: int = 256, steps: int = 4, threads: int = 2,
                 repeat: int = 2, timeout: float = 1800.0, progress=None, prompt: str = "a lighthouse at dusk",
-                seed: int = 42) -> dict:
+                seed: int = 42, guidance_scale: float | None = None) -> dict:
+    """Whole generations per variant; guidance_scale None: the model's default (7, few-step models 1)."""
     parsed = {label: (kwargs, st) for label, kwargs, st in map(parse_variant, variants)}
     if size <= 0 or size % 64:
         raise ValueError(f"size must be a positive multiple of 64, got {size}")
     if repeat < 1 or steps < 1 or threads < 1:
         raise ValueError("repeat, steps and threads must be at least 1")
     params = {"prompt": prompt, "width": size, "height": size, "num_inference_steps": steps, "seed": seed}
+    if guidance_scale is not None:
+        params["guidance_scale"] = float(guidance_scale)
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for rep in range(repeat):
         for v in variants:  # interleaved: A B A B ...
@@ -180,6 +183,7 @@ def model_bench(model: str, variants: list[str], size: int = 256, steps: int = 4
                 progress(rep, v, r)
     summary = summarize(runs, variants[0])
     return {"kind": "model", "model": str(model), "size": size, "steps": steps, "threads": threads,
+            "guidance_scale": guidance_scale,
             "repeat": repeat, "baseline": variants[0],
             "variants": {v: dict(parsed[v][0], **({"steps": parsed[v][1]} if parsed[v][1] else {})) for v in variants},
             "date": utc_now(),
