@@ -34,7 +34,9 @@ def _later_step(r: dict, name: str) -> float | None:
 
 def render_model(r: dict) -> list[str]:
     base = r["baseline"]
-    out = [f"### Generation, {r['size']} px, {r['steps']} steps, median of {r['repeat']}",
+    cfg = r.get("guidance_scale")
+    guidance = "" if cfg is None else ", no guidance" if cfg == 1.0 else f", guidance {cfg:g}"
+    out = [f"### Generation, {r['size']} px, {r['steps']} steps{guidance}, median of {r['repeat']}",
            "", f"Machine: {_machine(r)}. Model: `{Path(r['model']).name}`. Variants: " +
            ", ".join(f"`{k}` = {v}" for k, v in r["variants"].items()) + ".", "",
            "| variant | " + " | ".join(PHASES) + " | per step | per later step | peak RSS | UNet compute buffer | "
