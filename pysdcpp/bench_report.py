@@ -118,7 +118,9 @@ def render_layers(r: dict) -> list[str]:
 
 def render_attention(r: dict) -> list[str]:
     vs = r["variants"]
-    out = [f"### Attention layers of SD1.5 and SD2.1 (UNet and VAE) at {r['size']} px, median of {r['repeat']}", "",
+    names = {"sd1": "SD1.5", "sd2": "SD2.1", "sdxl": "SDXL"}
+    fams = " and ".join(names.get(f, f) for f in r.get("families", ["sd1", "sd2"]))
+    out = [f"### Attention layers of {fams} (UNet and VAE) at {r['size']} px, median of {r['repeat']}", "",
            f"Machine: {_machine(r)}. F32 q, k, v in the layout the models hand over; `upstream` is upstream's own "
            "attention helper (hook off), `gemm` our padded-GEMM arrangement, `fused` the tiled kernel "
            "(`attention=\"fast\"`). Times are the steady state (second run on an allocated compute buffer, as "

@@ -403,7 +403,8 @@ def inspect(model, as_json, list_tensors, size, steps):
 @main.command(context_settings=CONTEXT)
 @click.option("-m", "--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="GGUF (or checkpoint) to run [the synthetic SD1.5 demo model].")
-@click.option("--layers", is_flag=True, help="Benchmark every distinct 3x3 conv of SD1.5's UNet and VAE instead.")
+@click.option("--layers", is_flag=True,
+              help="Benchmark every distinct 3x3 conv of SD1.5's UNet and VAE (--family for others) instead.")
 @click.option("--alter-demo", is_flag=True,
               help="Run the synthetic SD1.5 with demo ALTER routing (10 experts at ~65% of the dense MACs).")
 @click.option("--experts", "experts", is_flag=True,
@@ -411,7 +412,8 @@ def inspect(model, as_json, list_tensors, size, steps):
 @click.option("--linear", "linear_layers", is_flag=True,
               help="Benchmark every distinct linear layer of SD1.5's UNet (ggml's path against ours) instead.")
 @click.option("--attention", "attention_layers", is_flag=True,
-              help="Benchmark every distinct attention shape of SD1.5 and SD2.1 (UNet and VAE) instead.")
+              help="Benchmark every distinct attention shape of SD1.5 and SD2.1 (UNet and VAE; --family for "
+                   "others) instead.")
 @click.option("--size", type=int, default=None,
               help="Image size [256 for a model, 512 for --layers and --linear, 512 and 768 for --attention].")
 @click.option("--steps", type=int, default=4, show_default=True, help="Sampling steps per generation.")

@@ -1,5 +1,5 @@
-"""The attention benchmark (`pysdcpp bench --attention`): the attention shapes of SD1.x and SD2.x, each variant
-timed, and its table."""
+"""The attention benchmark (`pysdcpp bench --attention`): the attention shapes of a family's UNet and the VAE
+(SD1.x and SD2.x by default, SDXL with --family), each variant timed, and its table."""
 
 from __future__ import annotations
 
