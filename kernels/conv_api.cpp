@@ -1,6 +1,7 @@
 // One 3x3 convolution on host arrays through the same ggml graph nodes the models use: what the kernel tests
 // and `pysdcpp bench --layers` call, with no model loaded.
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <string>
@@ -131,12 +132,26 @@ extern "C" SD_API int pysdcpp_conv2d_3x3(const float* x, int64_t N, int64_t C, i
     try {
         const int64_t OH = H + 2 * pad - 2, OW = W + 2 * pad - 2;
         const int64_t T  = N * ((OH + 1) / 2) * ((OW + 1) / 2);
-        // Upper bound of every tensor the graph can hold (im2col buffer, Winograd stages, their F16 copies).
+        // Upper bound of every tensor the graph can hold (im2col buffer, Winograd stages, their F16 copies); the
+        // im2col and direct paths hold no Winograd stages.
+        const bool im2col_only = algorithm == PYSDCPP_CONV_IM2COL || algorithm == PYSDCPP_CONV_DIRECT;
         size_t bytes = 4 * (size_t)(N * C * H * W + K * C * 9 + K + N * K * OH * OW) * 2;
         bytes += 4 * (size_t)(N * OH * OW * C * 9) * 2;
-        bytes += 4 * (size_t)(16 * T * (C + K) + 16 * (K + 16) * C) * 3;  // U: K padded to whole GEMM panels
+        if (!im2col_only) {
+            bytes += 4 * (size_t)(16 * T * (C + K) + 16 * (K + 16) * C) * 3;  // U: K padded to whole GEMM panels
+        }
         bytes += 64 << 20;
-        ggml_init_params params = {bytes, nullptr, false};
+        // ggml_init aborts the process when it cannot allocate its buffer: allocate it here and fail cleanly.
+        void* buffer = std::malloc(bytes);
+        if (buffer == nullptr) {
+            g_error = "out of memory for the convolution graph (" + std::to_string(bytes >> 20) + " MB)";
+            return 1;
+        }
+        struct BufferFree {
+            void* p;
+            ~BufferFree() { std::free(p); }
+        } buffer_guard{buffer};
+        ggml_init_params params = {bytes, buffer, false};
         ggml_context* ctx       = ggml_init(params);
         if (ctx == nullptr) {
             g_error = "out of memory for the convolution graph";

@@ -1,17 +1,19 @@
 """The 3x3 convolution benchmark (`pysdcpp bench --layers`) and its table.
 
-`layer_bench`: every distinct 3x3 stride-1 convolution of the SD1.5 UNet and VAE at an image size, each
-algorithm in one process, repetitions interleaved (A B C A B C ...) so machine drift hits all alike.
+`layer_bench`: every distinct 3x3 stride-1 convolution of a family's UNet (SD1.5 by default) and the VAE at an image
+size, each algorithm in one process, repetitions interleaved (A B C A B C ...) so machine drift hits all alike.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..bench_report import as_run_speedup
+from ..errors import GenerationError
 from ..format.families import UNET_CONFIGS, VAE_CONFIG
 from ..format.unet import level_sizes, unet_blocks
 from ..format.vae import vae_blocks
@@ -72,6 +74,7 @@ class LayerResult:
     seconds: dict[str, list[float]] = field(default_factory=dict)
     first: dict[str, list[float]] = field(default_factory=dict)
     max_error: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)   # algorithms that failed on this shape, and why
 
     def median(self, algo: str) -> float:
         return statistics.median(self.seconds[algo])
@@ -100,11 +103,19 @@ def layer_bench(size: int = 512, threads: int = 2, repeat: int = 3,
             for algo in algorithms:  # interleaved
                 # Two runs per call: the first includes one-off work (Winograd's filter transform, which a
                 # model does once per load), the second is the steady state every sampling step sees.
-                y, secs = conv2d_3x3(x, w, b, algorithm=algo, threads=threads, weight_f16=True, repeat=2)
+                try:
+                    y, secs = conv2d_3x3(x, w, b, algorithm=algo, threads=threads, weight_f16=True, repeat=2)
+                except GenerationError as e:   # e.g. the harness's graph does not fit in memory
+                    res.errors[algo] = str(e)
+                    res.first[algo].append(math.nan)
+                    res.seconds[algo].append(math.nan)
+                    continue
                 res.first[algo].append(secs[0])
                 res.seconds[algo].append(secs[1])
                 outputs[algo] = y
         ref = _reference_sample(x, w.astype(np.float16).astype(np.float32), b)
+        for algo in res.errors:
+            res.max_error[algo] = math.nan
         for algo, y in outputs.items():
             got = _sample(y)
             res.max_error[algo] = float(np.abs(got - ref).max() / np.abs(ref).max())
@@ -121,7 +132,7 @@ def layer_bench(size: int = 512, threads: int = 2, repeat: int = 3,
                       if "im2col" in algorithms else {},
                       "gflops": {a: 2 * r.shape.macs / r.median(a) / 1e9 for a in algorithms},
                       "first_call_s": {a: statistics.median(r.first[a]) for a in algorithms},
-                      "max_error": r.max_error, "seconds": r.seconds,
+                      "max_error": r.max_error, "seconds": r.seconds, "errors": r.errors,
                       "as_run": conv_plan(r.shape.N, r.shape.C, r.shape.H, r.shape.W, r.shape.K)}
                      for r in results]}
 
