@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -30,6 +31,9 @@ def _later_step(r: dict, name: str) -> float | None:
         return r["summary"][name]["later_step"]["median"]
     later = [s for run in r.get("runs", {}).get(name, []) if run.get("ok") for s in run.get("steps", [])[1:]]
     return statistics.median(later) if later else None
+
+
+_FAMILY_NAMES = {"sd1": "SD1.5", "sd2": "SD2.1", "sdxl": "SDXL"}   # the synthetic models' published originals
 
 
 def render_model(r: dict) -> list[str]:
@@ -80,7 +84,8 @@ def as_run_speedup(row: dict) -> float | None:
 
 def render_layers(r: dict) -> list[str]:
     algos = r["algorithms"]
-    out = [f"### 3x3 convolutions of SD1.5 (UNet and VAE) at {r['size']} px, median of {r['repeat']}", "",
+    family = _FAMILY_NAMES.get(r.get("family", "sd1"), r.get("family", "sd1"))
+    out = [f"### 3x3 convolutions of {family} (UNet and VAE) at {r['size']} px, median of {r['repeat']}", "",
            f"Machine: {_machine(r)}. F16 weights; steady state (transformed filters cached; the one-off first call "
            "is in the JSON as `first_call_s`). Max error: normalised max |error| against a float64 convolution.", "",
            "| C -> K | map | layers | " + " | ".join(f"{a} ms" for a in algos) + " | " +
@@ -93,16 +98,22 @@ def render_layers(r: dict) -> list[str]:
         best = max(row["gflops"].values())
         sp = [row["speedup_vs_im2col"].get(a, float("nan")) for a in algos if a != "im2col"]
         for a in speedups:
-            speedups[a].append(row["speedup_vs_im2col"].get(a, float("nan")))
+            x = row["speedup_vs_im2col"].get(a, float("nan"))
+            if math.isfinite(x):
+                speedups[a].append(x)
         run = as_run_speedup(row)
-        if run is not None:
+        if run is not None and math.isfinite(run):
             as_run.append(run)
-        run_cell = f"{row['as_run']} ({run:.2f}x)" if run is not None else \
+        ok = run is not None and math.isfinite(run)
+        run_cell = f"{row['as_run']} ({run:.2f}x)" if ok else \
             (f"{row['as_run']} (not measured)" if "as_run" in row else "-")
+        errors = [e for e in row["max_error"].values() if math.isfinite(e)]
+        failed = "failed"   # layer_bench records why in the JSON (`errors`)
         out.append(f"| {row['C']} -> {row['K']} | {row['H']}x{row['W']} | {row['layers']} | " +
-                   " | ".join(f"{row['median_s'][a] * 1e3:.1f}" for a in algos) + " | " +
-                   " | ".join(f"{x:.2f}x" for x in sp) +
-                   f" | {run_cell} | {best:.0f} | {max(row['max_error'].values()):.1e} |")
+                   " | ".join(f"{row['median_s'][a] * 1e3:.1f}" if math.isfinite(row['median_s'][a]) else failed
+                              for a in algos) + " | " +
+                   " | ".join(f"{x:.2f}x" if math.isfinite(x) else "-" for x in sp) +
+                   f" | {run_cell} | {best:.0f} | " + (f"{max(errors):.1e} |" if errors else "- |"))
     out += ["", "As run in a model: the variant the accelerated library's cost model picks for the layer "
             "(`pysdcpp.layers.conv_plan`: `winograd_f4`/`winograd_f2` hoist the filter transform, cached within "
             "the budget or in the graph; `_fused` transforms the filters inside the products; `im2col` is "
@@ -118,8 +129,7 @@ def render_layers(r: dict) -> list[str]:
 
 def render_attention(r: dict) -> list[str]:
     vs = r["variants"]
-    names = {"sd1": "SD1.5", "sd2": "SD2.1", "sdxl": "SDXL"}
-    fams = " and ".join(names.get(f, f) for f in r.get("families", ["sd1", "sd2"]))
+    fams = " and ".join(_FAMILY_NAMES.get(f, f) for f in r.get("families", ["sd1", "sd2"]))
     out = [f"### Attention layers of {fams} (UNet and VAE) at {r['size']} px, median of {r['repeat']}", "",
            f"Machine: {_machine(r)}. F32 q, k, v in the layout the models hand over; `upstream` is upstream's own "
            "attention helper (hook off), `gemm` our padded-GEMM arrangement, `fused` the tiled kernel "

@@ -122,7 +122,7 @@ def layer_bench(size: int = 512, threads: int = 2, repeat: int = 3,
         results.append(res)
         if progress:
             progress(i + 1, len(shapes), res)
-    return {"kind": "layers", "size": size, "threads": threads, "repeat": repeat, "algorithms": list(algorithms),
+    return {"kind": "layers", "family": family, "size": size, "threads": threads, "repeat": repeat, "algorithms": list(algorithms),
             "date": utc_now(),
             "machine": machine_info(), "build": build_info(),
             "rows": [{"C": r.shape.C, "K": r.shape.K, "H": r.shape.H, "W": r.shape.W, "N": r.shape.N,
