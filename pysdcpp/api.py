@@ -407,9 +407,7 @@ class StableDiffusion:
                 logged = self.native.take_errors()
                 raise GenerationError(f"{fn_name[8:]} failed: {msg}" + (f" ({logged})" if logged else ""))
         try:
-            n = int(np.prod([out.ne[i] for i in range(out.n_dims)]))
-            arr = np.frombuffer(ffi.buffer(out.data, n * 4), dtype=np.float32).copy()
-            return arr.reshape([out.ne[i] for i in reversed(range(out.n_dims))])
+            return _tensor_array(ffi, out)
         finally:
             lib.pysdcpp_tensor_free(out)
 
@@ -440,10 +438,7 @@ class StableDiffusion:
         try:
             out = self._call_tensor("pysdcpp_encode_prompt", ctx, text.encode("utf-8"), int(clip_skip), int(w),
                                     int(h), y_out)
-            y = None
-            if y_out.data != ffi.NULL:
-                n = int(np.prod([y_out.ne[i] for i in range(y_out.n_dims)]))
-                y = np.frombuffer(ffi.buffer(y_out.data, n * 4), dtype=np.float32).copy().reshape(1, n)
+            y = None if y_out.data == ffi.NULL else _tensor_array(ffi, y_out).reshape(1, -1)
         finally:
             lib.pysdcpp_tensor_free(y_out)
         context = out.reshape(1, *out.shape[-2:])
@@ -537,6 +532,13 @@ class StableDiffusion:
         ffi = self.native.ffi
         z_ne = ffi.new("int64_t[4]", list(reversed(z.shape)))
         return self._call_tensor("pysdcpp_decode", ctx, ffi.from_buffer("float[]", z), z_ne)
+
+
+def _tensor_array(ffi, t) -> np.ndarray:
+    """A copy of a library tensor (pysdcpp_tensor_t, ggml dimension order) as a numpy array (numpy order)."""
+    n = int(np.prod([t.ne[i] for i in range(t.n_dims)]))
+    arr = np.frombuffer(ffi.buffer(t.data, n * 4), dtype=np.float32).copy()
+    return arr.reshape([t.ne[i] for i in reversed(range(t.n_dims))])
 
 
 def _take_images(ffi, out, count: int) -> list[Image.Image]:

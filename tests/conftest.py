@@ -141,6 +141,23 @@ def torch_reference(family: str, component: str, variant: str = "base"):
     return module.eval()
 
 
+def expert_rows(family_or_config, skips, seed: int) -> tuple[list[str], list[list[int]]]:
+    """(the UNet's ALTER units, one keep row per expert): an expert skips the listed units (LDM names), or for
+    None a random third of all units (seeded)."""
+    from pysdcpp.format.unet import prunable_units
+
+    units = [u.name for u in prunable_units(family_or_config)]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for skip in skips:
+        if skip is None:
+            rows.append((rng.random(len(units)) >= 1 / 3).astype(int).tolist())
+        else:
+            assert set(skip) <= set(units)
+            rows.append([0 if u in skip else 1 for u in units])
+    return units, rows
+
+
 def reference_arrays(family: str, inputs: dict[str, np.ndarray], variant: str = "base") -> dict[str, np.ndarray]:
     """torch_reference.py's outputs for `inputs`, computed once in a process of its own (the PyTorch originals of a
     full-size SDXL need 10+ GB that must not share a process with our runtime) and kept beside the fixtures."""

@@ -11,10 +11,9 @@ import math
 import numpy as np
 import pytest
 
-from conftest import FIXTURE_SEED, _cached, model_gguf, rel_l2, torch_reference
+from conftest import FIXTURE_SEED, _cached, expert_rows, model_gguf, rel_l2, torch_reference
 from pysdcpp.format.families import context_width
 from pysdcpp.format.macs import unet_macs
-from pysdcpp.format.unet import prunable_units
 
 LATENT = 16
 # Units each fixture expert skips (LDM names), chosen to cover every kind of skip in alter-format.md section 3:
@@ -34,17 +33,7 @@ TIMESTEPS = [950.0, 665.6, 400.0, 332.4, 20.0]
 
 
 def _expert_masks(family: str, skips=EXPERT_SKIPS, seed: int = 11) -> tuple[list[str], list[list[int]]]:
-    units = [u.name for u in prunable_units(family)]
-    rng = np.random.default_rng(seed)
-    rows = []
-    for skip in skips:
-        if skip is None:
-            row = (rng.random(len(units)) >= 1 / 3).astype(int).tolist()
-        else:
-            assert set(skip) <= set(units)
-            row = [0 if u in skip else 1 for u in units]
-        rows.append(row)
-    return units, rows
+    return expert_rows(family, skips, seed)
 
 
 def mask_file(family: str, name: str, rows, table=TABLE):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import model_gguf, reference_arrays, rel_l2
+from conftest import expert_rows, model_gguf, reference_arrays, rel_l2
 from pysdcpp import StableDiffusion, _native
 from pysdcpp.modelfile import read_model_file
 
@@ -46,18 +46,7 @@ ALTER_TIMESTEPS = [950.0, 500.0, 120.0]
 
 
 def _alter_rows() -> tuple[list[str], list[list[int]]]:
-    from pysdcpp.format.unet import prunable_units
-
-    units = [u.name for u in prunable_units("sdxl")]
-    rng = np.random.default_rng(13)
-    rows = []
-    for skip in ALTER_SKIPS:
-        if skip is None:
-            rows.append((rng.random(len(units)) >= 1 / 3).astype(int).tolist())
-        else:
-            assert set(skip) <= set(units)
-            rows.append([0 if u in skip else 1 for u in units])
-    return units, rows
+    return expert_rows("sdxl", ALTER_SKIPS, 13)
 
 
 def _inputs():

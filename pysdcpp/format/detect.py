@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from .errors import FormatError
-from .families import UNET_CONFIGS, UPSTREAM_VERSIONS, VARIANT_CHANGES, variant_unet_config
+from .families import (UNET_CONFIGS, UPSTREAM_VERSIONS, VARIANT_CHANGES, family_of_context_width,
+                       variant_unet_config)
 from .names import FAMILIES, UNET_PREFIX
-from .unet import MID_BLOCK, MID_RESNET, unet_blocks, unet_config
+from .unet import MID_BLOCK, MID_RESNET, TOP_LEVEL_PARAMETERS, unet_blocks, unet_config
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,7 @@ def describe_layout(cfg: dict, short: bool = False) -> str:
 
 def family_of(cfg: dict) -> str | None:
     """The family whose text encoders a UNet's cross-attention reads (768 SD1.x, 1024 SD2.x, 2048 SDXL)."""
-    width = int(cfg.get("cross_attention_dim") or 0)
-    return next((f for f in FAMILIES if UNET_CONFIGS[f]["cross_attention_dim"] == width), None)
+    return family_of_context_width(int(cfg.get("cross_attention_dim") or 0))
 
 
 def classify(config: dict) -> UnetArchitecture:
@@ -87,7 +87,11 @@ def classify(config: dict) -> UnetArchitecture:
 
 # ---- reading a config back from tensors -------------------------------------------------------------------------
 
-_RESNET_CONV1 = {"diffusers": "conv1", "ldm": "in_layers.2"}
+# diffusers parameter -> (fact, the dimension of its torch shape that holds it)
+_TOP_FACTS = {"conv_in.weight": ("in_channels", 1), "conv_out.weight": ("out_channels", 0),
+              "add_embedding.linear_1.weight": ("y_width", 1)}
+# LDM parameter -> diffusers parameter, for the layers outside the blocks (the walk's table)
+_DIFFUSERS_TOP = {f"{ldm}.weight": f"{diffusers}.weight" for diffusers, ldm in TOP_LEVEL_PARAMETERS}
 
 
 class _Facts:
@@ -97,7 +101,6 @@ class _Facts:
         self.down_cout: dict[int, int] = {}
         self.down_resnets: dict[int, set[int]] = defaultdict(set)
         self.down_attn: dict[tuple[int, int], int] = {}     # (block, layer) -> depth
-        self.up_resnets: dict[int, set[int]] = defaultdict(set)
         self.up_attn: dict[tuple[int, int], int] = {}
         self.self_context: dict[int, bool] = {}              # down block -> attn1 reads the text
         self.mid_resnets: set[int] = set()
@@ -107,6 +110,13 @@ class _Facts:
         self.context_dim = 0
         self.in_channels = self.out_channels = 0
         self.y_width = 0
+
+    def top_level(self, name: str, shape: tuple[int, ...]) -> None:
+        """conv_in, conv_out and the added embedding's first linear (diffusers names) give the UNet's in and out
+        channels and the width of y."""
+        if name in _TOP_FACTS:
+            attr, dim = _TOP_FACTS[name]
+            setattr(self, attr, shape[dim])
 
     def depth(self, table, key, k: int) -> None:
         table[key] = max(table.get(key, 0), k + 1)
@@ -180,8 +190,6 @@ def config_from_diffusers_tensors(tensors: Iterable[tuple[str, tuple[int, ...]]]
         elif m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", name):
             k = _attention_rest(f, m[3], shape, int(m[1]))
             f.depth(f.down_attn, (int(m[1]), int(m[2])), k)
-        elif m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.", name):
-            f.up_resnets[int(m[1])].add(int(m[2]))
         elif m := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", name):
             k = _attention_rest(f, m[3], shape, None)
             f.depth(f.up_attn, (int(m[1]), int(m[2])), k)
@@ -190,12 +198,8 @@ def config_from_diffusers_tensors(tensors: Iterable[tuple[str, tuple[int, ...]]]
         elif m := re.match(r"mid_block\.attentions\.0\.(.+)", name):
             f.mid_attention = True
             f.mid_depth = max(f.mid_depth, _attention_rest(f, m[1], shape, None) + 1)
-        elif name == "conv_in.weight":
-            f.in_channels = shape[1]
-        elif name == "conv_out.weight":
-            f.out_channels = shape[0]
-        elif name == "add_embedding.linear_1.weight":
-            f.y_width = shape[1]
+        else:
+            f.top_level(name, shape)
     return f.config(what)
 
 
@@ -235,20 +239,14 @@ def config_from_ldm_tensors(tensors: Iterable[tuple[str, tuple[int, ...]]], what
                 f.mid_depth = max(f.mid_depth, _attention_rest(f, m[2], shape, None) + 1)
             else:
                 f.mid_resnets.add(int(m[1]) // 2)
-        elif name == "input_blocks.0.0.weight":
-            f.in_channels = shape[1]
-        elif name == "out.2.weight":
-            f.out_channels = shape[0]
-        elif name == "label_emb.0.0.weight":
-            f.y_width = shape[1]
+        else:
+            f.top_level(_DIFFUSERS_TOP.get(name, name), shape)
     # output slots: up block i, layer j <- slot i*3 + j; the tiny UNets keep slots 0..1 of each level's 3
     for slot_s, depth in attn_at.items():
         slot = int(slot_s)
         i, j = slot // stride, slot % stride
         if j in up_slots[i] and depth > 0:
             f.up_attn[(i, j)] = depth
-    for i, slots in up_slots.items():
-        f.up_resnets[i] = slots
     return f.config(what)
 
 

@@ -81,7 +81,7 @@ def variant_unet_config(family: str, variant: str = "base") -> dict:
 VAE_CONFIG = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
               "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4,
               "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
-              "scaling_factor": 0.18215, "up_block_types": ["UpDecoderBlock2D"] * 4}
+              "up_block_types": ["UpDecoderBlock2D"] * 4}
 
 # Text encoders by family; SDXL has two: CLIP ViT-L (as SD1.x) and OpenCLIP ViT-bigG with its projection
 # (diffusers' text_encoder_2, a CLIPTextModelWithProjection).

@@ -215,13 +215,17 @@ def unet_blocks(family_or_config: str | dict) -> list[UnetBlock]:
     return out
 
 
+# (diffusers, LDM) names of the UNet's layers outside the blocks: time and SDXL's added embedding, conv_in, the
+# output norm and conv
+TOP_LEVEL_PARAMETERS = (("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
+                        ("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2"),
+                        ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2"))
+
+
 def top_level_parameters(cfg: dict) -> list[tuple[str, str]]:
-    """(diffusers, LDM) names of the UNet's layers outside the blocks: time (and SDXL's added) embedding, conv_in,
-    the output norm and conv."""
-    out = [("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2")]
-    if cfg.get("addition_embed_type") == "text_time":
-        out += [("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2")]
-    return out + [("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2")]
+    """TOP_LEVEL_PARAMETERS of a UNet: the added embedding's only where the config has SDXL's."""
+    text_time = cfg.get("addition_embed_type") == "text_time"
+    return [(d, l) for d, l in TOP_LEVEL_PARAMETERS if text_time or not d.startswith("add_embedding.")]
 
 
 def level_sizes(n_levels: int, latent_h: int, latent_w: int) -> list[tuple[int, int]]:
