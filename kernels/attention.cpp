@@ -345,13 +345,16 @@ ggml_tensor* attention(ggml_context* ctx, ggml_tensor* q, ggml_tensor* k, ggml_t
 }
 
 AttentionVariant attention_choose(int64_t d_head, int64_t L_q, int64_t L_k) {
-    (void)L_q;
-    (void)L_k;
-    // Measured (docs/benchmarks.md, 2-core AVX2, 2 threads, steady state): the fused kernel beats upstream's
-    // path on every UNet attention of SD1.x/SD2.x (d = 40..160; 1.04-1.70x self-attention, 2.9-6.1x
-    // cross-attention) and the padded-GEMM arrangement never wins by more than noise. With one 512-wide head (the VAE's mid-block)
-    // ggml's GEMM reaches ~110 GFLOP/s against our ~95: upstream's path stays there.
-    return d_head > 256 ? AttentionVariant::none : AttentionVariant::fused;
+    // Measured (docs/benchmarks.md, 2 threads, steady state): the fused kernel beats upstream's path on every
+    // UNet attention of SD1.x/SD2.x (2-core Zen 3: d = 40..160; 1.04-1.70x self-attention, 2.9-6.1x
+    // cross-attention) and SDXL (2-core Zen 4: 1.8-2.2x self, 4.3-6.8x cross), and the padded-GEMM arrangement
+    // never wins by more than noise. With one 512-wide head (the VAE's mid-block) ggml's GEMM wins up to 9216
+    // tokens (Zen 3: 1.15x at 9216), while at 16384 (a 1024 px decode) its 1 GB score matrix costs more than it
+    // gains: fused 1.21x faster there (Zen 4) and 160 MB of compute buffer instead of 1152.
+    if (d_head <= 256) {
+        return AttentionVariant::fused;
+    }
+    return L_q * L_k >= kFusedWideScores ? AttentionVariant::fused : AttentionVariant::none;
 }
 
 AttentionMode attention_mode() {

@@ -28,6 +28,10 @@ enum class AttentionVariant : int { fused = 0, fused_scalar = 1, gemm = 2, none 
 ggml_tensor* attention(ggml_context* ctx, ggml_tensor* q, ggml_tensor* k, ggml_tensor* v, int64_t n_head,
                        AttentionVariant variant);
 
+// Score-matrix entries (L_q x L_k) from which a head wider than 256 takes the fused path too: 2^27, a 512 MB
+// matrix on upstream's path.
+constexpr int64_t kFusedWideScores = (int64_t)1 << 27;
+
 // The per-shape choice for AttentionMode::fast (measured; see attention.cpp).
 AttentionVariant attention_choose(int64_t d_head, int64_t L_q, int64_t L_k);
 

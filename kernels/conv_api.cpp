@@ -141,20 +141,10 @@ extern "C" SD_API int pysdcpp_conv2d_3x3(const float* x, int64_t N, int64_t C, i
             bytes += 4 * (size_t)(16 * T * (C + K) + 16 * (K + 16) * C) * 3;  // U: K padded to whole GEMM panels
         }
         bytes += 64 << 20;
-        // ggml_init aborts the process when it cannot allocate its buffer: allocate it here and fail cleanly.
-        void* buffer = std::malloc(bytes);
-        if (buffer == nullptr) {
-            g_error = "out of memory for the convolution graph (" + std::to_string(bytes >> 20) + " MB)";
-            return 1;
-        }
-        struct BufferFree {
-            void* p;
-            ~BufferFree() { std::free(p); }
-        } buffer_guard{buffer};
-        ggml_init_params params = {bytes, buffer, false};
-        ggml_context* ctx       = ggml_init(params);
+        pysdcpp::HarnessContext harness(bytes, "convolution");
+        ggml_context* ctx = harness.get();
         if (ctx == nullptr) {
-            g_error = "out of memory for the convolution graph";
+            g_error = harness.error();
             return 1;
         }
         ggml_tensor* tx = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, W, H, C, N);
@@ -178,12 +168,10 @@ extern "C" SD_API int pysdcpp_conv2d_3x3(const float* x, int64_t N, int64_t C, i
         ggml_cgraph* gf  = ggml_new_graph(ctx);
         ggml_build_forward_expand(gf, out);
         if (!pysdcpp::compute_timed(ctx, gf, n_threads, repeat, seconds, t_build)) {
-            ggml_free(ctx);
             g_error = "graph compute failed";
             return 1;
         }
         std::memcpy(y, out->data, sizeof(float) * (size_t)(N * K * OH * OW));
-        ggml_free(ctx);
         pysdcpp::winograd_cache_clear();
         return 0;
     } catch (const std::exception& e) {

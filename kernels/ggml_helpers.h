@@ -3,6 +3,8 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
@@ -21,6 +23,38 @@ inline bool fusable_bias(const ggml_tensor* b, int64_t n) {
     return b != nullptr && b->type == GGML_TYPE_F32 && ggml_is_contiguous(b) && b->ne[0] == n &&
            ggml_nelements(b) == n;
 }
+
+// Harnesses: a ggml context over a buffer allocated here (ggml_init aborts the process when its own allocation
+// fails). get() is nullptr when the memory is not there, and error() then says how much `what` asked for.
+class HarnessContext {
+public:
+    HarnessContext(size_t bytes, const char* what) : bytes_(bytes), what_(what) {
+        buffer_ = std::malloc(bytes);
+        if (buffer_ != nullptr) {
+            ggml_init_params params = {bytes, buffer_, false};
+            ctx_                    = ggml_init(params);
+        }
+    }
+    ~HarnessContext() {
+        if (ctx_ != nullptr) {
+            ggml_free(ctx_);
+        }
+        std::free(buffer_);
+    }
+    HarnessContext(const HarnessContext&)            = delete;
+    HarnessContext& operator=(const HarnessContext&) = delete;
+
+    ggml_context* get() const { return ctx_; }
+    std::string error() const {
+        return "out of memory for the " + what_ + " graph (" + std::to_string(bytes_ >> 20) + " MB)";
+    }
+
+private:
+    size_t bytes_;
+    std::string what_;
+    void* buffer_      = nullptr;
+    ggml_context* ctx_ = nullptr;
+};
 
 // Harnesses: computes gf `repeat` times, seconds[r] per run (the first measured from first_start, which may lie
 // before the graph was built); false if a compute failed.

@@ -29,46 +29,64 @@ std::atomic<int> g_linear_mode{(int)LinearMode::upstream};
 
 const bool kVector = true, kScalar = false;  // node userdata: which build of the GEMM
 
-// Rows per pass: a pass packs each (kGemmDepth x kGemmCols) block of W^T once and multiplies it by the pass's
-// rows, whose outputs for the column block (kLinearRows x kGemmCols floats, 128 KB) stay in L2 next to the packed
-// block (128 KB) while the reduction walks K. (All rows in one pass streamed the outputs through L3 once per
+// Rows per pass: a pass multiplies each packed (kGemmDepth x kGemmCols) block of W^T by the pass's rows, whose
+// outputs for the column block (kLinearRows x kGemmCols floats, 128 KB) stay in L2 next to the packed block
+// (128 KB) while the reduction walks K. (All rows in one pass streamed the outputs through L3 once per
 // block: 1.0x of ggml on 2560-deep layers; measured.)
 constexpr int64_t kLinearRows = 256;
 
 // dst y [N, rows...] F32; src[0] = x [K, rows...] F32, src[1] = w [K, N], src[2] = bias [N] or absent.
-// Work items are (column block, pass of rows), claimed dynamically; with a single pass of rows the column blocks
-// are narrower (two panels), so that a small layer still has enough items for every thread.
+// Work items are (column block, group of row passes), claimed dynamically. An item packs its column block of W^T
+// once, for all of K (K x width floats, at most 2.6 MB at K = 5120), and then runs its passes over it: packing
+// converts F16 and transposes, and done once per pass it cost 4% of SDXL's UNet at 1024 px (profile). Groups are
+// as few as keep every thread busy; with a single pass of rows the column blocks are narrower (two panels), so
+// that a small layer still has enough items.
 void linear_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
     (void)ith;
     const ggml_tensor* x = dst->src[0];
     const ggml_tensor* w = dst->src[1];
     const ggml_tensor* b = dst->src[2];
     const int64_t K = w->ne[0], N = w->ne[1], rows = ggml_nelements(x) / K;
-    const bool vector    = *(const bool*)userdata;
-    const int64_t width  = rows <= kLinearRows ? 2 * kGemmPanel : kGemmCols;
-    const int64_t n_cols = (N + width - 1) / width;
-    const int64_t n_rows = (rows + kLinearRows - 1) / kLinearRows;
+    const bool vector     = *(const bool*)userdata;
+    const int64_t width   = rows <= kLinearRows ? 2 * kGemmPanel : kGemmCols;
+    const int64_t n_cols  = (N + width - 1) / width;
+    const int64_t passes  = (rows + kLinearRows - 1) / kLinearRows;
+    const int64_t groups  = std::min(passes, (4 * nth + n_cols - 1) / n_cols);
+    const int64_t per_grp = (passes + groups - 1) / groups;  // passes per group
+    const int64_t n_k     = (K + kGemmDepth - 1) / kGemmDepth;
+    const int64_t block   = kGemmDepth * width;                // floats of one packed (depth, column) block
     thread_local std::vector<float> pack, rows_f32;
-    pack.resize((size_t)(kGemmDepth * kGemmCols));
+    pack.resize((size_t)(n_k * block));
     rows_f32.resize((size_t)(kGemmDepth * kGemmPanel));
     const float* X = (const float*)x->data;
     float* Y       = (float*)dst->data;
-    WorkItems items(dst, nth, n_cols * n_rows);
+    WorkItems items(dst, nth, n_cols * groups);
     for (int64_t item; (item = items.next()) >= 0;) {
-        const int64_t j0 = (item / n_rows) * width, j1 = std::min(N, j0 + width);
-        const int64_t i0 = (item % n_rows) * kLinearRows, i1 = std::min(rows, i0 + kLinearRows);
-        for (int64_t l0 = 0; l0 < K; l0 += kGemmDepth) {
-            const int64_t kd = std::min(kGemmDepth, K - l0);
-            pack_panels(w->data, w->type == GGML_TYPE_F16, K, j0, j1, l0, kd, pack.data(), kd * kGemmPanel,
-                        rows_f32.data());
-            gemm_block(X + l0, K, pack.data(), kd * kGemmPanel, kd, j1 - j0, Y + j0, N, i0, i1, l0 > 0, vector);
+        const int64_t j0 = (item / groups) * width, j1 = std::min(N, j0 + width);
+        const int64_t r0 = (item % groups) * per_grp * kLinearRows;
+        const int64_t r1 = std::min(rows, r0 + per_grp * kLinearRows);
+        if (r0 >= r1) {
+            continue;
         }
-        if (b != nullptr) {
-            const float* bias = (const float*)b->data;
-            for (int64_t i = i0; i < i1; i++) {
-                float* y = Y + i * N;
-                for (int64_t j = j0; j < j1; j++) {
-                    y[j] += bias[j];
+        for (int64_t kb = 0; kb < n_k; kb++) {
+            const int64_t l0 = kb * kGemmDepth, kd = std::min(kGemmDepth, K - l0);
+            pack_panels(w->data, w->type == GGML_TYPE_F16, K, j0, j1, l0, kd, pack.data() + kb * block,
+                        kd * kGemmPanel, rows_f32.data());
+        }
+        for (int64_t i0 = r0; i0 < r1; i0 += kLinearRows) {
+            const int64_t i1 = std::min(r1, i0 + kLinearRows);
+            for (int64_t kb = 0; kb < n_k; kb++) {
+                const int64_t l0 = kb * kGemmDepth, kd = std::min(kGemmDepth, K - l0);
+                gemm_block(X + l0, K, pack.data() + kb * block, kd * kGemmPanel, kd, j1 - j0, Y + j0, N, i0, i1,
+                           l0 > 0, vector);
+            }
+            if (b != nullptr) {
+                const float* bias = (const float*)b->data;
+                for (int64_t i = i0; i < i1; i++) {
+                    float* y = Y + i * N;
+                    for (int64_t j = j0; j < j1; j++) {
+                        y[j] += bias[j];
+                    }
                 }
             }
         }
@@ -140,10 +158,10 @@ extern "C" SD_API int pysdcpp_linear(const float* x, int64_t rows, int64_t K, co
         // Every tensor (x, w, bias, y), ggml's work buffer (x converted to F16 for an F16 w) and slack, twice over:
         // ggml aborts the process when a context runs out.
         const size_t bytes = 2 * sizeof(float) * (size_t)(rows * K * 2 + K * N + N + rows * N) + (32 << 20);
-        ggml_init_params params = {bytes, nullptr, false};
-        ggml_context* ctx       = ggml_init(params);
+        HarnessContext harness(bytes, "linear-layer");
+        ggml_context* ctx = harness.get();
         if (ctx == nullptr) {
-            g_linear_error = "out of memory for the linear-layer graph";
+            g_linear_error = harness.error();
             return 1;
         }
         ggml_tensor* tx = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, K, rows);
@@ -171,12 +189,10 @@ extern "C" SD_API int pysdcpp_linear(const float* x, int64_t rows, int64_t K, co
         ggml_cgraph* gf = ggml_new_graph(ctx);
         ggml_build_forward_expand(gf, out);
         if (!compute_timed(ctx, gf, n_threads, repeat, seconds, std::chrono::steady_clock::now())) {
-            ggml_free(ctx);
             g_linear_error = "graph compute failed";
             return 1;
         }
         std::memcpy(y, out->data, sizeof(float) * (size_t)(rows * N));
-        ggml_free(ctx);
         return 0;
     } catch (const std::exception& e) {
         g_linear_error = e.what();

@@ -3,8 +3,9 @@
 //
 // ggml multiplies F16 weights by first rounding the activations to F16 and then runs tinyBLAS's dot-product tiles.
 // Here the activations stay F32 (read in place, broadcast six rows at a time) and the weights are converted to
-// F32 block by block while being packed into the GEMM's column panels (kGemmDepth x kGemmCols floats, L2-sized),
-// each block then multiplied by up to 256 rows of x. The threads claim (column block, rows) items dynamically.
+// F32 while being packed into the GEMM's column panels (kGemmDepth x kGemmCols floats, L2-sized blocks), each
+// column block once for all the rows its work item covers, then multiplied by 256 rows of x at a time. The
+// threads claim (column block, group of rows) items dynamically.
 #pragma once
 
 #include <cstdint>

@@ -36,11 +36,13 @@ int pysdcpp_unet(sd_ctx_t* ctx, const float* x, const int64_t* x_ne, const float
                  pysdcpp_tensor_t* out);
 /* Width of the UNet's extra input y (SDXL: 2816), 0 where it takes none. */
 int64_t pysdcpp_unet_y_width(sd_ctx_t* ctx);
-/* VAE decode of a diffusion latent [W, H, C, N]: the decoder's raw output (about -1..1), before clamping. */
+/* VAE decode of a diffusion latent [W, H, C, N]: the decoder's raw output, before clamping, about -1..1 (a tiny
+   autoencoder's 0..1 output mapped to that range too). */
 int pysdcpp_decode(sd_ctx_t* ctx, const float* latent, const int64_t* latent_ne, pysdcpp_tensor_t* out);
 
 /* Convolution algorithms: the context-wide choice (pysdcpp_set_conv_algorithm: IM2COL, or any WINOGRAD value: the
-   cost model then picks F(4x4), F(2x2) or im2col and where the filters come from, per layer) and the explicit per-call
+   cost model then picks F(4x4), F(2x2) or im2col and where the filters come from, per layer; the same choice sends
+   1x1 convs to pysdcpp_conv2d_1x1's node and group norms to pysdcpp_group_norm's) and the explicit per-call
    variants of pysdcpp_conv2d_3x3
    (WINOGRAD_F4/F2: filters from the cache; WINOGRAD_F4_IN_GRAPH: the filter transform as a graph node;
    WINOGRAD_F4_GGML_GEMM: the products through ggml's GEMM instead of ours; WINOGRAD_F4_SCALAR: our GEMM's portable
@@ -89,6 +91,26 @@ const char* pysdcpp_conv_last_error(void);
 int pysdcpp_conv2d_3x3(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, const float* w, int64_t K,
                        const float* bias, int pad, int weight_f16, int algorithm, int n_threads, int repeat,
                        float* y, double* seconds);
+
+/* The paths of the single-layer harnesses below: UPSTREAM = the ops upstream's graph builds, FAST = our node,
+   FAST_SCALAR = our node's portable scalar build. Each returns 0, or 1 with its last_error() set. */
+enum pysdcpp_path_t {
+    PYSDCPP_PATH_UPSTREAM    = 0,
+    PYSDCPP_PATH_FAST        = 1,
+    PYSDCPP_PATH_FAST_SCALAR = 2
+};
+/* One 1x1 stride-1 convolution (kernels/pointwise.h; the context's conv algorithm WINOGRAD routes them there):
+   x [N][C][H][W], w [K][C] (held as F16 when weight_f16), bias [K] or NULL, y [N][K][H][W]. */
+int pysdcpp_conv2d_1x1(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, const float* w, int64_t K,
+                       const float* bias, int weight_f16, int path, int n_threads, int repeat, float* y,
+                       double* seconds);
+const char* pysdcpp_conv1x1_last_error(void);
+/* One group normalisation with its affine step (kernels/groupnorm.h; also routed by the WINOGRAD algorithm):
+   x, y [N][C][H][W], gamma and beta [C], C divisible by groups. */
+int pysdcpp_group_norm(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int groups, float eps,
+                       const float* gamma, const float* beta, int path, int n_threads, int repeat, float* y,
+                       double* seconds);
+const char* pysdcpp_group_norm_last_error(void);
 
 /* Linear layers: the context-wide choice (pysdcpp_set_linear_mode: UPSTREAM = ggml's mul_mat, FAST = our GEMM
    with F32 activations, kernels/linear.h) and the explicit per-call paths of pysdcpp_linear (FAST_SCALAR: our

@@ -1,11 +1,12 @@
 // The conv hook's side of Winograd: the per-layer cost model (winograd_plan), the process-wide algorithm, the route
-// counters, and pysdcpp_conv2d_hook, which routes stable-diffusion.cpp's eligible 3x3 convs.
+// counters, and pysdcpp_conv2d_hook, which routes stable-diffusion.cpp's eligible 3x3 and 1x1 convs.
 #include "winograd.h"
 
 #include <atomic>
 
 #include "gemm.h"
 #include "ggml_helpers.h"
+#include "pointwise.h"
 #include "winograd_cache.h"
 
 namespace pysdcpp {
@@ -58,6 +59,13 @@ ggml_tensor* pysdcpp_conv2d_hook(ggml_context* ctx, ggml_tensor* w, ggml_tensor*
     using namespace pysdcpp;
     if (conv_algorithm() != ConvAlgorithm::winograd) {
         return nullptr;
+    }
+    if (pointwise_eligible(w, x, s0, s1, p0, p1, d0, d1)) {  // 1x1: one GEMM per image (pointwise.h)
+        const bool fuse = fusable_bias(b, w->ne[3]);
+        if (bias_done != nullptr) {
+            *bias_done = fuse;
+        }
+        return conv2d_1x1(ctx, w, x, fuse ? b : nullptr);
     }
     const bool eligible = w->ne[0] == 3 && w->ne[1] == 3 && s0 == 1 && s1 == 1 && d0 == 1 && d1 == 1 && p0 == p1 &&
                           (p0 == 0 || p0 == 1) && x->type == GGML_TYPE_F32 &&

@@ -152,3 +152,79 @@ def linear(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, path
         if rc != 0:
             raise GenerationError(ffi.string(lib.lib.pysdcpp_linear_last_error()).decode())
     return y, secs.tolist()
+
+
+# Per-call paths of the 1x1-conv and group-norm harnesses: names of pysdcpp_ext.h's enum pysdcpp_path_t values.
+KERNEL_PATHS = {"upstream": "PYSDCPP_PATH_UPSTREAM", "fast": "PYSDCPP_PATH_FAST",
+                "fast_scalar": "PYSDCPP_PATH_FAST_SCALAR"}
+
+
+def _check_path(path: str) -> None:
+    if path not in KERNEL_PATHS:
+        raise ValueError(f"path must be one of {', '.join(KERNEL_PATHS)}, not {path!r}")
+
+
+def conv2d_1x1(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, path: str = "fast",
+               weight_f16: bool = True, threads: int = 1, repeat: int = 1) -> tuple[np.ndarray, list[float]]:
+    """y = conv2d(x, w) + bias with a 1x1 kernel; x (N, C, H, W), w (K, C) or (K, C, 1, 1). Returns (y (N, K, H, W),
+    seconds per repetition)."""
+    _check_path(path)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if w.ndim == 4 and w.shape[2:] == (1, 1):
+        w = w.reshape(w.shape[:2])
+    if x.ndim != 4 or w.ndim != 2 or w.shape[1] != x.shape[1] or x.size == 0 or w.size == 0:
+        raise ValueError(f"need x (N, C, H, W) and w (K, C); got {x.shape} and {w.shape}")
+    n, c, h, wd = x.shape
+    k = w.shape[0]
+    b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+    if b is not None and b.shape != (k,):
+        raise ValueError(f"bias must have shape ({k},), got {b.shape}")
+    if threads < 1 or repeat < 1:
+        raise ValueError("threads and repeat must be at least 1")
+    lib = _native.load("accelerated")
+    ffi = lib.ffi
+    y = np.empty((n, k, h, wd), dtype=np.float32)
+    secs = np.zeros(repeat, dtype=np.float64)
+    with lib.lock:
+        rc = lib.lib.pysdcpp_conv2d_1x1(
+            ffi.from_buffer("float[]", x), n, c, h, wd, ffi.from_buffer("float[]", w), k,
+            ffi.NULL if b is None else ffi.from_buffer("float[]", b), int(weight_f16),
+            getattr(lib.lib, KERNEL_PATHS[path]), int(threads), int(repeat), ffi.from_buffer("float[]", y),
+            ffi.from_buffer("double[]", secs))
+        if rc != 0:
+            raise GenerationError(ffi.string(lib.lib.pysdcpp_conv1x1_last_error()).decode())
+    return y, secs.tolist()
+
+
+def group_norm(x: np.ndarray, groups: int, gamma: np.ndarray, beta: np.ndarray, *, eps: float = 1e-6,
+               path: str = "fast", threads: int = 1, repeat: int = 1) -> tuple[np.ndarray, list[float]]:
+    """Group normalisation of x (N, C, H, W) over `groups` groups of channels, then y = norm * gamma + beta per
+    channel (upstream's eps is 1e-6). Returns (y, seconds per repetition)."""
+    _check_path(path)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 4 or x.size == 0:
+        raise ValueError(f"need x (N, C, H, W); got {x.shape}")
+    n, c, h, wd = x.shape
+    if not isinstance(groups, (int, np.integer)) or groups < 1 or c % groups:
+        raise ValueError(f"groups must divide the channel count {c}; got {groups!r}")
+    g = np.ascontiguousarray(gamma, dtype=np.float32)
+    b = np.ascontiguousarray(beta, dtype=np.float32)
+    if g.shape != (c,) or b.shape != (c,):
+        raise ValueError(f"gamma and beta must have shape ({c},); got {g.shape} and {b.shape}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be non-negative, got {eps!r}")
+    if threads < 1 or repeat < 1:
+        raise ValueError("threads and repeat must be at least 1")
+    lib = _native.load("accelerated")
+    ffi = lib.ffi
+    y = np.empty_like(x)
+    secs = np.zeros(repeat, dtype=np.float64)
+    with lib.lock:
+        rc = lib.lib.pysdcpp_group_norm(
+            ffi.from_buffer("float[]", x), n, c, h, wd, int(groups), float(eps), ffi.from_buffer("float[]", g),
+            ffi.from_buffer("float[]", b), getattr(lib.lib, KERNEL_PATHS[path]), int(threads), int(repeat),
+            ffi.from_buffer("float[]", y), ffi.from_buffer("double[]", secs))
+        if rc != 0:
+            raise GenerationError(ffi.string(lib.lib.pysdcpp_group_norm_last_error()).decode())
+    return y, secs.tolist()

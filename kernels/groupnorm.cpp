@@ -1,0 +1,214 @@
+// The fused group normalisation (see groupnorm.h), and the harness that runs one on host arrays.
+#include "groupnorm.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "ggml_helpers.h"
+#include "simd.h"
+#include "winograd.h"
+#include "work_items.h"
+
+extern "C" {
+#include "stable-diffusion.h"
+#include "pysdcpp_ext.h"
+}
+
+namespace pysdcpp {
+
+namespace {
+
+using simd::v8f;
+
+const bool kVector = true, kScalar = false;  // node userdata: the SIMD or the portable scalar build
+
+// The node's two scalars sit in the last 8 bytes of its op_params, past the fields ggml_custom_4d writes there
+// (function, task count, userdata: 24 bytes of 64).
+constexpr size_t kParamsOffset = GGML_MAX_OP_PARAMS - 2 * sizeof(int32_t);
+static_assert(kParamsOffset >= 3 * sizeof(void*), "ggml's custom-op fields overlap the group-norm parameters");
+
+// Sums of (x - shift) and (x - shift)^2 over n floats: float partial sums over runs of at most 512 elements, each
+// run added into the double totals.
+template <class V>
+void shifted_sums(const float* x, int64_t n, float shift, double& s1, double& s2) {
+    constexpr int L   = simd::lanes<V>();
+    const V vshift    = simd::splat<V>(shift);
+    for (int64_t r0 = 0; r0 < n; r0 += 512) {
+        const int64_t r1 = std::min(n, r0 + 512);
+        V a1{}, a2{};
+        int64_t i = r0;
+        for (; i + L <= r1; i += L) {
+            const V d = simd::load<V>(x + i) - vshift;
+            a1 += d;
+            a2 += d * d;
+        }
+        float t1 = 0.0f, t2 = 0.0f;
+        for (int l = 0; l < L; l++) {
+            t1 += ((const float*)&a1)[l];
+            t2 += ((const float*)&a2)[l];
+        }
+        for (; i < r1; i++) {
+            const float d = x[i] - shift;
+            t1 += d;
+            t2 += d * d;
+        }
+        s1 += t1;
+        s2 += t2;
+    }
+}
+
+template <class V>
+void affine_row(const float* x, float* y, int64_t n, float a, float b) {
+    constexpr int L = simd::lanes<V>();
+    const V va = simd::splat<V>(a), vb = simd::splat<V>(b);
+    int64_t i  = 0;
+    for (; i + L <= n; i += L) {
+        simd::store<V>(y + i, simd::load<V>(x + i) * va + vb);
+    }
+    for (; i < n; i++) {
+        y[i] = x[i] * a + b;
+    }
+}
+
+template <class V>
+void normalise_group(const float* x, float* y, int64_t cg, int64_t P, const float* gamma, const float* beta,
+                     float eps) {
+    const int64_t n = cg * P;
+    // The shift: the mean of a sample of the group (its first elements), close enough to the group's mean that
+    // E[(x - s)^2] - E[x - s]^2 keeps its digits.
+    const int64_t ns = std::min<int64_t>(n, 64);
+    double sample    = 0.0;
+    for (int64_t i = 0; i < ns; i++) {
+        sample += x[i];
+    }
+    const float shift = (float)(sample / (double)ns);
+    double s1 = 0.0, s2 = 0.0;
+    shifted_sums<V>(x, n, shift, s1, s2);
+    const double m1   = s1 / (double)n;
+    const double var  = std::max(0.0, s2 / (double)n - m1 * m1);
+    const double mean = shift + m1;
+    const double rstd = 1.0 / std::sqrt(var + (double)eps);
+    for (int64_t c = 0; c < cg; c++) {
+        const double a = rstd * gamma[c];
+        affine_row<V>(x + c * P, y + c * P, P, (float)a, (float)(beta[c] - mean * a));
+    }
+}
+
+// dst y [W, H, C, N]; src[0] = x, src[1] = gamma, src[2] = beta; op_params: groups, eps. One item per (image,
+// group).
+void group_norm_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
+    (void)ith;
+    const ggml_tensor* x = dst->src[0];
+    const float* gamma   = (const float*)dst->src[1]->data;
+    const float* beta    = (const float*)dst->src[2]->data;
+    const bool vector    = *(const bool*)userdata;
+    int32_t groups = 0;
+    float eps      = 0.0f;
+    std::memcpy(&groups, (const char*)dst->op_params + kParamsOffset, sizeof(int32_t));
+    std::memcpy(&eps, (const char*)dst->op_params + kParamsOffset + sizeof(int32_t), sizeof(float));
+    const int64_t P = x->ne[0] * x->ne[1], C = x->ne[2], N = x->ne[3], cg = C / groups;
+    WorkItems items(dst, nth, N * groups);
+    for (int64_t item; (item = items.next()) >= 0;) {
+        const int64_t n = item / groups, g = item % groups;
+        const int64_t off = (n * C + g * cg) * P;
+        const float* xs   = (const float*)x->data + off;
+        float* ys         = (float*)dst->data + off;
+        if (vector) {
+            normalise_group<v8f>(xs, ys, cg, P, gamma + g * cg, beta + g * cg, eps);
+        } else {
+            normalise_group<float>(xs, ys, cg, P, gamma + g * cg, beta + g * cg, eps);
+        }
+    }
+}
+
+bool plain_vector(const ggml_tensor* t, int64_t n) {
+    return t != nullptr && t->type == GGML_TYPE_F32 && ggml_is_contiguous(t) && ggml_nelements(t) == n &&
+           host_weights(t);
+}
+
+}  // namespace
+
+ggml_tensor* group_norm_affine(ggml_context* ctx, ggml_tensor* x, int groups, float eps, ggml_tensor* gamma,
+                               ggml_tensor* beta, bool vector) {
+    ggml_tensor* args[3] = {x, gamma, beta};
+    ggml_tensor* y       = ggml_custom_4d(ctx, GGML_TYPE_F32, x->ne[0], x->ne[1], x->ne[2], x->ne[3], args, 3,
+                                          group_norm_node, GGML_N_TASKS_MAX, (void*)(vector ? &kVector : &kScalar));
+    std::memcpy((char*)y->op_params + kParamsOffset, &groups, sizeof(int32_t));
+    std::memcpy((char*)y->op_params + kParamsOffset + sizeof(int32_t), &eps, sizeof(float));
+    return y;
+}
+
+}  // namespace pysdcpp
+
+ggml_tensor* pysdcpp_group_norm_hook(ggml_context* ctx, ggml_tensor* x, ggml_tensor* gamma, ggml_tensor* beta,
+                                     int groups, float eps) {
+    using namespace pysdcpp;
+    if (conv_algorithm() != ConvAlgorithm::winograd) {
+        return nullptr;
+    }
+    const int64_t C = x->ne[2];
+    const bool eligible = ggml_n_dims(x) >= 3 && x->type == GGML_TYPE_F32 && ggml_is_contiguous(x) && groups > 0 &&
+                          C % groups == 0 && plain_vector(gamma, C) && plain_vector(beta, C);
+    return eligible ? group_norm_affine(ctx, x, groups, eps, gamma, beta) : nullptr;
+}
+
+// ---- harness: one group normalisation on host arrays (kernel tests) ------------------------------------------
+
+namespace {
+std::string g_norm_error;
+}
+
+extern "C" SD_API const char* pysdcpp_group_norm_last_error(void) {
+    return g_norm_error.c_str();
+}
+
+extern "C" SD_API int pysdcpp_group_norm(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int groups,
+                                         float eps, const float* gamma, const float* beta, int path, int n_threads,
+                                         int repeat, float* y, double* seconds) {
+    using namespace pysdcpp;
+    if (N < 1 || C < 1 || H < 1 || W < 1 || groups < 1 || C % groups != 0 || !(eps >= 0.0f) || n_threads < 1 ||
+        repeat < 1 || gamma == nullptr || beta == nullptr || path < PYSDCPP_PATH_UPSTREAM ||
+        path > PYSDCPP_PATH_FAST_SCALAR) {
+        g_norm_error = "invalid group-norm arguments";
+        return 1;
+    }
+    try {
+        const size_t bytes = 2 * sizeof(float) * (size_t)(2 * N * C * H * W + 2 * C) + (16 << 20);
+        HarnessContext harness(bytes, "group-norm");
+        ggml_context* ctx = harness.get();
+        if (ctx == nullptr) {
+            g_norm_error = harness.error();
+            return 1;
+        }
+        ggml_tensor* tx = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, W, H, C, N);
+        std::memcpy(tx->data, x, sizeof(float) * (size_t)(N * C * H * W));
+        ggml_tensor* tg = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, C);
+        std::memcpy(tg->data, gamma, sizeof(float) * (size_t)C);
+        ggml_tensor* tb = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, C);
+        std::memcpy(tb->data, beta, sizeof(float) * (size_t)C);
+        ggml_tensor* out = nullptr;
+        if (path == PYSDCPP_PATH_UPSTREAM) {  // what ggml_ext_group_norm builds without the hook
+            out = ggml_group_norm(ctx, tx, groups, eps);
+            out = ggml_mul_inplace(ctx, out, ggml_reshape_4d(ctx, tg, 1, 1, C, 1));
+            out = ggml_add_inplace(ctx, out, ggml_reshape_4d(ctx, tb, 1, 1, C, 1));
+        } else {
+            out = group_norm_affine(ctx, tx, groups, eps, tg, tb, path == PYSDCPP_PATH_FAST);
+        }
+        ggml_cgraph* gf = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gf, out);
+        if (!compute_timed(ctx, gf, n_threads, repeat, seconds, std::chrono::steady_clock::now())) {
+            g_norm_error = "graph compute failed";
+            return 1;
+        }
+        std::memcpy(y, out->data, sizeof(float) * (size_t)(N * C * H * W));
+        return 0;
+    } catch (const std::exception& e) {
+        g_norm_error = e.what();
+        return 1;
+    }
+}
