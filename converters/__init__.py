@@ -25,7 +25,8 @@ from pysdcpp.format.routing import AlterRouting, routing_metadata
 from . import alter
 from .errors import ConversionError
 from .gguf_out import OUTPUT_TYPES, ProgressFn, write_gguf
-from .sd_layout import ModelInfo, detect, map_single_file, map_text_encoder, single_file_layout, map_unet, map_vae
+from .sd_layout import (ModelInfo, detect, map_single_file, map_tae, map_text_encoder, single_file_layout, map_unet,
+                        map_vae)
 
 __all__ = ["ConversionError", "ConversionReport", "OUTPUT_TYPES", "convert", "load_model_tensors"]
 CONVERTER_VERSION = "1"
@@ -108,8 +109,7 @@ def read_diffusers_folder(folder: Path, base: Path | None = None) -> tuple[list[
         path = _component_file(folder, component) or (base and _component_file(base, component))
         if component == "vae" and path is not None and (path.parent / "config.json").is_file() and \
                 _json(path.parent / "config.json").get("_class_name") == "AutoencoderTiny":
-            raise ConversionError(f"{path.parent}: a tiny autoencoder (TAESD, as the SDXS models ship): pysdcpp "
-                                  "converts the KL autoencoder only, so far (the UNet itself is supported)")
+            mapper = map_tae   # TAESD, as the SDXS models ship (detection checks the UNet decodes with one)
         if path is None:
             if component == "text_encoder_2":
                 continue   # SDXL's; detection says if the UNet needs it

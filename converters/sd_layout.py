@@ -12,8 +12,8 @@ from pysdcpp.format.checkpoint_io import TensorSource
 from pysdcpp.format.detect import (UnetArchitecture, classify, config_from_diffusers_tensors,
                                    config_from_ldm_tensors)
 from pysdcpp.format.errors import FormatError
-from pysdcpp.format.families import TEXT_ENCODERS
-from pysdcpp.format.names import TEXT2_PREFIX, TEXT2_PROJECTION, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from pysdcpp.format.families import TEXT_ENCODERS, TINY_VAE_VARIANTS
+from pysdcpp.format.names import TAE_PREFIX, TEXT2_PREFIX, TEXT2_PROJECTION, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from pysdcpp.format.unet import top_level_parameters, unet_blocks
 
 from .errors import ConversionError
@@ -141,6 +141,15 @@ def map_vae(tensors: list[TensorSource]) -> list[TensorSource]:
     return out
 
 
+def map_tae(tensors: list[TensorSource]) -> list[TensorSource]:
+    """diffusers' AutoencoderTiny (TAESD) -> stable-diffusion.cpp's TAE: its own names under TAE_PREFIX."""
+    strange = [t.name for t in tensors if not t.name.startswith(("encoder.layers.", "decoder.layers."))]
+    if strange or not tensors:
+        raise ConversionError("not a tiny autoencoder (diffusers AutoencoderTiny): "
+                              + (f"unexpected tensors such as {strange[0]!r}" if strange else "no tensors"))
+    return [t.renamed(TAE_PREFIX + t.name) for t in tensors]
+
+
 def map_text_encoder(tensors: list[TensorSource], second: bool = False) -> list[TensorSource]:
     out = []
     for t in tensors:
@@ -244,7 +253,7 @@ def map_single_file(tensors: list[TensorSource]) -> list[TensorSource]:
 class ModelInfo:
     architecture: UnetArchitecture
     has_text_encoder: bool   # every text encoder of the family
-    has_vae: bool
+    has_vae: bool            # the autoencoder stable-diffusion.cpp decodes this variant with (a TAE for SDXS)
 
     @property
     def family(self) -> str:
@@ -274,5 +283,12 @@ def detect(tensors: list[TensorSource]) -> ModelInfo:
     arch = classify(config_from_ldm_tensors([(t.name, t.shape) for t in tensors], "UNet"))
     prefixes = {"text_encoder": TEXT_PREFIX, "text_encoder_2": TEXT2_PREFIX}
     has_text = all(any(n.startswith(prefixes[c]) for n in names) for c in TEXT_ENCODERS[arch.family])
-    has_vae = any(n.startswith(VAE_PREFIX) for n in names)
-    return ModelInfo(arch, has_text, has_vae)
+    kl, tiny = (any(n.startswith(p) for n in names) for p in (VAE_PREFIX, TAE_PREFIX))
+    wants_tiny = arch.variant in TINY_VAE_VARIANTS
+    if tiny and not wants_tiny:
+        raise ConversionError(f"a tiny autoencoder (TAESD) with a {arch.name} UNet: stable-diffusion.cpp decodes "
+                              "with one only for the SDXS UNets; give this model its KL autoencoder")
+    if kl and wants_tiny:
+        raise ConversionError(f"a KL autoencoder with a {arch.name} UNet: stable-diffusion.cpp decodes the SDXS "
+                              "UNets with their tiny autoencoder (diffusers AutoencoderTiny) only")
+    return ModelInfo(arch, has_text, tiny if wants_tiny else kl)

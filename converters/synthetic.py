@@ -15,15 +15,15 @@ from typing import Iterator
 
 import numpy as np
 
-from pysdcpp.format.families import (SCHEDULER_CONFIGS, TEXT2_CONFIG, TEXT_CONFIGS, TEXT_ENCODERS, VAE_CONFIG,
-                                     VAE_SCALING, check_family, variant_unet_config)
+from pysdcpp.format.families import (SCHEDULER_CONFIGS, TAE_CONFIG, TEXT2_CONFIG, TEXT_CONFIGS, TEXT_ENCODERS,
+                                     TINY_VAE_VARIANTS, VAE_CONFIG, VAE_SCALING, check_family, variant_unet_config)
 from pysdcpp.format.names import FAMILIES
 from pysdcpp.format.unet import unet_blocks
 from pysdcpp.format.vae import vae_blocks
 
 from pysdcpp.format.checkpoint_io import TensorSource
 
-from .sd_layout import map_text_encoder, map_unet, map_vae
+from .sd_layout import map_tae, map_text_encoder, map_unet, map_vae
 
 # ---- parameter lists (name, shape) in diffusers layout ------------------------------------------
 
@@ -119,6 +119,44 @@ def vae_parameters(cfg: dict) -> Iterator[tuple[str, tuple[int, ...]]]:
             yield from _conv(b.name, b.cout, b.cin, b.kernel)
 
 
+def _tae_block(name: str, c: int):
+    for k in (0, 2, 4):   # three 3x3 convs with activations between them (Sequential indices 0, 2, 4)
+        yield from _conv(f"{name}.conv.{k}", c, c, 3)
+
+
+def tae_parameters(cfg: dict) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """diffusers' AutoencoderTiny: encoder and decoder as flat Sequentials (activations and upsamplers take an
+    index each and hold nothing), equal channels throughout, so no block has a skip conv."""
+    enc, dec = cfg["encoder_block_out_channels"], cfg["decoder_block_out_channels"]
+    if len(set(enc)) != 1 or len(set(dec)) != 1:
+        raise ValueError("the synthetic tiny autoencoder keeps one channel count throughout")
+    c, z = enc[0], cfg["latent_channels"]
+    i = 0
+    for level, blocks in enumerate(cfg["num_encoder_blocks"]):
+        if level == 0:
+            yield from _conv(f"encoder.layers.{i}", c, cfg["in_channels"], 3)
+        else:   # the stride-2 downsampling conv has no bias
+            yield f"encoder.layers.{i}.weight", (c, c, 3, 3)
+        i += 1
+        for _ in range(blocks):
+            yield from _tae_block(f"encoder.layers.{i}", c)
+            i += 1
+    yield from _conv(f"encoder.layers.{i}", z, c, 3)
+    yield from _conv("decoder.layers.0", c, z, 3)
+    i = 2   # 1: the activation
+    levels = cfg["num_decoder_blocks"]
+    for level, blocks in enumerate(levels):
+        for _ in range(blocks):
+            yield from _tae_block(f"decoder.layers.{i}", c)
+            i += 1
+        if level < len(levels) - 1:
+            i += 1   # the upsampler
+            yield f"decoder.layers.{i}.weight", (c, c, 3, 3)   # no bias
+        else:
+            yield from _conv(f"decoder.layers.{i}", cfg["out_channels"], c, 3)
+        i += 1
+
+
 def text_parameters(cfg: dict) -> Iterator[tuple[str, tuple[int, ...]]]:
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     yield "text_model.embeddings.token_embedding.weight", (cfg["vocab_size"], h)
@@ -165,7 +203,8 @@ def model_configs(family: str, reduced: bool = False, variant: str = "base") -> 
     never run it natively."""
     check_family(family)
     configs = {"unet": variant_unet_config(family, variant),
-               "vae": dict(VAE_CONFIG, scaling_factor=VAE_SCALING[family]),
+               "vae": dict(TAE_CONFIG) if variant in TINY_VAE_VARIANTS else
+               dict(VAE_CONFIG, scaling_factor=VAE_SCALING[family]),
                "text_encoder": dict(TEXT_CONFIGS[family])}
     if "text_encoder_2" in TEXT_ENCODERS[family]:
         configs["text_encoder_2"] = dict(TEXT2_CONFIG)
@@ -178,7 +217,8 @@ def model_configs(family: str, reduced: bool = False, variant: str = "base") -> 
         # heads 16 wide (SDXS-0.9's one-head first level keeps its one head)
         unet["attention_head_dim"] = ([1 if h == 1 else c // 16 for h, c in zip(heads, unet["block_out_channels"])]
                                       if isinstance(heads, list) else 4)
-        configs["vae"].update(block_out_channels=[32, 32, 64, 64], norm_num_groups=8)
+        if configs["vae"]["_class_name"] == "AutoencoderKL":   # (a tiny autoencoder is small already)
+            configs["vae"].update(block_out_channels=[32, 32, 64, 64], norm_num_groups=8)
         # the hidden sizes stay: they are the UNet's context width (SDXL: both side by side) and SDXL's pooled width
         configs["text_encoder"].update(intermediate_size=64, num_attention_heads=4, num_hidden_layers=1,
                                        vocab_size=64, projection_dim=32)
@@ -191,7 +231,8 @@ def model_configs(family: str, reduced: bool = False, variant: str = "base") -> 
 def component_parameters(family: str, reduced: bool = False, variant: str = "base"
                          ) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
     cfg = model_configs(family, reduced, variant)
-    out = {"unet": list(unet_parameters(cfg["unet"])), "vae": list(vae_parameters(cfg["vae"]))}
+    vae = tae_parameters if cfg["vae"]["_class_name"] == "AutoencoderTiny" else vae_parameters
+    out = {"unet": list(unet_parameters(cfg["unet"])), "vae": list(vae(cfg["vae"]))}
     for name in TEXT_ENCODERS[family]:
         out[name] = list(text_parameters(cfg[name]))
     return out
@@ -213,7 +254,9 @@ def synthetic_sources(family: str, seed: int = 0, reduced: bool = False, variant
 
 def map_components(parts: dict[str, list[TensorSource]]) -> list[TensorSource]:
     """diffusers components (unet, vae, text_encoder, text_encoder_2) -> the names stable-diffusion.cpp loads."""
-    out = map_unet(parts["unet"]) + map_vae(parts["vae"]) + map_text_encoder(parts["text_encoder"])
+    tiny = any(t.name.startswith("decoder.layers.") for t in parts["vae"])
+    out = map_unet(parts["unet"]) + (map_tae if tiny else map_vae)(parts["vae"]) + \
+        map_text_encoder(parts["text_encoder"])
     if "text_encoder_2" in parts:
         out += map_text_encoder(parts["text_encoder_2"], second=True)
     return out
@@ -241,7 +284,7 @@ def write_diffusers_folder(folder: Path, family: str, seed: int = 0, reduced: bo
         save_file(tensors, str(folder / component / fname))
         del tensors
     index = {"_class_name": "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline",
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", configs["vae"]["_class_name"]],
              "text_encoder": ["transformers", "CLIPTextModel"], "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
     if "text_encoder_2" in configs:
         index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]

@@ -13,7 +13,7 @@ import click
 
 from . import __version__
 from .format.sampling import FEW_STEP_KINDS
-from .format.names import OUTPUT_TYPES, PREDICTIONS, SKIP_SEMANTICS, UNET_PREFIX, VAE_PREFIX
+from .format.names import OUTPUT_TYPES, PREDICTIONS, SKIP_SEMANTICS, TAE_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -347,7 +347,7 @@ def inspect(model, as_json, list_tensors, size, steps):
         entry = by_type.setdefault(t.type, [0, 0])
         entry[0] += 1
         entry[1] += t.nbytes
-        head = next((p for p in (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.")
+        head = next((p for p in (UNET_PREFIX, VAE_PREFIX, TAE_PREFIX, "cond_stage_model.")
                      if t.name.startswith(p)), "other")
         groups[head] = groups.get(head, 0) + t.nbytes
     arch = mf.architecture
@@ -362,6 +362,7 @@ def inspect(model, as_json, list_tensors, size, steps):
             "n_tensors": len(mf.tensors), "bytes": mf.total_bytes,
             "types": {k: {"tensors": v[0], "bytes": v[1]} for k, v in sorted(by_type.items())},
             "components": {"unet" if k == UNET_PREFIX else "vae" if k == VAE_PREFIX else
+                           "tiny_vae" if k == TAE_PREFIX else
                            "text_encoder" if k.startswith("cond") else k: v for k, v in groups.items()},
             "metadata": {k: v for k, v in mf.metadata.items()}}
     if list_tensors:

@@ -117,8 +117,8 @@ def torch_reference(family: str, component: str, variant: str = "base"):
             from diffusers import UNet2DConditionModel
             module = UNet2DConditionModel.from_config(cfg)
         elif component == "vae":
-            from diffusers import AutoencoderKL
-            module = AutoencoderKL.from_config(cfg)
+            from diffusers import AutoencoderKL, AutoencoderTiny
+            module = (AutoencoderTiny if cfg["_class_name"] == "AutoencoderTiny" else AutoencoderKL).from_config(cfg)
         else:
             from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
             kind = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel

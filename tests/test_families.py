@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from gguf import GGUFReader
 
 from pysdcpp.converters import ConversionError, convert, synthetic
 from pysdcpp.converters.sd_layout import detect
@@ -243,9 +244,31 @@ def test_generation_defaults_table():
     assert generation_defaults("lcm")["sampler"] == "lcm"
 
 
-def test_a_tiny_autoencoder_is_refused_clearly(tmp_path):
+def test_sdxs_converts_with_its_tiny_autoencoder(tmp_path):
+    """An SDXS folder ships diffusers' AutoencoderTiny: it becomes upstream's TAE (its names under tae.), and the
+    file has no KL autoencoder tensors."""
+    from pysdcpp.converters.sd_layout import map_tae
+    from pysdcpp.format.names import TAE_PREFIX, VAE_PREFIX
+
     folder = synthetic.write_diffusers_folder(tmp_path / "model", "sd1", 0, reduced=True, variant="sdxs")
-    cfg = folder / "vae" / "config.json"
-    cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), _class_name="AutoencoderTiny")))
-    with pytest.raises(ConversionError, match="tiny autoencoder"):
-        convert(folder, tmp_path / "m.gguf")
+    report = convert(folder, tmp_path / "m.gguf")
+    assert (report.family, report.variant) == ("sd1", "sdxs")
+    names = {t.name for t in GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    tae = {n for n in names if n.startswith(TAE_PREFIX)}
+    assert tae == {t.name for t in map_tae(synthetic.synthetic_sources("sd1", 0, True, "sdxs")["vae"])}
+    assert len(tae) == 134 and not any(n.startswith(VAE_PREFIX) for n in names)
+
+
+def test_a_tiny_autoencoder_goes_with_sdxs_only(tmp_path):
+    """A TAE beside any other UNet, or a KL autoencoder beside an SDXS UNet, is refused: upstream decodes SDXS with
+    a TAE and everything else with its KL autoencoder."""
+    tiny = synthetic.write_diffusers_folder(tmp_path / "sdxs", "sd1", 0, reduced=True, variant="sdxs")
+    kl = synthetic.write_diffusers_folder(tmp_path / "base", "sd1", 0, reduced=True)
+    (tmp_path / "base" / "vae").rename(tmp_path / "kl-vae")
+    (tmp_path / "sdxs" / "vae").rename(tmp_path / "base" / "vae")
+    (tmp_path / "kl-vae").rename(tmp_path / "sdxs" / "vae")
+    with pytest.raises(ConversionError, match="tiny autoencoder .*only for the SDXS"):
+        convert(kl, tmp_path / "a.gguf")
+    with pytest.raises(ConversionError, match="KL autoencoder with a .*sdxs"):
+        convert(tiny, tmp_path / "b.gguf")
+    assert not any(tmp_path.glob("*.gguf"))

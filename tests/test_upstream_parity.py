@@ -8,7 +8,9 @@ import pytest
 from gguf import GGUFReader
 
 from pysdcpp.converters import convert
-from pysdcpp.format.families import UPSTREAM_VERSIONS
+from pysdcpp.converters.sd_layout import map_tae
+from pysdcpp.format.families import TINY_VAE_VARIANTS, UPSTREAM_VERSIONS
+from pysdcpp.format.names import TAE_PREFIX
 from pysdcpp import StableDiffusion, _native
 
 
@@ -137,6 +139,18 @@ def test_unet_names_as_upstream_converts_diffusers_names(family, variant, tmp_pa
     theirs = {n: v[1] for n, v in gguf_tensors(tmp_path / "theirs.gguf").items() if n.startswith("model.diffusion_model.")}
     ours = {t.name: tuple(reversed(t.shape)) for t in synthetic.map_unet(parts["unet"])}
     assert ours == theirs
+    if variant in TINY_VAE_VARIANTS:
+        # SDXS: upstream renames the VAE to its TAE's names, and so must we. The UNet goes in under the LDM names
+        # just checked: upstream reads SDXS-0.9's marker (output_blocks.7.1's attn1 reading 1024-wide text) from
+        # LDM names only, and takes a diffusers-named SDXS-0.9 for the plain SD2 tiny UNet.
+        state = {t.name: t.load() for t in synthetic.map_unet(parts["unet"])}
+        state.update({"te." + t.name: t.load() for t in parts["text_encoder"]})
+        state.update({"vae." + t.name: t.load() for t in parts["vae"]})
+        save_file(state, str(src))
+        upstream_convert(src, tmp_path / "theirs-tae.gguf", "f32")
+        theirs = {n: v[1] for n, v in gguf_tensors(tmp_path / "theirs-tae.gguf").items() if n.startswith(TAE_PREFIX)}
+        ours = {t.name: tuple(reversed(t.shape)) for t in map_tae(parts["vae"])}
+        assert len(ours) == 134 and ours == theirs
 
 
 def test_sdxl_single_file_same_bytes_as_upstream_convert(module_tmp, tmp_path):

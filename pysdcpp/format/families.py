@@ -83,6 +83,17 @@ VAE_CONFIG = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_chann
               "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
               "up_block_types": ["UpDecoderBlock2D"] * 4}
 
+# diffusers' AutoencoderTiny (TAESD) with its published defaults: 64 channels throughout, blocks per level
+# (encoder 1, 3, 3, 3; decoder 3, 3, 3, 1), ReLU, latents used as they are (scaling factor 1).
+TAE_CONFIG = {"_class_name": "AutoencoderTiny", "act_fn": "relu", "in_channels": 3, "out_channels": 3,
+              "latent_channels": 4, "encoder_block_out_channels": [64, 64, 64, 64],
+              "decoder_block_out_channels": [64, 64, 64, 64], "num_encoder_blocks": [1, 3, 3, 3],
+              "num_decoder_blocks": [3, 3, 3, 1], "upsampling_scaling_factor": 2, "latent_magnitude": 3,
+              "latent_shift": 0.5, "scaling_factor": 1.0, "shift_factor": 0.0, "force_upcast": False}
+# The UNet variants stable-diffusion.cpp decodes with a tiny autoencoder (its SDXS versions: every VAE tensor of
+# such a file is read as the TAE's), and only those.
+TINY_VAE_VARIANTS = ("sdxs",)
+
 # Text encoders by family; SDXL has two: CLIP ViT-L (as SD1.x) and OpenCLIP ViT-bigG with its projection
 # (diffusers' text_encoder_2, a CLIPTextModelWithProjection).
 TEXT_CONFIGS = {

@@ -19,6 +19,9 @@ SKIP_SEMANTICS = ("reference", "consume")  # how a skipped up-block ResNet treat
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+# A tiny autoencoder (TAESD; diffusers' AutoencoderTiny) under its own diffusers names: what stable-diffusion.cpp
+# decodes the SDXS models with (families.TINY_VAE_VARIANTS)
+TAE_PREFIX = "tae."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 # SDXL's second text encoder (OpenCLIP ViT-bigG) under the HF CLIP names stable-diffusion.cpp loads, with its
 # pooled-output projection beside it
