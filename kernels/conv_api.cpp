@@ -147,19 +147,9 @@ extern "C" SD_API int pysdcpp_conv2d_3x3(const float* x, int64_t N, int64_t C, i
             g_error = harness.error();
             return 1;
         }
-        ggml_tensor* tx = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, W, H, C, N);
-        std::memcpy(tx->data, x, sizeof(float) * (size_t)(N * C * H * W));
-        ggml_tensor* tw = ggml_new_tensor_4d(ctx, weight_f16 ? GGML_TYPE_F16 : GGML_TYPE_F32, 3, 3, C, K);
-        if (weight_f16) {
-            ggml_fp32_to_fp16_row(w, (ggml_fp16_t*)tw->data, K * C * 9);  // no CPU-backend tables needed
-        } else {
-            std::memcpy(tw->data, w, sizeof(float) * (size_t)(K * C * 9));
-        }
-        ggml_tensor* tb = nullptr;
-        if (bias != nullptr) {
-            tb = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, K);
-            std::memcpy(tb->data, bias, sizeof(float) * (size_t)K);
-        }
+        ggml_tensor* tx = pysdcpp::host_tensor(ctx, x, false, W, H, C, N);
+        ggml_tensor* tw = pysdcpp::host_tensor(ctx, w, weight_f16 != 0, 3, 3, C, K);
+        ggml_tensor* tb = pysdcpp::host_tensor(ctx, bias, false, K);
         pysdcpp::winograd_cache_clear();
         pysdcpp::set_winograd_threads(n_threads);  // the (cached) filter transform runs on the compute's threads
         // Building the graph runs the (cached) filter transform: it counts towards the first repetition.

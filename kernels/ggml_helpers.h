@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "ggml-backend.h"
@@ -17,11 +18,32 @@ inline bool host_weights(const ggml_tensor* w) {
     return w->data != nullptr && (w->buffer == nullptr || ggml_backend_buffer_is_host(w->buffer));
 }
 
-// A bias our nodes can add themselves: a plain contiguous F32 vector of n values (anything else keeps upstream's
-// ggml_add).
+// n contiguous F32 values in host memory, in any shape ([n], or a [1, 1, n, 1] view).
+inline bool f32_values(const ggml_tensor* t, int64_t n) {
+    return t != nullptr && t->type == GGML_TYPE_F32 && ggml_is_contiguous(t) && ggml_nelements(t) == n &&
+           host_weights(t);
+}
+
+// A bias our nodes can add themselves: a plain F32 vector of n values (anything else keeps upstream's ggml_add).
 inline bool fusable_bias(const ggml_tensor* b, int64_t n) {
-    return b != nullptr && b->type == GGML_TYPE_F32 && ggml_is_contiguous(b) && b->ne[0] == n &&
-           ggml_nelements(b) == n;
+    return f32_values(b, n) && b->ne[0] == n;
+}
+
+// Harnesses: a tensor of the context holding host floats, as F16 (converted without the CPU backend's tables)
+// or F32; nullptr for absent data.
+inline ggml_tensor* host_tensor(ggml_context* ctx, const float* data, bool f16, int64_t ne0, int64_t ne1 = 1,
+                                int64_t ne2 = 1, int64_t ne3 = 1) {
+    if (data == nullptr) {
+        return nullptr;
+    }
+    ggml_tensor* t  = ggml_new_tensor_4d(ctx, f16 ? GGML_TYPE_F16 : GGML_TYPE_F32, ne0, ne1, ne2, ne3);
+    const int64_t n = ne0 * ne1 * ne2 * ne3;
+    if (f16) {
+        ggml_fp32_to_fp16_row(data, (ggml_fp16_t*)t->data, n);
+    } else {
+        std::memcpy(t->data, data, sizeof(float) * (size_t)n);
+    }
+    return t;
 }
 
 // Harnesses: a ggml context over a buffer allocated here (ggml_init aborts the process when its own allocation

@@ -126,11 +126,6 @@ void group_norm_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
     }
 }
 
-bool plain_vector(const ggml_tensor* t, int64_t n) {
-    return t != nullptr && t->type == GGML_TYPE_F32 && ggml_is_contiguous(t) && ggml_nelements(t) == n &&
-           host_weights(t);
-}
-
 }  // namespace
 
 ggml_tensor* group_norm_affine(ggml_context* ctx, ggml_tensor* x, int groups, float eps, ggml_tensor* gamma,
@@ -153,7 +148,7 @@ ggml_tensor* pysdcpp_group_norm_hook(ggml_context* ctx, ggml_tensor* x, ggml_ten
     }
     const int64_t C = x->ne[2];
     const bool eligible = ggml_n_dims(x) >= 3 && x->type == GGML_TYPE_F32 && ggml_is_contiguous(x) && groups > 0 &&
-                          C % groups == 0 && plain_vector(gamma, C) && plain_vector(beta, C);
+                          C % groups == 0 && f32_values(gamma, C) && f32_values(beta, C);
     return eligible ? group_norm_affine(ctx, x, groups, eps, gamma, beta) : nullptr;
 }
 
@@ -185,12 +180,9 @@ extern "C" SD_API int pysdcpp_group_norm(const float* x, int64_t N, int64_t C, i
             g_norm_error = harness.error();
             return 1;
         }
-        ggml_tensor* tx = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, W, H, C, N);
-        std::memcpy(tx->data, x, sizeof(float) * (size_t)(N * C * H * W));
-        ggml_tensor* tg = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, C);
-        std::memcpy(tg->data, gamma, sizeof(float) * (size_t)C);
-        ggml_tensor* tb = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, C);
-        std::memcpy(tb->data, beta, sizeof(float) * (size_t)C);
+        ggml_tensor* tx = host_tensor(ctx, x, false, W, H, C, N);
+        ggml_tensor* tg = host_tensor(ctx, gamma, false, C);
+        ggml_tensor* tb = host_tensor(ctx, beta, false, C);
         ggml_tensor* out = nullptr;
         if (path == PYSDCPP_PATH_UPSTREAM) {  // what ggml_ext_group_norm builds without the hook
             out = ggml_group_norm(ctx, tx, groups, eps);

@@ -164,19 +164,9 @@ extern "C" SD_API int pysdcpp_linear(const float* x, int64_t rows, int64_t K, co
             g_linear_error = harness.error();
             return 1;
         }
-        ggml_tensor* tx = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, K, rows);
-        std::memcpy(tx->data, x, sizeof(float) * (size_t)(rows * K));
-        ggml_tensor* tw = ggml_new_tensor_2d(ctx, weight_f16 ? GGML_TYPE_F16 : GGML_TYPE_F32, K, N);
-        if (weight_f16) {
-            ggml_fp32_to_fp16_row(w, (ggml_fp16_t*)tw->data, K * N);
-        } else {
-            std::memcpy(tw->data, w, sizeof(float) * (size_t)(K * N));
-        }
-        ggml_tensor* tb = nullptr;
-        if (bias != nullptr) {
-            tb = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, N);
-            std::memcpy(tb->data, bias, sizeof(float) * (size_t)N);
-        }
+        ggml_tensor* tx = host_tensor(ctx, x, false, K, rows);
+        ggml_tensor* tw = host_tensor(ctx, w, weight_f16 != 0, K, N);
+        ggml_tensor* tb = host_tensor(ctx, bias, false, N);
         ggml_tensor* out = nullptr;
         if (path == PYSDCPP_LINEAR_UPSTREAM) {  // what ggml_ext_linear builds without the hook
             out = ggml_mul_mat(ctx, tw, tx);

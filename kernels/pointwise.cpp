@@ -124,19 +124,9 @@ extern "C" SD_API int pysdcpp_conv2d_1x1(const float* x, int64_t N, int64_t C, i
             g_pointwise_error = harness.error();
             return 1;
         }
-        ggml_tensor* tx = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, W, H, C, N);
-        std::memcpy(tx->data, x, sizeof(float) * (size_t)(N * C * H * W));
-        ggml_tensor* tw = ggml_new_tensor_4d(ctx, weight_f16 ? GGML_TYPE_F16 : GGML_TYPE_F32, 1, 1, C, K);
-        if (weight_f16) {
-            ggml_fp32_to_fp16_row(w, (ggml_fp16_t*)tw->data, K * C);
-        } else {
-            std::memcpy(tw->data, w, sizeof(float) * (size_t)(K * C));
-        }
-        ggml_tensor* tb = nullptr;
-        if (bias != nullptr) {
-            tb = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, K);
-            std::memcpy(tb->data, bias, sizeof(float) * (size_t)K);
-        }
+        ggml_tensor* tx = host_tensor(ctx, x, false, W, H, C, N);
+        ggml_tensor* tw = host_tensor(ctx, w, weight_f16 != 0, 1, 1, C, K);
+        ggml_tensor* tb = host_tensor(ctx, bias, false, K);
         ggml_tensor* out = nullptr;
         if (path == PYSDCPP_PATH_UPSTREAM) {  // what ggml_ext_conv_2d builds without the hook
             out = ggml_conv_2d(ctx, tw, tx, 1, 1, 0, 0, 1, 1);

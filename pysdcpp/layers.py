@@ -18,6 +18,14 @@ CONV_VARIANTS = {"im2col": "PYSDCPP_CONV_IM2COL", "direct": "PYSDCPP_CONV_DIRECT
                  "winograd_f2_fused": "PYSDCPP_CONV_WINOGRAD_F2_FUSED"}
 
 
+def _run(lib, harness: str, last_error: str, *args) -> None:
+    """Call one of the accelerated library's single-layer harnesses under its lock; a nonzero return raises the
+    harness's last error."""
+    with lib.lock:
+        if getattr(lib.lib, harness)(*args) != 0:
+            raise GenerationError(lib.ffi.string(getattr(lib.lib, last_error)()).decode())
+
+
 def conv_plan(n: int, c: int, h: int, w: int, k: int, pad: int = 1) -> str:
     """The per-call variant (a CONV_VARIANTS name) closest to what a model context with conv="winograd" runs for
     this 3x3 conv: the accelerated library's cost model. A `winograd_f4` or `winograd_f2` layer has its filter
@@ -66,14 +74,11 @@ def conv2d_3x3(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, 
     ffi = lib.ffi
     y = np.empty((n, k, oh, ow), dtype=np.float32)
     secs = np.zeros(repeat, dtype=np.float64)
-    with lib.lock:
-        rc = lib.lib.pysdcpp_conv2d_3x3(
-            ffi.from_buffer("float[]", x), n, c, h, wd, ffi.from_buffer("float[]", w), k,
-            ffi.NULL if b is None else ffi.from_buffer("float[]", b), pad, int(weight_f16),
-            getattr(lib.lib, CONV_VARIANTS[algorithm]), int(threads), int(repeat), ffi.from_buffer("float[]", y),
-            ffi.from_buffer("double[]", secs))
-        if rc != 0:
-            raise GenerationError(ffi.string(lib.lib.pysdcpp_conv_last_error()).decode())
+    _run(lib, "pysdcpp_conv2d_3x3", "pysdcpp_conv_last_error",
+        ffi.from_buffer("float[]", x), n, c, h, wd, ffi.from_buffer("float[]", w), k,
+        ffi.NULL if b is None else ffi.from_buffer("float[]", b), pad, int(weight_f16),
+        getattr(lib.lib, CONV_VARIANTS[algorithm]), int(threads), int(repeat), ffi.from_buffer("float[]", y),
+        ffi.from_buffer("double[]", secs))
     return y, secs.tolist()
 
 
@@ -106,13 +111,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int, *, varia
     out = np.empty((n, lq, c), dtype=np.float32)
     secs = np.zeros(repeat, dtype=np.float64)
     nbytes = ffi.new("size_t*")
-    with lib.lock:
-        rc = lib.lib.pysdcpp_attention(
-            ffi.from_buffer("float[]", q), ffi.from_buffer("float[]", k), ffi.from_buffer("float[]", v), n, lq, lk,
-            c, n_head, getattr(lib.lib, ATTENTION_VARIANTS[variant]), int(threads), int(repeat),
-            ffi.from_buffer("float[]", out), ffi.from_buffer("double[]", secs), nbytes)
-        if rc != 0:
-            raise GenerationError(ffi.string(lib.lib.pysdcpp_attention_last_error()).decode())
+    _run(lib, "pysdcpp_attention", "pysdcpp_attention_last_error",
+        ffi.from_buffer("float[]", q), ffi.from_buffer("float[]", k), ffi.from_buffer("float[]", v), n, lq, lk,
+        c, n_head, getattr(lib.lib, ATTENTION_VARIANTS[variant]), int(threads), int(repeat),
+        ffi.from_buffer("float[]", out), ffi.from_buffer("double[]", secs), nbytes)
     return out, secs.tolist(), int(nbytes[0])
 
 
@@ -143,14 +145,11 @@ def linear(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, path
     ffi = lib.ffi
     y = np.empty(x.shape[:-1] + (n_out,), dtype=np.float32)
     secs = np.zeros(repeat, dtype=np.float64)
-    with lib.lock:
-        rc = lib.lib.pysdcpp_linear(
-            ffi.from_buffer("float[]", x), rows, k, ffi.from_buffer("float[]", w), n_out,
-            ffi.NULL if b is None else ffi.from_buffer("float[]", b), int(weight_f16),
-            getattr(lib.lib, LINEAR_PATHS[path]), int(threads), int(repeat), ffi.from_buffer("float[]", y),
-            ffi.from_buffer("double[]", secs))
-        if rc != 0:
-            raise GenerationError(ffi.string(lib.lib.pysdcpp_linear_last_error()).decode())
+    _run(lib, "pysdcpp_linear", "pysdcpp_linear_last_error",
+        ffi.from_buffer("float[]", x), rows, k, ffi.from_buffer("float[]", w), n_out,
+        ffi.NULL if b is None else ffi.from_buffer("float[]", b), int(weight_f16),
+        getattr(lib.lib, LINEAR_PATHS[path]), int(threads), int(repeat), ffi.from_buffer("float[]", y),
+        ffi.from_buffer("double[]", secs))
     return y, secs.tolist()
 
 
@@ -186,14 +185,11 @@ def conv2d_1x1(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, 
     ffi = lib.ffi
     y = np.empty((n, k, h, wd), dtype=np.float32)
     secs = np.zeros(repeat, dtype=np.float64)
-    with lib.lock:
-        rc = lib.lib.pysdcpp_conv2d_1x1(
-            ffi.from_buffer("float[]", x), n, c, h, wd, ffi.from_buffer("float[]", w), k,
-            ffi.NULL if b is None else ffi.from_buffer("float[]", b), int(weight_f16),
-            getattr(lib.lib, KERNEL_PATHS[path]), int(threads), int(repeat), ffi.from_buffer("float[]", y),
-            ffi.from_buffer("double[]", secs))
-        if rc != 0:
-            raise GenerationError(ffi.string(lib.lib.pysdcpp_conv1x1_last_error()).decode())
+    _run(lib, "pysdcpp_conv2d_1x1", "pysdcpp_conv1x1_last_error",
+        ffi.from_buffer("float[]", x), n, c, h, wd, ffi.from_buffer("float[]", w), k,
+        ffi.NULL if b is None else ffi.from_buffer("float[]", b), int(weight_f16),
+        getattr(lib.lib, KERNEL_PATHS[path]), int(threads), int(repeat), ffi.from_buffer("float[]", y),
+        ffi.from_buffer("double[]", secs))
     return y, secs.tolist()
 
 
@@ -220,11 +216,8 @@ def group_norm(x: np.ndarray, groups: int, gamma: np.ndarray, beta: np.ndarray, 
     ffi = lib.ffi
     y = np.empty_like(x)
     secs = np.zeros(repeat, dtype=np.float64)
-    with lib.lock:
-        rc = lib.lib.pysdcpp_group_norm(
-            ffi.from_buffer("float[]", x), n, c, h, wd, int(groups), float(eps), ffi.from_buffer("float[]", g),
-            ffi.from_buffer("float[]", b), getattr(lib.lib, KERNEL_PATHS[path]), int(threads), int(repeat),
-            ffi.from_buffer("float[]", y), ffi.from_buffer("double[]", secs))
-        if rc != 0:
-            raise GenerationError(ffi.string(lib.lib.pysdcpp_group_norm_last_error()).decode())
+    _run(lib, "pysdcpp_group_norm", "pysdcpp_group_norm_last_error",
+        ffi.from_buffer("float[]", x), n, c, h, wd, int(groups), float(eps), ffi.from_buffer("float[]", g),
+        ffi.from_buffer("float[]", b), getattr(lib.lib, KERNEL_PATHS[path]), int(threads), int(repeat),
+        ffi.from_buffer("float[]", y), ffi.from_buffer("double[]", secs))
     return y, secs.tolist()
