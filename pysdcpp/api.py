@@ -21,7 +21,7 @@ from .errors import GenerationError, ModelLoadError, PySDCppError
 from .format.families import context_width, default_image_size, y_width
 from .format.names import FAMILIES, PREDICTIONS, SKIP_SEMANTICS
 from .format.sampling import generation_defaults
-from .modelfile import ModelFile, read_model_file
+from .modelfile import ModelFile, read_model_file, with_unet
 
 StepCallback = Callable[[int, int, float], None]
 
@@ -137,7 +137,8 @@ class StableDiffusion:
     """A loaded model in one of the two native libraries; close it (or use `with`) to free its memory."""
 
     def __init__(self, model: str | os.PathLike, *, threads: int | None = None, backend: str = "accelerated",
-                 vae: str | os.PathLike | None = None, prediction: str = "auto", rng: str = "cuda",
+                 vae: str | os.PathLike | None = None, unet: str | os.PathLike | None = None,
+                 prediction: str = "auto", rng: str = "cuda",
                  vae_decode_only: bool = True, conv: str = "default", winograd_cache_mb: int | None = None,
                  attention: str = "default", linear: str = "default", alter: bool | None = None,
                  alter_semantics: str = "default",
@@ -155,6 +156,9 @@ class StableDiffusion:
         if prediction != "auto" and prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be auto or one of {', '.join(PREDICTIONS)}, not {prediction!r}")
         self.model_file: ModelFile = read_model_file(model)
+        unet_file = read_model_file(unet) if unet is not None else None
+        if unet_file is not None:   # what the native loader will see: the model with the UNet file's tensors
+            self.model_file = with_unet(self.model_file, unet_file)
         vae_file = read_model_file(vae) if vae is not None else None
         self.alter = self._alter_routing(backend, alter, alter_semantics, alter_masks)
         self.backend = backend
@@ -181,6 +185,8 @@ class StableDiffusion:
         params.model_path = self._cstr(str(self.model_file.path))
         if vae_file is not None:
             params.vae_path = self._cstr(str(vae_file.path))
+        if unet_file is not None:
+            params.diffusion_model_path = self._cstr(str(unet_file.path))
         params.n_threads = self.threads
         params.free_params_immediately = False  # one context serves many generations
         params.vae_decode_only = vae_decode_only
@@ -207,7 +213,8 @@ class StableDiffusion:
                     lib.pysdcpp_alter_set_missing_ok(ffi.NULL, 0)
             if ctx == ffi.NULL:
                 why = self.native.take_errors() or "see the pysdcpp.native log for details"
-                raise ModelLoadError(f"could not load {self.model_file.path}: {why}")
+                what = self.model_file.path if unet_file is None else f"{self.model_file.path} with {unet_file.path}"
+                raise ModelLoadError(f"could not load {what}: {why}")
         self._ctx = ctx
         self._keep.clear()
 

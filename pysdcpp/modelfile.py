@@ -20,8 +20,7 @@ from .format.errors import FormatError
 from .format import keys
 from .format.detect import UnetArchitecture, architecture_of_tensors, tensor_shape
 from .format.families import variant_unet_config
-from .format.names import FAMILIES
-from .format.names import UNET_PREFIX
+from .format.names import FAMILIES, TAE_PREFIX, TEXT2_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 
 @dataclass
@@ -304,3 +303,31 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
         raise ModelLoadError(f"{path}: the {fmt} file holds no tensors")
     tensors = [TensorInfo(s.name, s.dtype, tuple(s.shape), s.nbytes) for s in sources]
     return ModelFile(path, fmt, tensors, {})
+
+
+# Where the tensors of the other components live: a separate UNet file holding one of these is a whole model.
+_OTHER_COMPONENTS = (VAE_PREFIX, TAE_PREFIX, TEXT_PREFIX, TEXT2_PREFIX, "cond_stage_model.", "conditioner.")
+
+
+def with_unet(model: ModelFile, unet: ModelFile) -> ModelFile:
+    """`model` as stable-diffusion.cpp loads it with `unet` as its diffusion model (sd-cli's --diffusion-model):
+    each tensor of `unet`, under model.diffusion_model. (added where its name lacks it, as upstream adds it),
+    replaces the model's tensor of that name or joins them. What describes the UNet (family, variant, few-step
+    kind, prediction, ALTER routing) comes from the UNet file alone; its family and variant are read from the
+    merged tensors where it does not name them."""
+    for f in (model, unet):
+        if f.format != "gguf":
+            raise ModelLoadError(f"{f.path}: a separate UNet and its model must be GGUF files (`pysdcpp convert` "
+                                 "writes them)")
+    other = next((t.name for t in unet.tensors if t.name.startswith(_OTHER_COMPONENTS)), None)
+    if other is not None:
+        raise ModelLoadError(f"{unet.path}: holds {other}, which is not a UNet tensor; a separate UNet file holds "
+                             "the UNet only (pass a whole model as the model)")
+    replacing = {}
+    for t in unet.tensors:
+        name = t.name if t.name.startswith(UNET_PREFIX) else UNET_PREFIX + t.name
+        replacing[name] = TensorInfo(name, t.type, t.shape, t.nbytes)
+    tensors = [replacing.pop(t.name, t) for t in model.tensors] + list(replacing.values())
+    metadata = {k: v for k, v in model.metadata.items() if not keys.describes_unet(k)}
+    metadata.update({k: v for k, v in unet.metadata.items() if keys.describes_unet(k)})
+    return ModelFile(model.path, model.format, tensors, metadata)

@@ -116,3 +116,58 @@ def test_closed_context(sd15_f16):
     ctx.close()  # idempotent
     with pytest.raises(PySDCppError, match="closed"):
         ctx.generate("x", width=64, height=64, num_inference_steps=1)
+
+
+def _reduced_gguf(path, variant: str, metadata: dict, only: str | None = None):
+    """The reduced synthetic SD1.x (all of it, or only the tensors whose name has `only`) as a GGUF."""
+    from pysdcpp.converters import gguf_out, synthetic
+
+    sources = [t for t in synthetic.ldm_sources("sd1", 0, reduced=True, variant=variant) if only is None or only in t.name]
+    gguf_out.write_gguf(path, sources, "f16", metadata)
+    return path
+
+
+def test_a_unet_file_replaces_the_models_tensors_of_the_same_name(tmp_path):
+    """Upstream's --diffusion-model: the UNet file's tensors (prefixed where they are not) replace the model's; what
+    describes the UNet comes from the UNet file, its family and variant from the merged tensors."""
+    from gguf import GGUFReader
+
+    from pysdcpp.format import keys
+    from pysdcpp.format.names import UNET_PREFIX
+    from pysdcpp.modelfile import read_model_file, with_unet
+
+    model = read_model_file(_reduced_gguf(tmp_path / "m.gguf", "base", {
+        keys.FAMILY: "sd1", keys.VARIANT: "base", keys.FEW_STEP: "turbo", keys.SYNTHETIC: True}))
+    conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
+    unet_path = _reduced_gguf(tmp_path / "u.gguf", "inpaint", {}, only=conv_in)
+    assert [t.name for t in GGUFReader(unet_path).tensors] == [conv_in]
+    merged = with_unet(model, read_model_file(unet_path))
+    assert (model.variant, merged.variant, merged.family) == ("base", "inpaint", "sd1")
+    assert model.few_step == "turbo" and merged.few_step is None
+    assert merged.metadata[keys.SYNTHETIC] is True
+    shapes = {t.name: t.shape for t in merged.tensors}
+    assert len(shapes) == len(model.tensors) and shapes[conv_in][2] == 9   # GGUF order: (3, 3, C_in, C_out)
+    # a UNet file under bare names: upstream adds the prefix, and so does the merge
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(tmp_path / "bare.gguf", "stable-diffusion")
+    w.add_tensor("input_blocks.0.0.weight", np.ones((32, 9, 3, 3), np.float16))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    bare = with_unet(model, read_model_file(tmp_path / "bare.gguf"))
+    assert {t.name for t in bare.tensors} == set(shapes) and bare.variant == "inpaint"
+
+
+def test_bad_unet_files_fail_before_the_load(tmp_path, sd15_f16):
+    from pysdcpp.format.names import VAE_PREFIX
+
+    whole = _reduced_gguf(tmp_path / "whole.gguf", "base", {}, only=VAE_PREFIX + "decoder.conv_in")
+    with pytest.raises(ModelLoadError, match="not a UNet tensor"):
+        StableDiffusion(sd15_f16, unet=whole)
+    st = tmp_path / "unet.safetensors"
+    from safetensors.numpy import save_file
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": np.ones((320, 9, 3, 3), np.float16)}, str(st))
+    with pytest.raises(ModelLoadError, match="must be GGUF"):
+        StableDiffusion(sd15_f16, unet=st)
+    with pytest.raises(ModelLoadError, match="no such file"):
+        StableDiffusion(sd15_f16, unet=tmp_path / "nope.gguf")
+    assert whole.exists() and st.exists()

@@ -19,7 +19,9 @@ def compute(family: str, inputs: dict[str, np.ndarray], variant: str = "base") -
     """ids -> text_encoder (hidden states before the last layer, as SDXL and upstream use them) and, with two
     encoders, text_encoder_2 and pooled; latent + timesteps + context (+ y) -> unet; alter_* (latent, context, y,
     timesteps, keep rows, consume flags) -> alter and alter_dense (tests/alter_reference.py's eval path with the
-    units skipped, and with none); vae_latent -> vae (raw decoder output of latent / scaling factor)."""
+    units skipped, and with none); vae_latent -> vae (raw decoder output of latent / scaling factor).
+    unet_q8_0 (any value): the UNet's weights rounded as a q8_0 file holds them (see _round_q8_0), which adds
+    unet_q8_0_counts (tensors, elements rounded)."""
     from conftest import synthetic, torch_reference
 
     out: dict[str, np.ndarray] = {}
@@ -47,6 +49,8 @@ def compute(family: str, inputs: dict[str, np.ndarray], variant: str = "base") -
                 gc.collect()
         if "latent" in inputs or "alter_keep" in inputs:
             unet = torch_reference(family, "unet", variant)
+            if "unet_q8_0" in inputs:
+                out["unet_q8_0_counts"] = _round_q8_0(unet)
             kwargs = {}
             if "latent" in inputs and "y" in inputs:
                 # diffusers builds y as [text_embeds, add_time_proj(time_ids)]; to feed a given y through its own
@@ -78,6 +82,30 @@ def compute(family: str, inputs: dict[str, np.ndarray], variant: str = "base") -
             out["vae"] = vae.decode(torch.from_numpy(inputs["vae_latent"]) / scale).sample.numpy()
             del vae
     return out
+
+
+def _q8_0_round(a: np.ndarray) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return dequantize(quantize(a, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0).reshape(a.shape)
+
+
+def _round_q8_0(unet) -> np.ndarray:
+    """Round the weights a q8_0 file quantizes (those whose rows are whole 32-value blocks, norms' included; biases
+    and the time and label embeddings excepted: upstream's rule, restated here) through gguf-py's own Q8_0
+    quantize/dequantize (the loader widens a q8_0 norm weight to F32). ggml's q8_0 product also rounds its input
+    rows to q8_0 blocks; that is not mimicked: where the inputs already differ by float rounding, the two
+    roundings fall apart and an imitation only adds noise (measured). Returns (tensors, elements) rounded, for the
+    test to hold against the file's count of q8_0 tensors."""
+    tensors = elements = 0
+    for name, p in unet.named_parameters():
+        if name.endswith(".bias") or p.shape[-1] % 32 or name.startswith(("time_embedding.", "add_embedding.")):
+            continue
+        p.data.copy_(torch.from_numpy(_q8_0_round(p.detach().numpy())))
+        tensors, elements = tensors + 1, elements + p.numel()
+    return np.array([tensors, elements], dtype=np.int64)
 
 
 class _Fixed(torch.nn.Module):

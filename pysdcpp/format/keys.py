@@ -27,3 +27,9 @@ ALTER_TIMESTEP_EXPERT = "pysdcpp.alter.timestep_expert"  # [uint32] 1000: expert
 ALTER_SKIP_SEMANTICS = "pysdcpp.alter.skip_semantics"    # names.SKIP_SEMANTICS
 ALTER_MASK_SOURCE = "pysdcpp.alter.mask_source"    # "pruning_mask.pth" | "hypernet" | "json:<file name>"
 ALTER_DROPPED_UNITS = "pysdcpp.alter.dropped_units"  # [str] units whose tensors the file leaves out; absent: none
+
+
+def describes_unet(key: str) -> bool:
+    """Whether a key describes the UNet (its family, variant, few-step kind, prediction, ALTER routing): a separate
+    UNet file's values replace the model file's for these."""
+    return key in (FAMILY, VARIANT, FEW_STEP, FEW_STEP_SOURCE, PREDICTION) or key.startswith(ALTER_PREFIX)
