@@ -126,7 +126,10 @@ def apply_patch(patch: Path, tree: Path) -> None:
         cmd = ["patch", "-p1", "--forward", "-i", str(patch)]
     else:
         raise SystemExit("applying the patch series needs git or patch on PATH")
-    proc = subprocess.run(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Inside another git work tree (a build folder in a clone), git apply would take the patch's paths as relative to
+    # that tree's root and silently skip what lies outside `tree`: keep git from looking above it.
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tree.parent))
+    proc = subprocess.run(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"patch {patch.name} does not apply:\n{proc.stdout}")
 

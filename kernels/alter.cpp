@@ -94,6 +94,10 @@ AlterLayerScope::~AlterLayerScope() {
     t_layer = previous_;
 }
 
+const std::string& alter_layer() {
+    return t_layer;
+}
+
 bool alter_skip(const std::string& unit) {
     if (t_expert < 0 || t_state == nullptr) {
         return false;

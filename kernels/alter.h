@@ -66,6 +66,9 @@ private:
     std::string previous_;
 };
 
+// The attention layer of the current AlterLayerScope ("" outside one).
+const std::string& alter_layer();
+
 // Is this unit skipped by the expert of the current scope?
 bool alter_skip(const std::string& unit);
 // Is transformer block `block` ("transformer_blocks.0") of the current attention layer skipped?

@@ -164,6 +164,22 @@ void pysdcpp_alter_history_clear(void);
 /* Tensor-name prefixes a model file may lack (units left out by convert --drop-unused); n = 0 clears. */
 void pysdcpp_alter_set_missing_ok(const char** prefixes, int n);
 
+/* Feature inheritance across UNet evaluations (docs/inheritance.md). Process-wide, like ALTER's routing: units are
+   named as ALTER's, plus "branch.B" for DeepCache's branch at skip-stack entry B; inherit: n_steps x n_units,
+   1 = inherit at that step. Setting or clearing drops every cache. Returns 0, or 1 for bad arguments. */
+int pysdcpp_inherit_set(const char** units, int n_units, int n_steps, const uint8_t* inherit);
+void pysdcpp_inherit_clear(void);
+void pysdcpp_inherit_drop_caches(void);
+/* Bytes the caches hold now. */
+size_t pysdcpp_inherit_cache_bytes(void);
+/* The step (0-based; -1 none) and slot (0 cond, 1 uncond, ...) of the next component UNet evaluation; a
+   generation sets them itself, step by step. */
+void pysdcpp_inherit_set_evaluation(int step, int slot);
+/* Records since the last clear, 5 ints each: step, slot, part, unit (-1: a forward begins), action (-1 with it;
+   1 computed and cached, 2 inherited). Returns the record count, which may exceed capacity. */
+int pysdcpp_inherit_history(int32_t* records, int capacity);
+void pysdcpp_inherit_history_clear(void);
+
 #ifdef __cplusplus
 }
 #endif

@@ -90,6 +90,7 @@ class GenerationResult:
     step_seconds: list[float] = field(default_factory=list)
     backend: str = ""
     alter_steps: list = field(default_factory=list)  # AlterStep per sampling step when ALTER routing ran
+    inherited: list = field(default_factory=list)  # InheritedEvaluation per UNet evaluation when inheritance ran
 
 
 # Display names A1111/ComfyUI users know, for the PNG parameters chunk.
@@ -99,8 +100,10 @@ _A1111_SAMPLERS = {"euler_a": "Euler a", "euler": "Euler", "heun": "Heun", "dpm2
                    "tcd": "TCD"}
 
 
-def png_parameters(p: GenerationParams, model_name: str, backend: str, version: str) -> str:
-    """The `parameters` text chunk in the A1111 layout (prompt, negative prompt, then key: value pairs)."""
+def png_parameters(p: GenerationParams, model_name: str, backend: str, version: str,
+                   inheritance: str | None = None) -> str:
+    """The `parameters` text chunk in the A1111 layout (prompt, negative prompt, then key: value pairs; a value
+    with commas in quotes); `inheritance`: the policy's spec, when one ran."""
     fields = [("Steps", p.num_inference_steps), ("Sampler", _A1111_SAMPLERS.get(p.sampler, p.sampler))]
     if p.scheduler != "default":
         fields.append(("Schedule type", p.scheduler))
@@ -108,6 +111,8 @@ def png_parameters(p: GenerationParams, model_name: str, backend: str, version: 
                ("Model", model_name)]
     if p.clip_skip > 0:
         fields.append(("Clip skip", p.clip_skip))
+    if inheritance:
+        fields.append(("Inheritance", f'"{inheritance}"' if "," in inheritance else inheritance))
     fields.append(("Version", f"pysdcpp {version} ({backend})"))
     text = p.prompt
     if p.negative_prompt:
@@ -145,6 +150,7 @@ class StableDiffusion:
                  alter_masks: str | os.PathLike | None = None,
                  progress: Callable[[int, int, float], None] | None = None):
         self._ctx = None
+        self._inherit = None  # the NativePlan of the generation or InheritanceSession running, if any
         if backend not in _native.BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(_native.BACKENDS)}, not {backend!r}")
         self.conv = _kernel_choice("conv", conv, CONV_ALGORITHMS, DEFAULT_CONV, backend)
@@ -306,6 +312,14 @@ class StableDiffusion:
                 self.alter.install(self.native.ffi, lib)
             else:
                 lib.pysdcpp_alter_clear()
+            # The inheritance plan is process-wide too, and installing one empties its caches: only when another
+            # plan (or none) is in place.
+            if getattr(self.native, "inherit_owner", None) is not self._inherit:
+                if self._inherit is not None:
+                    self._inherit.install(self.native.ffi, lib)
+                else:
+                    lib.pysdcpp_inherit_clear()
+                self.native.inherit_owner = self._inherit
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompt: str, negative_prompt: str = "", *, width: int | None = None,
@@ -313,19 +327,21 @@ class StableDiffusion:
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  sampler: str | None = None,
                  scheduler: str = "default", seed: int = 42, batch_size: int = 1, clip_skip: int = -1,
-                 callback: StepCallback | None = None) -> list[Image.Image]:
+                 inheritance=None, callback: StepCallback | None = None) -> list[Image.Image]:
         """Text to image; returns PIL images. `callback(step, steps, seconds)` is called after every step. Width
         and height default to the family's size (SD1.x 512, SD2.x 768, SDXL 1024); steps, guidance and sampler to
         20, 7.0 and euler_a, or for a few-step model (the file records turbo or lcm) to its kind's
         (`pysdcpp.format.sampling`: turbo 1 step, guidance off, euler_a; lcm 4 steps, guidance off, lcm).
-        guidance_scale 1.0 turns guidance off (one UNet evaluation per step)."""
+        guidance_scale 1.0 turns guidance off (one UNet evaluation per step). `inheritance` (accelerated
+        library): a pysdcpp.inheritance policy (DeepCache, UnitSchedule or a Plan) whose units reuse their last
+        computed contribution at the steps it says (docs/inheritance.md)."""
         return self.generate_with_info(prompt, negative_prompt, width=width, height=height,
                                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                        sampler=sampler, scheduler=scheduler, seed=seed, batch_size=batch_size,
-                                       clip_skip=clip_skip, callback=callback).images
+                                       clip_skip=clip_skip, inheritance=inheritance, callback=callback).images
 
     def generate_with_info(self, prompt: str, negative_prompt: str = "", *, callback: StepCallback | None = None,
-                           **kwargs) -> GenerationResult:
+                           inheritance=None, **kwargs) -> GenerationResult:
         side, multiple = image_size_rules(self.model_file)
         for key in ("width", "height"):
             if kwargs.get(key) is None:
@@ -335,6 +351,7 @@ class StableDiffusion:
                 kwargs[key] = value
         p = GenerationParams(prompt, negative_prompt, **kwargs)
         p.validate(self.samplers, self.schedulers, multiple)
+        native_plan = self._native_plan(inheritance, p.num_inference_steps)
         ctx = self._require_open()
         ffi, lib = self.native.ffi, self.native.lib
         keep = []
@@ -368,20 +385,73 @@ class StableDiffusion:
 
         t0 = time.perf_counter()
         with self.native.lock:
-            self._select_kernels()
-            if self.alter is not None:
-                lib.pysdcpp_alter_history_clear()
-            self.native.set_progress(on_step)
-            self.native.take_errors()
+            self._inherit = native_plan
             try:
-                out = lib.generate_image(ctx, g)
+                self._select_kernels()
+                if self.alter is not None:
+                    lib.pysdcpp_alter_history_clear()
+                if native_plan is not None:
+                    lib.pysdcpp_inherit_history_clear()
+                self.native.set_progress(on_step)
+                self.native.take_errors()
+                try:
+                    out = lib.generate_image(ctx, g)
+                finally:
+                    self.native.set_progress(None)
+                if out == ffi.NULL:
+                    raise GenerationError(f"generation failed: {self.native.take_errors() or 'see the log'}")
+                images = _take_images(ffi, out, p.batch_size)
+                alter_steps = self._alter_report(step_marks, p) if self.alter is not None else []
+                inherited = self._inheritance_report(native_plan, p.height, p.width) if native_plan else []
             finally:
-                self.native.set_progress(None)
-            if out == ffi.NULL:
-                raise GenerationError(f"generation failed: {self.native.take_errors() or 'see the log'}")
-            images = _take_images(ffi, out, p.batch_size)
-            alter_steps = self._alter_report(step_marks, p) if self.alter is not None else []
-        return GenerationResult(images, p, time.perf_counter() - t0, step_times, self.backend, alter_steps)
+                self._inherit = None
+                if native_plan is not None:
+                    self._select_kernels()   # the plan goes, and with it what is left of its caches
+        return GenerationResult(images, p, time.perf_counter() - t0, step_times, self.backend, alter_steps,
+                                inherited)
+
+    def _native_plan(self, inheritance, steps: int):
+        """The inheritance policy as the library's plan for `steps` steps, checked before anything runs."""
+        if inheritance is None:
+            return None
+        from .inheritance import NativePlan, plan_for
+
+        if not self.native.has_components:
+            raise ValueError(f"inheritance needs the accelerated library; this context uses {self.backend}")
+        layout = self.model_file.unet_layout
+        if layout is None:
+            raise ValueError("inheritance needs a UNet of the SD family (SD1.x, SD2.x, SDXL and their variants)")
+        return NativePlan(plan_for(inheritance, steps, layout), layout)
+
+    def _inheritance_report(self, native_plan, height: int, width: int) -> list:
+        """Per evaluation, what it inherited and computed and its MACs (with ALTER, its expert's skips too)."""
+        from .inheritance import log_evaluations, read_records
+
+        ffi, lib = self.native.ffi, self.native.lib
+        records = read_records(ffi, lib)
+        skipped = None
+        if self.alter is not None:
+            n = int(lib.pysdcpp_alter_history(ffi.NULL, ffi.NULL, 0))
+            ts, es = ffi.new("float[]", max(n, 1)), ffi.new("int32_t[]", max(n, 1))
+            n = min(n, int(lib.pysdcpp_alter_history(ts, es, n)))
+            units = self.alter.routing.units
+            masks = self.alter.routing.masks
+            per_expert = [{u for u, k in zip(units, row) if not k} for row in masks]
+            forwards = sum(1 for r in records if r[3] < 0)
+            if n == forwards:
+                skipped = [per_expert[es[i]] for i in range(n)]
+        evaluations = native_plan.report(records, height, width, skipped)
+        log_evaluations(evaluations)
+        return evaluations
+
+    def inheriting(self, inheritance, steps: int) -> "InheritanceSession":
+        """A run of component UNet evaluations under an inheritance policy for `steps` steps: call its `unet(...,
+        step=i, slot=k)`; its caches live until the session closes (use `with`)."""
+        plan = self._native_plan(inheritance, steps)
+        if plan is None:
+            raise ValueError("inheriting() needs a policy")
+        self._components()
+        return InheritanceSession(self, plan)
 
     def _alter_report(self, step_marks: list[tuple[int, int]], p: GenerationParams) -> list:
         from .alter_runtime import log_steps
@@ -539,6 +609,65 @@ class StableDiffusion:
         ffi = self.native.ffi
         z_ne = ffi.new("int64_t[4]", list(reversed(z.shape)))
         return self._call_tensor("pysdcpp_decode", ctx, ffi.from_buffer("float[]", z), z_ne)
+
+
+class InheritanceSession:
+    """Component UNet evaluations with feature inheritance (StableDiffusion.inheriting): each `unet` call names its
+    step and slot (0 cond, 1 uncond, ...); `evaluations` reports what each computed and inherited."""
+
+    def __init__(self, sd: "StableDiffusion", native_plan):
+        self.sd, self.native_plan = sd, native_plan
+        self.evaluations: list = []
+        self._open = True
+        with sd.native.lock:
+            sd._inherit = native_plan
+            sd._select_kernels()
+            sd.native.lib.pysdcpp_inherit_history_clear()
+
+    def unet(self, latent: np.ndarray, timestep, context: np.ndarray, y: np.ndarray | None = None, *, step: int,
+             slot: int = 0) -> np.ndarray:
+        if not self._open:
+            raise PySDCppError("this inheritance session is closed")
+        if not isinstance(step, (int, np.integer)) or not 0 <= step < self.native_plan.plan.steps:
+            raise ValueError(f"step must be an integer from 0 to {self.native_plan.plan.steps - 1}, got {step!r}")
+        if not isinstance(slot, (int, np.integer)) or slot < 0:
+            raise ValueError(f"slot must be a non-negative integer, got {slot!r}")
+        sd = self.sd
+        if sd.alter is not None and len({sd.alter.routing.expert_for_timestep(float(v)) for v in
+                                         np.broadcast_to(np.asarray(timestep, dtype=np.float32),
+                                                         (np.shape(latent)[0],))}) > 1:
+            raise ValueError("with inheritance, a batch's elements must go to one ALTER expert (call per element, "
+                             "each with a slot of its own)")
+        from .inheritance import read_records
+
+        with sd.native.lock:
+            sd._inherit = self.native_plan
+            sd.native.lib.pysdcpp_inherit_set_evaluation(int(step), int(slot))
+            before = int(sd.native.lib.pysdcpp_inherit_history(sd.native.ffi.NULL, 0))
+            out = sd.unet(latent, timestep, context, y)
+            records = read_records(sd.native.ffi, sd.native.lib)[before:]
+            sd.native.lib.pysdcpp_inherit_set_evaluation(-1, 0)
+        h, w = 8 * np.shape(latent)[2], 8 * np.shape(latent)[3]
+        self.evaluations += self.native_plan.report(records, h, w)
+        return out
+
+    def cache_bytes(self) -> int:
+        return int(self.sd.native.lib.pysdcpp_inherit_cache_bytes())
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            with self.sd.native.lock:
+                self.sd._inherit = None
+                if getattr(self.sd.native, "inherit_owner", None) is self.native_plan:
+                    self.sd.native.lib.pysdcpp_inherit_clear()
+                    self.sd.native.inherit_owner = None
+
+    def __enter__(self) -> "InheritanceSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _tensor_array(ffi, t) -> np.ndarray:

@@ -107,6 +107,10 @@ class _StepBar:
 @click.option("--alter-semantics", type=click.Choice(["default", *SKIP_SEMANTICS]), default="default",
               show_default=True, help="How a pruned ResNet of a plain up block treats its skip tensor "
                                       "(default: the file's, normally reference).")
+@click.option("--inherit", "inherit", default=None, metavar="POLICY",
+              help="Feature inheritance across steps (accelerated library; docs/inheritance.md): deepcache"
+                   "[:interval=3,branch=0,schedule=uniform|non-uniform,pow=1.4,center=15] or "
+                   "units[:interval=3,first=1,last=1,units=NAME+NAME...].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("output.png"),
               show_default=True, help="PNG path; with --batch N, files get _1.._N suffixes.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files (without it they are never touched).")
@@ -114,7 +118,7 @@ class _StepBar:
 @click.option("-v", "--verbose", count=True, help="-v: library info log, -vv: debug log.")
 def generate(model, demo, prompt, negative_prompt, width, height, steps, guidance_scale, sampler, scheduler,
              seed, batch_size, clip_skip, threads, backend, prediction, conv, attention, linear, winograd_cache_mb,
-             no_alter, alter_masks, alter_semantics, output, overwrite, as_json, verbose):
+             no_alter, alter_masks, alter_semantics, inherit, output, overwrite, as_json, verbose):
     """Text to image. Writes PNGs carrying their generation parameters (A1111 `parameters` chunk).
 
     \b
@@ -122,6 +126,7 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
       pysdcpp generate --demo
       pysdcpp generate model.gguf -p "a lighthouse at dusk" -W 512 -H 512 --steps 20 --seed 7 -o lighthouse.png
       pysdcpp generate model.gguf -p "a red fox" --backend upstream --sampler euler --scheduler karras
+      pysdcpp generate model.gguf -p "a red fox" --steps 20 --inherit deepcache:interval=3,branch=0
     """
     from .api import GenerationParams, StableDiffusion, generation_choices, png_parameters, save_png
     from .errors import PySDCppError
@@ -172,6 +177,16 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
         GenerationParams(prompt, negative_prompt, width=width, height=height, num_inference_steps=steps,
                          guidance_scale=guidance_scale, sampler=sampler, scheduler=scheduler, seed=seed,
                          batch_size=batch_size, clip_skip=clip_skip).validate(*generation_choices(backend), multiple)
+        policy = None
+        if inherit is not None:
+            from .inheritance import parse_inheritance, plan_for
+
+            if backend != "accelerated":
+                raise ValueError("--inherit needs the accelerated library")
+            policy = parse_inheritance(inherit)
+            if header.unet_layout is None:
+                raise ValueError("--inherit needs a UNet of the SD family (SD1.x, SD2.x, SDXL and their variants)")
+            plan_for(policy, steps, header.unet_layout)
     except (PySDCppError, ValueError, TypeError) as e:
         _fail(str(e))
     try:
@@ -192,17 +207,20 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
                 result = sd.generate_with_info(prompt, negative_prompt, width=width, height=height,
                                                num_inference_steps=steps, guidance_scale=guidance_scale,
                                                sampler=sampler, scheduler=scheduler, seed=seed,
-                                               batch_size=batch_size, clip_skip=clip_skip, callback=bar)
+                                               batch_size=batch_size, clip_skip=clip_skip, inheritance=policy,
+                                               callback=bar)
             finally:
                 bar.close()
-            text = png_parameters(result.params, Path(model).stem, backend, __version__)
+            text = png_parameters(result.params, Path(model).stem, backend, __version__,
+                                  policy.spec() if policy is not None else None)
             for img, path in zip(result.images, paths):
                 save_png(img, path, text)
     except (PySDCppError, ValueError, TypeError) as e:
         _fail(str(e))
     summary = {"images": [str(p) for p in paths], "model": str(model), "backend": backend,
                "conv": sd.conv, "attention": sd.attention, "linear": sd.linear, "threads": sd.threads,
-               "alter_steps": [s.as_dict() for s in result.alter_steps], "load_seconds": round(load_s, 3),
+               "alter_steps": [s.as_dict() for s in result.alter_steps],
+               "inherited": [e.as_dict() for e in result.inherited], "load_seconds": round(load_s, 3),
                "generate_seconds": round(result.seconds, 3), "parameters": text}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -216,6 +234,11 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
             experts = " ".join(str(st.expert) for st in result.alter_steps)
             click.echo(f"ALTER experts per step: {experts}; {100 * fraction:.0f}% of the dense UNet's MACs "
                        "(-v logs each step)", err=True)
+        if result.inherited:
+            n = sum(1 for e in result.inherited if e.inherited)
+            fraction = sum(e.macs for e in result.inherited) / sum(e.dense_macs for e in result.inherited)
+            click.echo(f"inheritance {policy.spec()}: {n} of {len(result.inherited)} UNet evaluations inherited; "
+                       f"{100 * fraction:.0f}% of the dense UNet's MACs (-v logs each evaluation)", err=True)
 
 
 class _WriteBar:
@@ -424,7 +447,8 @@ def inspect(model, as_json, list_tensors, size, steps):
 @click.option("--repeat", type=int, default=2, show_default=True, help="Interleaved repetitions per variant.")
 @click.option("--variants", default="upstream,accelerated", show_default=True,
               help="Comma-separated, the first is the baseline: upstream, accelerated, im2col, direct, winograd, "
-                   "fast-attention, fast-linear, upstream-direct, dense (an ALTER file with routing off); NAME@STEPS gives a "
+                   "fast-attention, fast-linear, upstream-direct, dense (an ALTER file with routing off), deepcache (interval "
+                   "3, branch 0), deepcache-b1, deepcache-5 (interval 5), units (the default unit schedule); NAME@STEPS gives a "
                    "variant its own step count (e.g. upstream@50,accelerated with --steps 20).")
 @click.option("--algorithms", default="im2col,winograd_f4,winograd_f4_fused,winograd_f2_fused,winograd_f4_ggml_gemm", show_default=True,
               help="With --layers: im2col, direct, winograd_f4, winograd_f2, winograd_f4_in_graph (the filter "

@@ -24,6 +24,11 @@ VARIANTS: dict[str, dict] = {
     "fast-linear": {"backend": "accelerated", "conv": "im2col", "attention": "upstream", "linear": "fast"},
     "upstream-direct": {"backend": "upstream", "conv": "direct"},
     "dense": {"backend": "accelerated", "alter": False},  # an ALTER file's dense model, accelerated
+    # feature inheritance (docs/inheritance.md): `inheritance` is the generation's policy, as --inherit writes it
+    "deepcache": {"backend": "accelerated", "inheritance": "deepcache:interval=3,branch=0"},
+    "deepcache-b1": {"backend": "accelerated", "inheritance": "deepcache:interval=3,branch=1"},
+    "deepcache-5": {"backend": "accelerated", "inheritance": "deepcache:interval=5,branch=0"},
+    "units": {"backend": "accelerated", "inheritance": "units"},
 }
 
 
@@ -70,6 +75,11 @@ def _worker(variant: dict, model: str, params: dict, threads: int, queue) -> Non
         logger.setLevel(logging.DEBUG)  # the compute-buffer sizes are debug lines
         logger.addHandler(Capture())
         stamps: list[float] = []
+        variant = dict(variant)
+        if "inheritance" in variant:
+            from ..inheritance import parse_inheritance
+
+            params = dict(params, inheritance=parse_inheritance(variant.pop("inheritance")))
         t0 = time.perf_counter()
         with StableDiffusion(model, threads=threads, **variant) as sd:
             load = time.perf_counter() - t0
@@ -90,8 +100,9 @@ def _worker(variant: dict, model: str, params: dict, threads: int, queue) -> Non
             if m := _BUFFER_LOG.search(line):
                 buffers[m.group(1)] = max(buffers.get(m.group(1), 0.0), float(m.group(2)))
         alter = [s.as_dict() for s in result.alter_steps]
+        inherited = [e.as_dict() for e in result.inherited]
         queue.put({"ok": True, "phases": phases, "steps": steps, "peak_rss": hwm, "compute_buffers_mb": buffers,
-                   "alter_steps": alter, "image": np.asarray(result.images[0]).copy()})
+                   "alter_steps": alter, "inherited": inherited, "image": np.asarray(result.images[0]).copy()})
     except BaseException as e:  # reported, never raised: the other variants go on
         queue.put({"ok": False, "error": f"{type(e).__name__}: {e}"})
 
@@ -146,6 +157,11 @@ def summarize(runs: dict[str, list[dict]], baseline: str = "upstream") -> dict:
                 st = ok[0]["alter_steps"]
                 entry["alter"] = {"experts": [s["expert"] for s in st],
                                   "fraction_of_dense_macs": sum(s["macs"] for s in st) / sum(s["dense_macs"] for s in st)}
+            if ok[0].get("inherited"):
+                ev = ok[0]["inherited"]
+                entry["inheritance"] = {
+                    "inherited_evaluations": sum(1 for e in ev if e["inherited"]), "evaluations": len(ev),
+                    "fraction_of_dense_macs": sum(e["macs"] for e in ev) / sum(e["dense_macs"] for e in ev)}
             pairs = [(b, r) for b, r in zip(base_runs, rs) if b.get("ok") and r.get("ok")]
             entry["speedup"] = {ph: statistics.median(b["phases"][ph] / r["phases"][ph] for b, r in pairs
                                                       if r["phases"].get(ph, 0) > 0 and ph in b["phases"])
@@ -211,7 +227,7 @@ def format_model_table(report: dict) -> str:
         row += f"{e.get('later_step', {}).get('median', float('nan')):>8.2f}s{e['peak_rss'] / 2**20:>8.0f}MB"
         buf = e.get("compute_buffers_mb", {}).get("unet")
         row += f"{buf:>8.0f}MB" if buf else f"{'-':>10}"
-        frac = e.get("alter", {}).get("fraction_of_dense_macs")
+        frac = e.get("inheritance", e.get("alter", {})).get("fraction_of_dense_macs")
         row += f"{100 * frac:>5.0f}%" if frac is not None else f"{'-':>6}"
         p_ = e.get("psnr_vs_" + base)
         row += f"{p_:>8.1f}" if p_ is not None and p_ != float("inf") else f"{'same':>8}"
@@ -219,5 +235,6 @@ def format_model_table(report: dict) -> str:
             row += f"  ({len(e['failed'])} failed: {e['failed'][0]})"
         lines.append(row)
     lines.append(footer(report, f"{report['steps']} steps, median of {report['repeat']} (x: speedup vs {base}; "
-                                 "UNet buf: its graph's compute buffer; MACs: ALTER's share of the dense UNet)"))
+                                 "UNet buf: its graph's compute buffer; MACs: the share of the dense UNet's that ALTER "
+                                 "or inheritance spent)"))
     return "\n".join(lines)

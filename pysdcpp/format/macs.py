@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from .families import CONTEXT_LENGTH
-from .unet import UnetBlock, level_sizes, prunable_units, unet_blocks, unet_config
+from .unet import UnetBlock, below_branch, level_sizes, prunable_units, unet_blocks, unet_config
 
 
 @dataclass
@@ -84,3 +84,32 @@ def unet_macs(family_or_config: str | dict, latent_h: int, latent_w: int, batch:
     unit_macs = [batch * per_unit[name] for name in unit_names]
     dense = batch * other + sum(unit_macs)
     return UnetMacs(dense, unit_names, unit_macs, latent_h, latent_w, batch)
+
+
+def evaluation_macs(family_or_config: str | dict, latent_h: int, latent_w: int, *, skipped=(), inherited=(),
+                    branch: int | None = None, batch: int = 1, context_len: int = CONTEXT_LENGTH) -> int:
+    """MACs one evaluation spends with the units in `skipped` (ALTER) left out, those in `inherited` reused (a
+    ResNet still computes a shortcut that changes the channel count) and, with `branch`, everything below
+    DeepCache's branch at that skip-stack entry reused (docs/inheritance.md)."""
+    cfg = unet_config(family_or_config)
+    boc, ctx = cfg["block_out_channels"], cfg["cross_attention_dim"]
+    temb = 4 * boc[0]
+    sizes = level_sizes(len(boc), latent_h, latent_w)
+    skipped, inherited = set(skipped), set(inherited)
+    total = boc[0] * temb + temb * temb + 9 * (cfg["in_channels"] + cfg["out_channels"]) * boc[0] * latent_h * latent_w
+    for b in unet_blocks(cfg):
+        if branch is not None and below_branch(b, branch, cfg):
+            continue
+        hw = sizes[b.level][0] * sizes[b.level][1]
+        if b.kind == "resnet":
+            if b.ldm in skipped:
+                continue
+            shortcut = b.resnet_in * b.cout * hw if b.resnet_in != b.cout else 0
+            total += shortcut if b.ldm in inherited else resnet_macs(b.resnet_in, b.cout, hw, temb)
+        elif b.kind == "attention":
+            total += 2 * b.cout * b.cout * hw
+            total += sum(transformer_block_macs(b.cout, hw, ctx, context_len) for k in range(b.depth)
+                         if f"{b.ldm}.transformer_blocks.{k}" not in skipped | inherited)
+        else:
+            total += 9 * b.cin * b.cout * hw
+    return batch * total

@@ -215,6 +215,37 @@ def unet_blocks(family_or_config: str | dict) -> list[UnetBlock]:
     return out
 
 
+def inheritable_units(family_or_config: str | dict) -> list[str]:
+    """The units feature inheritance can reuse (docs/inheritance.md), in graph order: every ResNet (its residual
+    branch; a shortcut that changes the channel count stays computed) and every transformer block."""
+    out = []
+    for b in unet_blocks(family_or_config):
+        if b.kind == "resnet":
+            out.append(b.ldm)
+        elif b.kind == "attention":
+            out += [f"{b.ldm}.transformer_blocks.{k}" for k in range(b.depth)]
+    return out
+
+
+def skip_entries(family_or_config: str | dict) -> int:
+    """Entries of the skip stack (conv_in's output and every input block's): DeepCache's branches are 0 to this
+    minus 1."""
+    return 1 + len({b.ldm.split(".")[1] for b in unet_blocks(family_or_config) if b.section == "down"})
+
+
+def below_branch(block: UnetBlock, branch: int, family_or_config: str | dict) -> bool:
+    """Whether `block` lies below DeepCache's branch at skip-stack entry `branch`: an input block pushing a later
+    entry, the middle block, or an output block popping one (in the dense UNet's order)."""
+    if block.section == "mid":
+        return True
+    blocks = unet_blocks(family_or_config)
+    slots = sorted({int(b.ldm.split(".")[1]) for b in blocks if b.section == block.section})
+    k = slots.index(int(block.ldm.split(".")[1]))
+    if block.section == "down":
+        return k + 1 > branch   # input slot k pushes entry k + 1 (conv_in pushed entry 0)
+    return k < len(slots) - 1 - branch   # output position k pops entry n - 1 - k
+
+
 # (diffusers, LDM) names of the UNet's layers outside the blocks: time and SDXL's added embedding, conv_in, the
 # output norm and conv
 TOP_LEVEL_PARAMETERS = (("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
