@@ -272,6 +272,9 @@ class StableDiffusion:
                 if self.native.has_components:
                     # Cached Winograd filters point into this context's weights, which are gone now.
                     self.native.lib.pysdcpp_winograd_cache_clear()
+                    if self._inherit is not None and getattr(self.native, "inherit_owner", None) is self._inherit:
+                        self.native.lib.pysdcpp_inherit_clear()   # an inheritance session left open
+                        self.native.inherit_owner = None
             self._ctx = None
 
     def __enter__(self) -> "StableDiffusion":
