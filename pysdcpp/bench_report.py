@@ -61,11 +61,12 @@ def render_model(r: dict) -> list[str]:
         ps = e.get("psnr_vs_" + base)
         psnr = "-" if ps is None else "identical" if ps == float("inf") else f"{ps:.1f} dB"
         buf = e.get("compute_buffers_mb", {}).get("unet")
-        frac = e.get("alter", {}).get("fraction_of_dense_macs")
+        kind = "inheritance" if "inheritance" in e else "ALTER"
+        frac = e.get("inheritance", e.get("alter", {})).get("fraction_of_dense_macs")
         steps = r["variants"].get(name, {}).get("steps", r["steps"])
         out.append(f"| {name}" + (f" ({steps} steps)" if steps != r["steps"] else "") + " | " + " | ".join(cells) +
                    f" | {step:.2f} s | {later_cell} | {e['peak_rss'] / 2**20:.0f} MB | " + (f"{buf:.0f} MB" if buf else "-") +
-                   " | " + (f"{100 * frac:.0f}% (ALTER)" if frac is not None else "dense") + f" | {psnr} |")
+                   " | " + (f"{100 * frac:.0f}% ({kind})" if frac is not None else "dense") + f" | {psnr} |")
     out += ["", "(x): speedup against the baseline, computed repetition by repetition (per later step: ratio of "
             "the medians). Per later step: the steps after each generation's first, the steady state once the "
             "first step's one-off work (hoisted filter transforms, buffer allocation) is done. UNet compute buffer: the "
