@@ -45,6 +45,10 @@ ALTER_TABLE = [2] * 333 + [1] * 333 + [0] * 334
 ALTER_TIMESTEPS = [950.0, 500.0, 120.0]
 
 
+DEEPCACHE_STEPS = 4
+DEEPCACHE_BRANCHES = [1, 4]
+
+
 def _alter_rows() -> tuple[list[str], list[list[int]]]:
     return expert_rows("sdxl", ALTER_SKIPS, 13)
 
@@ -62,6 +66,14 @@ def _inputs():
              alter_timesteps=np.array(ALTER_TIMESTEPS * 2, dtype=np.float32),
              alter_keep=np.array([rows[e] for e in experts] * 2, dtype=np.uint8),
              alter_consume=np.array([0] * len(experts) + [1] * len(experts), dtype=np.uint8))
+    # DeepCache (tests/test_inheritance.py for SD1.x/SD2.x): a drifting latent over 4 steps, interval 3
+    drift = rng.standard_normal((DEEPCACHE_STEPS, 1, 4, LATENT, LATENT)).astype(np.float32)
+    steps = np.arange(DEEPCACHE_STEPS, dtype=np.float32)[:, None, None, None, None]
+    x.update(deepcache_latents=(x["latent"][:1][None] + 0.05 * steps * drift).astype(np.float32),
+             deepcache_timesteps=np.array([981.0, 901.0, 801.0, 701.0], dtype=np.float32),
+             deepcache_context=x["context"][:1], deepcache_y=x["y"][:1],
+             deepcache_branches=np.array(DEEPCACHE_BRANCHES, dtype=np.int32),
+             deepcache_interval=np.array([3], dtype=np.int32))
     return x
 
 
@@ -121,6 +133,27 @@ def test_unet_two_timesteps_with_y(ours, reference):
     assert ours["unet"].shape == reference["unet"].shape == (2, 4, LATENT, LATENT)
     for i in range(2):
         assert rel_l2(ours["unet"][i], reference["unet"][i]) <= UNET_TOL
+
+
+def test_deepcache_against_the_deepcache_helper(sdxl, reference):
+    """SDXL under DeepCache (SDXL's branches are 0-8): the DeepCache package's helper on diffusers' UNet against our
+    plan, step by step."""
+    from pysdcpp.inheritance import DeepCache
+
+    x = _inputs()
+    with StableDiffusion(sdxl, threads=2) as sd:
+        for k, branch in enumerate(DEEPCACHE_BRANCHES):
+            with sd.inheriting(DeepCache(interval=3, branch=branch), DEEPCACHE_STEPS) as run:
+                ours = [run.unet(x["deepcache_latents"][i], x["deepcache_timesteps"][i], x["deepcache_context"],
+                                 y=x["deepcache_y"], step=i) for i in range(DEEPCACHE_STEPS)]
+                assert [bool(e.inherited) for e in run.evaluations] == [False, True, True, False]
+            errors = [rel_l2(o, e) for o, e in zip(ours, reference["deepcache"][k])]
+            print(f"SDXL DeepCache branch {branch}: rel. L2 per step {['%.1e' % e for e in errors]}")
+            assert max(errors) <= UNET_TOL
+            # the helper really cached: a cached step is far from the step's dense evaluation
+            dense = sd.unet(x["deepcache_latents"][1], x["deepcache_timesteps"][1], x["deepcache_context"],
+                            y=x["deepcache_y"])
+            assert rel_l2(reference["deepcache"][k][1], dense) > 10 * UNET_TOL
 
 
 def test_vae_decode(ours, reference):

@@ -21,7 +21,9 @@ def compute(family: str, inputs: dict[str, np.ndarray], variant: str = "base") -
     timesteps, keep rows, consume flags) -> alter and alter_dense (tests/alter_reference.py's eval path with the
     units skipped, and with none); vae_latent -> vae (raw decoder output of latent / scaling factor).
     unet_q8_0 (any value): the UNet's weights rounded as a q8_0 file holds them (see _round_q8_0), which adds
-    unet_q8_0_counts (tensors, elements rounded)."""
+    unet_q8_0_counts (tensors, elements rounded). deepcache_* (latents (S, 1, C, h, w), timesteps (S,), context,
+    y, branches, interval) -> deepcache (branches, S, 1, C', h, w): the sequence of evaluations under the DeepCache
+    package's own helper, once per branch."""
     from conftest import synthetic, torch_reference
 
     out: dict[str, np.ndarray] = {}
@@ -62,6 +64,8 @@ def compute(family: str, inputs: dict[str, np.ndarray], variant: str = "base") -
             if "latent" in inputs:
                 out["unet"] = unet(torch.from_numpy(inputs["latent"]), torch.from_numpy(inputs["timesteps"]),
                                    encoder_hidden_states=torch.from_numpy(inputs["context"]), **kwargs).sample.numpy()
+            if "deepcache_latents" in inputs:
+                out["deepcache"] = _deepcache(unet, inputs)
             if "alter_keep" in inputs:
                 from alter_reference import alter_unet_forward
 
@@ -82,6 +86,35 @@ def compute(family: str, inputs: dict[str, np.ndarray], variant: str = "base") -
             out["vae"] = vae.decode(torch.from_numpy(inputs["vae_latent"]) / scale).sample.numpy()
             del vae
     return out
+
+
+def _deepcache(unet, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """DeepCacheSDHelper over a sequence of evaluations, on a stand-in pipeline holding the UNet and the
+    sequence's timesteps (the helper finds each call's step by its timestep)."""
+    import types
+
+    from DeepCache import DeepCacheSDHelper
+
+    ts = [float(t) for t in inputs["deepcache_timesteps"]]
+    c = torch.from_numpy(inputs["deepcache_context"])
+    kwargs = {}
+    if "deepcache_y" in inputs:
+        y = torch.from_numpy(inputs["deepcache_y"])
+        unet.add_time_proj = _Fixed(y[:, 1280:].reshape(-1, unet.config.addition_time_embed_dim))
+        kwargs["added_cond_kwargs"] = {"text_embeds": y[:, :1280], "time_ids": torch.zeros(len(y), 6)}
+    pipe = types.SimpleNamespace(unet=unet, scheduler=types.SimpleNamespace(timesteps=torch.tensor(ts)))
+    per_branch = []
+    for branch in inputs["deepcache_branches"]:
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=int(inputs["deepcache_interval"][0]), cache_branch_id=int(branch))
+        helper.enable()
+        try:
+            per_branch.append(np.stack([
+                pipe.unet(torch.from_numpy(x), torch.tensor([t]), encoder_hidden_states=c, **kwargs).sample.numpy()
+                for x, t in zip(inputs["deepcache_latents"], ts)]))
+        finally:
+            helper.disable()
+    return np.stack(per_branch)
 
 
 def _q8_0_round(a: np.ndarray) -> np.ndarray:
