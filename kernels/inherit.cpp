@@ -98,11 +98,14 @@ ggml_tensor* contiguous_f32(ggml_context* ctx, ggml_tensor* t) {
 
 }  // namespace
 
-void inherit_set(InheritPlan plan) {
+bool inherit_set(InheritPlan plan) {
     auto state = std::make_shared<State>();
     for (size_t u = 0; u < plan.units.size(); u++) {
         state->index[plan.units[u]] = (int)u;
         if (plan.units[u].compare(0, sizeof(kBranchPrefix) - 1, kBranchPrefix) == 0) {
+            if (state->branch_unit >= 0) {
+                return false;  // one DeepCache branch per plan
+            }
             state->branch_unit = (int)u;
             state->branch      = std::atoi(plan.units[u].c_str() + sizeof(kBranchPrefix) - 1);
         }
@@ -111,6 +114,7 @@ void inherit_set(InheritPlan plan) {
     std::lock_guard<std::mutex> lock(g_mutex);
     g_state = std::move(state);
     g_cache.clear();
+    return true;
 }
 
 void inherit_clear() {
@@ -126,11 +130,6 @@ void inherit_drop_caches() {
     g_cache.clear();
 }
 
-bool inherit_active() {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    return g_state != nullptr;
-}
-
 size_t inherit_cache_bytes() {
     std::lock_guard<std::mutex> lock(g_mutex);
     size_t bytes = 0;
@@ -144,11 +143,6 @@ void inherit_set_evaluation(int step, int slot) {
     std::lock_guard<std::mutex> lock(g_mutex);
     g_step = step;
     g_slot = slot;
-}
-
-int inherit_step() {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    return g_step;
 }
 
 InheritForwardScope::InheritForwardScope(int part, const ggml_tensor* x, const ggml_tensor* context)

@@ -29,16 +29,14 @@ struct InheritPlan {
 };
 
 // Process-wide plan (the binding sets it before a generation or a run of component calls). Setting or clearing
-// a plan drops every cache.
-void inherit_set(InheritPlan plan);
+// a plan drops every cache. A plan holds at most one DeepCache branch: false (and nothing changed) otherwise.
+bool inherit_set(InheritPlan plan);
 void inherit_clear();
 void inherit_drop_caches();
-bool inherit_active();
 size_t inherit_cache_bytes();
 
 // The evaluation about to be built: its step index (0-based; -1: no step, every unit computed) and slot.
 void inherit_set_evaluation(int step, int slot);
-int inherit_step();
 
 enum class InheritAction : int { compute = 0, compute_and_store = 1, inherit = 2 };
 

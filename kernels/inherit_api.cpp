@@ -16,21 +16,15 @@ extern "C" SD_API int pysdcpp_inherit_set(const char** units, int n_units, int n
     }
     try {
         pysdcpp::InheritPlan plan;
-        int branches = 0;
         for (int u = 0; u < n_units; u++) {
             if (units[u] == nullptr || units[u][0] == '\0') {
                 return 1;
             }
             plan.units.emplace_back(units[u]);
-            branches += plan.units.back().rfind("branch.", 0) == 0;
-        }
-        if (branches > 1) {
-            return 1;  // one DeepCache branch per plan
         }
         plan.n_steps = n_steps;
         plan.inherit.assign(inherit, inherit + (size_t)n_steps * (size_t)n_units);
-        pysdcpp::inherit_set(std::move(plan));
-        return 0;
+        return pysdcpp::inherit_set(std::move(plan)) ? 0 : 1;
     } catch (const std::exception&) {
         return 1;
     }

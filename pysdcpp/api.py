@@ -646,9 +646,9 @@ class InheritanceSession:
         with sd.native.lock:
             sd._inherit = self.native_plan
             sd.native.lib.pysdcpp_inherit_set_evaluation(int(step), int(slot))
-            before = int(sd.native.lib.pysdcpp_inherit_history(sd.native.ffi.NULL, 0))
+            sd.native.lib.pysdcpp_inherit_history_clear()
             out = sd.unet(latent, timestep, context, y)
-            records = read_records(sd.native.ffi, sd.native.lib)[before:]
+            records = read_records(sd.native.ffi, sd.native.lib)
             sd.native.lib.pysdcpp_inherit_set_evaluation(-1, 0)
         h, w = 8 * np.shape(latent)[2], 8 * np.shape(latent)[3]
         self.evaluations += self.native_plan.report(records, h, w)

@@ -250,10 +250,11 @@ class NativePlan:
             elif out:
                 (out[-1].inherited if action == 2 else out[-1].computed).append(self.plan.units[unit])
         branch = self.plan.branch
+        dense = evaluation_macs(self.unet, height // 8, width // 8)
         for i, e in enumerate(out):
             skipped = skipped_per_evaluation[i] if skipped_per_evaluation else set()
             cut = branch is not None and f"{BRANCH_PREFIX}{branch}" in e.inherited
-            e.dense_macs = evaluation_macs(self.unet, height // 8, width // 8)
+            e.dense_macs = dense
             e.macs = evaluation_macs(self.unet, height // 8, width // 8, skipped=skipped,
                                      inherited=[u for u in e.inherited if not u.startswith(BRANCH_PREFIX)],
                                      branch=branch if cut else None)

@@ -26,6 +26,14 @@ def _run(lib, harness: str, last_error: str, *args) -> None:
             raise GenerationError(lib.ffi.string(getattr(lib.lib, last_error)()).decode())
 
 
+def _bias(bias, n: int) -> np.ndarray | None:
+    """A layer's optional bias as float32, checked to have one value per output channel."""
+    b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+    if b is not None and b.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {b.shape}")
+    return b
+
+
 def conv_plan(n: int, c: int, h: int, w: int, k: int, pad: int = 1) -> str:
     """The per-call variant (a CONV_VARIANTS name) closest to what a model context with conv="winograd" runs for
     this 3x3 conv: the accelerated library's cost model. A `winograd_f4` or `winograd_f2` layer has its filter
@@ -67,9 +75,7 @@ def conv2d_3x3(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, 
     oh, ow = h + 2 * pad - 2, wd + 2 * pad - 2
     if oh < 1 or ow < 1:
         raise ValueError(f"input {h}x{wd} is too small for a 3x3 kernel with padding {pad}")
-    b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
-    if b is not None and b.shape != (k,):
-        raise ValueError(f"bias must have shape ({k},), got {b.shape}")
+    b = _bias(bias, k)
     lib = _native.load("accelerated")
     ffi = lib.ffi
     y = np.empty((n, k, oh, ow), dtype=np.float32)
@@ -135,9 +141,7 @@ def linear(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, path
     if x.size == 0 or w.size == 0:
         raise ValueError(f"empty operands: x {x.shape}, w {w.shape}")
     n_out, k = w.shape
-    b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
-    if b is not None and b.shape != (n_out,):
-        raise ValueError(f"bias must have shape ({n_out},), got {b.shape}")
+    b = _bias(bias, n_out)
     if threads < 1 or repeat < 1:
         raise ValueError("threads and repeat must be at least 1")
     rows = x.size // k
@@ -176,9 +180,7 @@ def conv2d_1x1(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, 
         raise ValueError(f"need x (N, C, H, W) and w (K, C); got {x.shape} and {w.shape}")
     n, c, h, wd = x.shape
     k = w.shape[0]
-    b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
-    if b is not None and b.shape != (k,):
-        raise ValueError(f"bias must have shape ({k},), got {b.shape}")
+    b = _bias(bias, k)
     if threads < 1 or repeat < 1:
         raise ValueError("threads and repeat must be at least 1")
     lib = _native.load("accelerated")

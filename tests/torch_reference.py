@@ -117,7 +117,7 @@ def _deepcache(unet, inputs: dict[str, np.ndarray]) -> np.ndarray:
     return np.stack(per_branch)
 
 
-def _q8_0_round(a: np.ndarray) -> np.ndarray:
+def _q8_0_roundtrip(a: np.ndarray) -> np.ndarray:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
@@ -136,7 +136,7 @@ def _round_q8_0(unet) -> np.ndarray:
     for name, p in unet.named_parameters():
         if name.endswith(".bias") or p.shape[-1] % 32 or name.startswith(("time_embedding.", "add_embedding.")):
             continue
-        p.data.copy_(torch.from_numpy(_q8_0_round(p.detach().numpy())))
+        p.data.copy_(torch.from_numpy(_q8_0_roundtrip(p.detach().numpy())))
         tensors, elements = tensors + 1, elements + p.numel()
     return np.array([tensors, elements], dtype=np.int64)
 

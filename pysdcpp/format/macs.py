@@ -97,8 +97,9 @@ def evaluation_macs(family_or_config: str | dict, latent_h: int, latent_w: int, 
     sizes = level_sizes(len(boc), latent_h, latent_w)
     skipped, inherited = set(skipped), set(inherited)
     total = boc[0] * temb + temb * temb + 9 * (cfg["in_channels"] + cfg["out_channels"]) * boc[0] * latent_h * latent_w
+    left_out = below_branch(cfg, branch) if branch is not None else set()
     for b in unet_blocks(cfg):
-        if branch is not None and below_branch(b, branch, cfg):
+        if b.ldm in left_out:
             continue
         hw = sizes[b.level][0] * sizes[b.level][1]
         if b.kind == "resnet":

@@ -233,17 +233,21 @@ def skip_entries(family_or_config: str | dict) -> int:
     return 1 + len({b.ldm.split(".")[1] for b in unet_blocks(family_or_config) if b.section == "down"})
 
 
-def below_branch(block: UnetBlock, branch: int, family_or_config: str | dict) -> bool:
-    """Whether `block` lies below DeepCache's branch at skip-stack entry `branch`: an input block pushing a later
-    entry, the middle block, or an output block popping one (in the dense UNet's order)."""
-    if block.section == "mid":
-        return True
+def below_branch(family_or_config: str | dict, branch: int) -> set[str]:
+    """The blocks (LDM names) below DeepCache's branch at skip-stack entry `branch`: the input blocks pushing a
+    later entry, the middle block, and the output blocks popping one (in the dense UNet's order)."""
     blocks = unet_blocks(family_or_config)
-    slots = sorted({int(b.ldm.split(".")[1]) for b in blocks if b.section == block.section})
-    k = slots.index(int(block.ldm.split(".")[1]))
-    if block.section == "down":
-        return k + 1 > branch   # input slot k pushes entry k + 1 (conv_in pushed entry 0)
-    return k < len(slots) - 1 - branch   # output position k pops entry n - 1 - k
+    slots = {s: sorted({int(b.ldm.split(".")[1]) for b in blocks if b.section == s}) for s in ("down", "up")}
+    out = set()
+    for b in blocks:
+        if b.section == "mid":
+            out.add(b.ldm)
+            continue
+        k = slots[b.section].index(int(b.ldm.split(".")[1]))
+        # input slot k pushes entry k + 1 (conv_in pushed entry 0); output position k pops entry n - 1 - k
+        if (k + 1 > branch) if b.section == "down" else (k < len(slots["up"]) - 1 - branch):
+            out.add(b.ldm)
+    return out
 
 
 # (diffusers, LDM) names of the UNet's layers outside the blocks: time and SDXL's added embedding, conv_in, the
