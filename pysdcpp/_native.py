@@ -6,6 +6,7 @@ pysdcpp_ext.h), read at import time: there are no hand-copied struct layouts to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -114,6 +115,7 @@ class NativeLibrary:
         self.lib = self.ffi.dlopen(str(path))
         self.logger = logging.getLogger(f"pysdcpp.native.{backend}")
         self.last_error_lines: list[str] = []
+        self._captures: list[list[str]] = []  # info lines collected for a caller (capture())
         self._progress = None
         self._log_cb = self.ffi.callback("sd_log_cb_t", self._on_log)
         self._progress_cb = self.ffi.callback("sd_progress_cb_t", self._on_progress)
@@ -131,6 +133,9 @@ class NativeLibrary:
         if py_level >= logging.ERROR:
             self.last_error_lines.append(msg)
             del self.last_error_lines[:-20]
+        if py_level >= logging.INFO:
+            for lines in self._captures:
+                lines.append(msg)
         self.logger.log(py_level, "%s", msg)
 
     def _on_progress(self, step, steps, seconds, _data):
@@ -143,6 +148,16 @@ class NativeLibrary:
 
     def set_progress(self, fn):
         self._progress = fn
+
+    @contextlib.contextmanager
+    def capture(self):
+        """The library's info (and higher) log lines while the block runs, as a list."""
+        lines: list[str] = []
+        self._captures.append(lines)
+        try:
+            yield lines
+        finally:
+            self._captures.remove(lines)
 
     def take_errors(self) -> str:
         msg = "; ".join(self.last_error_lines[-3:])

@@ -50,6 +50,7 @@ class GenerationParams:
     seed: int = 42
     batch_size: int = 1
     clip_skip: int = -1
+    step_cache: str | None = None  # upstream's step-level cache, a pysdcpp.step_cache spec (ucache, spectrum)
 
     def validate(self, samplers: list[str], schedulers: list[str], multiple: int = 64) -> None:
         """Check every field; `multiple`: what width and height must be multiples of (8 per latent pixel, times 2
@@ -80,6 +81,10 @@ class GenerationParams:
         if self.scheduler != "default" and self.scheduler not in schedulers:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; choose default or one of "
                              f"{', '.join(schedulers)}")
+        if self.step_cache is not None:
+            from .step_cache import parse_step_cache
+
+            parse_step_cache(self.step_cache)
 
 
 @dataclass
@@ -91,6 +96,7 @@ class GenerationResult:
     backend: str = ""
     alter_steps: list = field(default_factory=list)  # AlterStep per sampling step when ALTER routing ran
     inherited: list = field(default_factory=list)  # InheritedEvaluation per UNet evaluation when inheritance ran
+    step_cache_skipped: int | None = None  # steps the step cache skipped (no UNet evaluation), when one ran
 
 
 # Display names A1111/ComfyUI users know, for the PNG parameters chunk.
@@ -111,6 +117,8 @@ def png_parameters(p: GenerationParams, model_name: str, backend: str, version: 
                ("Model", model_name)]
     if p.clip_skip > 0:
         fields.append(("Clip skip", p.clip_skip))
+    if p.step_cache:
+        fields.append(("Step cache", f'"{p.step_cache}"' if "," in p.step_cache else p.step_cache))
     if inheritance:
         fields.append(("Inheritance", f'"{inheritance}"' if "," in inheritance else inheritance))
     fields.append(("Version", f"pysdcpp {version} ({backend})"))
@@ -330,18 +338,23 @@ class StableDiffusion:
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  sampler: str | None = None,
                  scheduler: str = "default", seed: int = 42, batch_size: int = 1, clip_skip: int = -1,
-                 inheritance=None, callback: StepCallback | None = None) -> list[Image.Image]:
+                 inheritance=None, step_cache: str | None = None,
+                 callback: StepCallback | None = None) -> list[Image.Image]:
         """Text to image; returns PIL images. `callback(step, steps, seconds)` is called after every step. Width
         and height default to the family's size (SD1.x 512, SD2.x 768, SDXL 1024); steps, guidance and sampler to
         20, 7.0 and euler_a, or for a few-step model (the file records turbo or lcm) to its kind's
         (`pysdcpp.format.sampling`: turbo 1 step, guidance off, euler_a; lcm 4 steps, guidance off, lcm).
         guidance_scale 1.0 turns guidance off (one UNet evaluation per step). `inheritance` (accelerated
         library): a pysdcpp.inheritance policy (DeepCache, UnitSchedule or a Plan) whose units reuse their last
-        computed contribution at the steps it says (docs/inheritance.md)."""
+        computed contribution at the steps it says (docs/inheritance.md). `step_cache`: upstream's step-level
+        cache, `ucache[:threshold=..,start=..,end=..,decay=..,relative=..,reset=..]` or `spectrum[:w=..,m=..,
+        lam=..,window=..,flex=..,warmup=..,stop=..]` as sd-cli's --cache-mode/--cache-option take them; a step it
+        skips reuses (or forecasts) the whole UNet output (pysdcpp.step_cache)."""
         return self.generate_with_info(prompt, negative_prompt, width=width, height=height,
                                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                        sampler=sampler, scheduler=scheduler, seed=seed, batch_size=batch_size,
-                                       clip_skip=clip_skip, inheritance=inheritance, callback=callback).images
+                                       clip_skip=clip_skip, inheritance=inheritance, step_cache=step_cache,
+                                       callback=callback).images
 
     def generate_with_info(self, prompt: str, negative_prompt: str = "", *, callback: StepCallback | None = None,
                            inheritance=None, **kwargs) -> GenerationResult:
@@ -354,6 +367,16 @@ class StableDiffusion:
                 kwargs[key] = value
         p = GenerationParams(prompt, negative_prompt, **kwargs)
         p.validate(self.samplers, self.schedulers, multiple)
+        step_cache = None
+        if p.step_cache is not None:
+            from .step_cache import parse_step_cache
+
+            step_cache = parse_step_cache(p.step_cache)
+            p.step_cache = step_cache.spec()
+            if inheritance is not None:
+                raise ValueError("a step cache and feature inheritance each decide what a step reuses; use one")
+            if self.model_file.unet_layout is None:
+                raise ValueError(f"upstream's {step_cache.mode} runs on UNets only (SD1.x, SD2.x, SDXL)")
         native_plan = self._native_plan(inheritance, p.num_inference_steps)
         ctx = self._require_open()
         ffi, lib = self.native.ffi, self.native.lib
@@ -376,6 +399,8 @@ class StableDiffusion:
         g.sample_params.sample_method = lib.str_to_sample_method(p.sampler.encode())
         g.sample_params.scheduler = (lib.SCHEDULER_COUNT if p.scheduler == "default"
                                      else lib.str_to_scheduler(p.scheduler.encode()))
+        if step_cache is not None:
+            step_cache.apply(ffi, lib, g.cache)
         step_times: list[float] = []
         step_marks: list[tuple[int, int]] = []  # (step, UNet evaluations recorded so far), for the ALTER report
 
@@ -398,7 +423,8 @@ class StableDiffusion:
                 self.native.set_progress(on_step)
                 self.native.take_errors()
                 try:
-                    out = lib.generate_image(ctx, g)
+                    with self.native.capture() as log_lines:
+                        out = lib.generate_image(ctx, g)
                 finally:
                     self.native.set_progress(None)
                 if out == ffi.NULL:
@@ -406,12 +432,17 @@ class StableDiffusion:
                 images = _take_images(ffi, out, p.batch_size)
                 alter_steps = self._alter_report(step_marks, p) if self.alter is not None else []
                 inherited = self._inheritance_report(native_plan, p.height, p.width) if native_plan else []
+                skipped = None
+                if step_cache is not None:
+                    from .step_cache import skipped_steps
+
+                    skipped = skipped_steps(step_cache.mode, log_lines)
             finally:
                 self._inherit = None
                 if native_plan is not None:
                     self._select_kernels()   # the plan goes, and with it what is left of its caches
         return GenerationResult(images, p, time.perf_counter() - t0, step_times, self.backend, alter_steps,
-                                inherited)
+                                inherited, skipped)
 
     def _native_plan(self, inheritance, steps: int):
         """The inheritance policy as the library's plan for `steps` steps, checked before anything runs."""

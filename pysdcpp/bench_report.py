@@ -61,8 +61,9 @@ def render_model(r: dict) -> list[str]:
         ps = e.get("psnr_vs_" + base)
         psnr = "-" if ps is None else "identical" if ps == float("inf") else f"{ps:.1f} dB"
         buf = e.get("compute_buffers_mb", {}).get("unet")
-        kind = "inheritance" if "inheritance" in e else "ALTER"
-        frac = e.get("inheritance", e.get("alter", {})).get("fraction_of_dense_macs")
+        kind = next((k for k in ("inheritance", "step_cache", "alter") if k in e), "alter")
+        frac = e.get(kind, {}).get("fraction_of_dense_macs")
+        kind = {"step_cache": "step cache", "alter": "ALTER"}.get(kind, kind)
         steps = r["variants"].get(name, {}).get("steps", r["steps"])
         out.append(f"| {name}" + (f" ({steps} steps)" if steps != r["steps"] else "") + " | " + " | ".join(cells) +
                    f" | {step:.2f} s | {later_cell} | {e['peak_rss'] / 2**20:.0f} MB | " + (f"{buf:.0f} MB" if buf else "-") +

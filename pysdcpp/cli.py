@@ -111,6 +111,10 @@ class _StepBar:
               help="Feature inheritance across steps (accelerated library; docs/inheritance.md): deepcache"
                    "[:interval=3,branch=0,schedule=uniform|non-uniform,pow=1.4,center=15] or "
                    "units[:interval=3,first=1,last=1,units=NAME+NAME...].")
+@click.option("--step-cache", default=None, metavar="CACHE",
+              help="Upstream's step-level cache (either library): ucache[:threshold=1,start=0.15,end=0.95,decay=1,"
+                   "relative=1,reset=1] or spectrum[:w=0.4,m=3,lam=1,window=2,flex=0.5,warmup=4,stop=0.9], "
+                   "as sd-cli's --cache-mode/--cache-option; not with --inherit.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("output.png"),
               show_default=True, help="PNG path; with --batch N, files get _1.._N suffixes.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files (without it they are never touched).")
@@ -118,7 +122,7 @@ class _StepBar:
 @click.option("-v", "--verbose", count=True, help="-v: library info log, -vv: debug log.")
 def generate(model, demo, prompt, negative_prompt, width, height, steps, guidance_scale, sampler, scheduler,
              seed, batch_size, clip_skip, threads, backend, prediction, conv, attention, linear, winograd_cache_mb,
-             no_alter, alter_masks, alter_semantics, inherit, output, overwrite, as_json, verbose):
+             no_alter, alter_masks, alter_semantics, inherit, step_cache, output, overwrite, as_json, verbose):
     """Text to image. Writes PNGs carrying their generation parameters (A1111 `parameters` chunk).
 
     \b
@@ -176,7 +180,13 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
         # Every generation parameter is checked before the model loads (the library's sampler names need no model).
         GenerationParams(prompt, negative_prompt, width=width, height=height, num_inference_steps=steps,
                          guidance_scale=guidance_scale, sampler=sampler, scheduler=scheduler, seed=seed,
-                         batch_size=batch_size, clip_skip=clip_skip).validate(*generation_choices(backend), multiple)
+                         batch_size=batch_size, clip_skip=clip_skip,
+                         step_cache=step_cache).validate(*generation_choices(backend), multiple)
+        if step_cache is not None:
+            if inherit is not None:
+                raise ValueError("--step-cache and --inherit each decide what a step reuses; use one")
+            if header.unet_layout is None:
+                raise ValueError("--step-cache runs on UNets only (SD1.x, SD2.x, SDXL and their variants)")
         policy = None
         if inherit is not None:
             from .inheritance import parse_inheritance, plan_for
@@ -208,7 +218,7 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
                                                num_inference_steps=steps, guidance_scale=guidance_scale,
                                                sampler=sampler, scheduler=scheduler, seed=seed,
                                                batch_size=batch_size, clip_skip=clip_skip, inheritance=policy,
-                                               callback=bar)
+                                               step_cache=step_cache, callback=bar)
             finally:
                 bar.close()
             text = png_parameters(result.params, Path(model).stem, backend, __version__,
@@ -220,7 +230,8 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
     summary = {"images": [str(p) for p in paths], "model": str(model), "backend": backend,
                "conv": sd.conv, "attention": sd.attention, "linear": sd.linear, "threads": sd.threads,
                "alter_steps": [s.as_dict() for s in result.alter_steps],
-               "inherited": [e.as_dict() for e in result.inherited], "load_seconds": round(load_s, 3),
+               "inherited": [e.as_dict() for e in result.inherited],
+               "step_cache_skipped_steps": result.step_cache_skipped, "load_seconds": round(load_s, 3),
                "generate_seconds": round(result.seconds, 3), "parameters": text}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -239,6 +250,9 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
             fraction = sum(e.macs for e in result.inherited) / sum(e.dense_macs for e in result.inherited)
             click.echo(f"inheritance {policy.spec()}: {n} of {len(result.inherited)} UNet evaluations inherited; "
                        f"{100 * fraction:.0f}% of the dense UNet's MACs (-v logs each evaluation)", err=True)
+        if result.step_cache_skipped is not None:
+            click.echo(f"step cache {result.params.step_cache}: skipped {result.step_cache_skipped} of "
+                       f"{result.params.num_inference_steps} steps", err=True)
 
 
 class _WriteBar:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pysdcpp.bench import model_bench, psnr, run_variant, summarize
+from pysdcpp.bench import format_model_table, model_bench, psnr, run_variant, summarize
 from pysdcpp.cli import main
 
 
@@ -67,6 +67,18 @@ def test_model_bench_report(sd15_f16, tmp_path):
     # A variant's own step count (name@steps) reaches its generation.
     assert report["variants"]["im2col@2"]["steps"] == 2
     assert len(report["runs"]["im2col@2"][0]["steps"]) == 2 and len(report["runs"]["upstream"][0]["steps"]) == 1
+
+
+def test_step_cache_variant_reports_its_mac_share(sd15_f16):
+    report = model_bench(str(sd15_f16), ["upstream", "upstream-ucache@8"], size=64, steps=8, threads=2, repeat=1)
+    e = report["summary"]["upstream-ucache@8"]
+    assert not e["failed"], e["failed"]
+    c = e["step_cache"]
+    assert c["spec"] == "ucache" and c["steps"] == 8 and 0 <= c["skipped_steps"] < 8
+    assert c["fraction_of_dense_macs"] == (8 - c["skipped_steps"]) / 8
+    assert "step_cache" not in report["summary"]["upstream"]
+    row = next(line for line in format_model_table(report).splitlines() if line.startswith("upstream-ucache@8"))
+    assert f"{100 * c['fraction_of_dense_macs']:.0f}%" in row
 
 
 def test_linear_bench_report():

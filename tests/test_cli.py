@@ -41,6 +41,11 @@ def test_generate_errors(runner, tmp_path, sd15_f16):
     assert res.exit_code == 1 and "multiple of 8" in res.output
     res = runner.invoke(main, ["generate", str(sd15_f16), "-p", "x", "--steps", "0", *out])
     assert res.exit_code == 1 and "at least 1" in res.output
+    res = runner.invoke(main, ["generate", str(sd15_f16), "-p", "x", "--step-cache", "ucache:thresh=1", *out])
+    assert res.exit_code == 1 and "unknown ucache option 'thresh'" in res.output
+    res = runner.invoke(main, ["generate", str(sd15_f16), "-p", "x", "--step-cache", "ucache", "--inherit",
+                               "deepcache", *out])
+    assert res.exit_code == 1 and "use one" in res.output
     res = runner.invoke(main, ["generate", *out])
     assert res.exit_code == 1 and "--demo" in res.output
     assert not (tmp_path / "o.png").exists()

@@ -87,6 +87,14 @@ def sd(sd15_f16):
     (dict(sampler="warp_drive"), "unknown sampler"),
     (dict(scheduler="sometimes"), "unknown scheduler"),
     (dict(batch_size=0), "batch_size"),
+    (dict(step_cache="fastcache"), "unknown step cache 'fastcache'"),
+    (dict(step_cache="ucache:w=0.4"), "unknown ucache option 'w'; it takes threshold, start"),
+    (dict(step_cache="ucache:threshold=-1"), r"threshold=-1 is outside \[0, inf\]"),
+    (dict(step_cache="ucache:start=0.9,end=0.5"), "start < end"),
+    (dict(step_cache="ucache:reset=2"), "0 or 1"),
+    (dict(step_cache="spectrum:m=1.5"), "not a whole number"),
+    (dict(step_cache="ucache:threshold"), "needs key=value"),
+    (dict(step_cache="ucache", inheritance="deepcache"), "use one"),
 ])
 def test_bad_generation_parameters(sd, kwargs, message):
     with pytest.raises(ValueError, match=message):

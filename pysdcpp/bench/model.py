@@ -11,7 +11,8 @@ import numpy as np
 from .machine import build_info, footer, machine_info, utc_now
 
 
-# A variant is a name for StableDiffusion keyword arguments: new accelerations plug in here.
+# A variant is a name for StableDiffusion keyword arguments (and the generation's `inheritance` or `step_cache`):
+# new accelerations plug in here.
 VARIANTS: dict[str, dict] = {
     "upstream": {"backend": "upstream", "conv": "im2col"},
     "accelerated": {"backend": "accelerated"},  # the accelerated library's defaults (all accelerations on)
@@ -29,6 +30,11 @@ VARIANTS: dict[str, dict] = {
     "deepcache-b1": {"backend": "accelerated", "inheritance": "deepcache:interval=3,branch=1"},
     "deepcache-5": {"backend": "accelerated", "inheritance": "deepcache:interval=5,branch=0"},
     "units": {"backend": "accelerated", "inheritance": "units"},
+    # upstream's step-level caches (pysdcpp.step_cache), on our kernels: a skipped step reuses the whole UNet output
+    "ucache": {"backend": "accelerated", "step_cache": "ucache"},
+    "ucache-t4": {"backend": "accelerated", "step_cache": "ucache:threshold=4"},
+    "spectrum": {"backend": "accelerated", "step_cache": "spectrum"},
+    "upstream-ucache": {"backend": "upstream", "conv": "im2col", "step_cache": "ucache"},
 }
 
 
@@ -80,6 +86,8 @@ def _worker(variant: dict, model: str, params: dict, threads: int, queue) -> Non
             from ..inheritance import parse_inheritance
 
             params = dict(params, inheritance=parse_inheritance(variant.pop("inheritance")))
+        if "step_cache" in variant:
+            params = dict(params, step_cache=variant.pop("step_cache"))
         t0 = time.perf_counter()
         with StableDiffusion(model, threads=threads, **variant) as sd:
             load = time.perf_counter() - t0
@@ -101,8 +109,13 @@ def _worker(variant: dict, model: str, params: dict, threads: int, queue) -> Non
                 buffers[m.group(1)] = max(buffers.get(m.group(1), 0.0), float(m.group(2)))
         alter = [s.as_dict() for s in result.alter_steps]
         inherited = [e.as_dict() for e in result.inherited]
+        cache = None
+        if result.step_cache_skipped is not None:
+            cache = {"spec": result.params.step_cache, "skipped_steps": result.step_cache_skipped,
+                     "steps": result.params.num_inference_steps}
         queue.put({"ok": True, "phases": phases, "steps": steps, "peak_rss": hwm, "compute_buffers_mb": buffers,
-                   "alter_steps": alter, "inherited": inherited, "image": np.asarray(result.images[0]).copy()})
+                   "alter_steps": alter, "inherited": inherited, "step_cache": cache,
+                   "image": np.asarray(result.images[0]).copy()})
     except BaseException as e:  # reported, never raised: the other variants go on
         queue.put({"ok": False, "error": f"{type(e).__name__}: {e}"})
 
@@ -162,6 +175,10 @@ def summarize(runs: dict[str, list[dict]], baseline: str = "upstream") -> dict:
                 entry["inheritance"] = {
                     "inherited_evaluations": sum(1 for e in ev if e["inherited"]), "evaluations": len(ev),
                     "fraction_of_dense_macs": sum(e["macs"] for e in ev) / sum(e["dense_macs"] for e in ev)}
+            if ok[0].get("step_cache"):
+                c = ok[0]["step_cache"]
+                # A skipped step runs no UNet evaluation; the others run the whole UNet (ALTER's share aside).
+                entry["step_cache"] = dict(c, fraction_of_dense_macs=(c["steps"] - c["skipped_steps"]) / c["steps"])
             pairs = [(b, r) for b, r in zip(base_runs, rs) if b.get("ok") and r.get("ok")]
             entry["speedup"] = {ph: statistics.median(b["phases"][ph] / r["phases"][ph] for b, r in pairs
                                                       if r["phases"].get(ph, 0) > 0 and ph in b["phases"])
@@ -227,7 +244,7 @@ def format_model_table(report: dict) -> str:
         row += f"{e.get('later_step', {}).get('median', float('nan')):>8.2f}s{e['peak_rss'] / 2**20:>8.0f}MB"
         buf = e.get("compute_buffers_mb", {}).get("unet")
         row += f"{buf:>8.0f}MB" if buf else f"{'-':>10}"
-        frac = e.get("inheritance", e.get("alter", {})).get("fraction_of_dense_macs")
+        frac = e.get("inheritance", e.get("step_cache", e.get("alter", {}))).get("fraction_of_dense_macs")
         row += f"{100 * frac:>5.0f}%" if frac is not None else f"{'-':>6}"
         p_ = e.get("psnr_vs_" + base)
         row += f"{p_:>8.1f}" if p_ is not None and p_ != float("inf") else f"{'same':>8}"
@@ -235,6 +252,6 @@ def format_model_table(report: dict) -> str:
             row += f"  ({len(e['failed'])} failed: {e['failed'][0]})"
         lines.append(row)
     lines.append(footer(report, f"{report['steps']} steps, median of {report['repeat']} (x: speedup vs {base}; "
-                                 "UNet buf: its graph's compute buffer; MACs: the share of the dense UNet's that ALTER "
-                                 "or inheritance spent)"))
+                                 "UNet buf: its graph's compute buffer; MACs: the share of the dense UNet's that ALTER, "
+                                 "inheritance or a step cache spent)"))
     return "\n".join(lines)
