@@ -358,25 +358,8 @@ class StableDiffusion:
 
     def generate_with_info(self, prompt: str, negative_prompt: str = "", *, callback: StepCallback | None = None,
                            inheritance=None, **kwargs) -> GenerationResult:
-        side, multiple = image_size_rules(self.model_file)
-        for key in ("width", "height"):
-            if kwargs.get(key) is None:
-                kwargs[key] = side
-        for key, value in generation_defaults(self.model_file.few_step).items():
-            if kwargs.get(key) is None:
-                kwargs[key] = value
-        p = GenerationParams(prompt, negative_prompt, **kwargs)
-        p.validate(self.samplers, self.schedulers, multiple)
-        step_cache = None
-        if p.step_cache is not None:
-            from .step_cache import parse_step_cache
-
-            step_cache = parse_step_cache(p.step_cache)
-            p.step_cache = step_cache.spec()
-            if inheritance is not None:
-                raise ValueError("a step cache and feature inheritance each decide what a step reuses; use one")
-            if self.model_file.unet_layout is None:
-                raise ValueError(f"upstream's {step_cache.mode} runs on UNets only (SD1.x, SD2.x, SDXL)")
+        p, step_cache = checked_generation(self.model_file, self.backend, prompt, negative_prompt,
+                                           inheritance=inheritance, **kwargs)
         native_plan = self._native_plan(inheritance, p.num_inference_steps)
         ctx = self._require_open()
         ffi, lib = self.native.ffi, self.native.lib
@@ -448,14 +431,9 @@ class StableDiffusion:
         """The inheritance policy as the library's plan for `steps` steps, checked before anything runs."""
         if inheritance is None:
             return None
-        from .inheritance import NativePlan, plan_for
+        from .inheritance import NativePlan
 
-        if not self.native.has_components:
-            raise ValueError(f"inheritance needs the accelerated library; this context uses {self.backend}")
-        layout = self.model_file.unet_layout
-        if layout is None:
-            raise ValueError("inheritance needs a UNet of the SD family (SD1.x, SD2.x, SDXL and their variants)")
-        return NativePlan(plan_for(inheritance, steps, layout), layout)
+        return NativePlan(checked_plan(self.model_file, self.backend, inheritance, steps), self.model_file.unet_layout)
 
     def _inheritance_report(self, native_plan, height: int, width: int) -> list:
         """Per evaluation, what it inherited and computed and its MACs (with ALTER, its expert's skips too)."""
@@ -468,15 +446,19 @@ class StableDiffusion:
             n = int(lib.pysdcpp_alter_history(ffi.NULL, ffi.NULL, 0))
             ts, es = ffi.new("float[]", max(n, 1)), ffi.new("int32_t[]", max(n, 1))
             n = min(n, int(lib.pysdcpp_alter_history(ts, es, n)))
-            units = self.alter.routing.units
-            masks = self.alter.routing.masks
-            per_expert = [{u for u, k in zip(units, row) if not k} for row in masks]
             forwards = sum(1 for r in records if r[3] < 0)
             if n == forwards:
-                skipped = [per_expert[es[i]] for i in range(n)]
+                skipped = [self._pruned_units(es[i]) for i in range(n)]
         evaluations = native_plan.report(records, height, width, skipped)
         log_evaluations(evaluations)
         return evaluations
+
+    def _pruned_units(self, expert: int) -> set[str]:
+        """The units an ALTER expert of this context's routing skips (none for -1 or no routing)."""
+        if self.alter is None or expert < 0:
+            return set()
+        routing = self.alter.routing
+        return {u for u, k in zip(routing.units, routing.masks[expert]) if not k}
 
     def inheriting(self, inheritance, steps: int) -> "InheritanceSession":
         """A run of component UNet evaluations under an inheritance policy for `steps` steps: call its `unet(...,
@@ -667,11 +649,13 @@ class InheritanceSession:
         if not isinstance(slot, (int, np.integer)) or slot < 0:
             raise ValueError(f"slot must be a non-negative integer, got {slot!r}")
         sd = self.sd
-        if sd.alter is not None and len({sd.alter.routing.expert_for_timestep(float(v)) for v in
-                                         np.broadcast_to(np.asarray(timestep, dtype=np.float32),
-                                                         (np.shape(latent)[0],))}) > 1:
-            raise ValueError("with inheritance, a batch's elements must go to one ALTER expert (call per element, "
-                             "each with a slot of its own)")
+        experts = {-1}
+        if sd.alter is not None:
+            experts = {sd.alter.routing.expert_for_timestep(float(v)) for v in
+                       np.broadcast_to(np.asarray(timestep, dtype=np.float32), (np.shape(latent)[0],))}
+            if len(experts) > 1:
+                raise ValueError("with inheritance, a batch's elements must go to one ALTER expert (call per "
+                                 "element, each with a slot of its own)")
         from .inheritance import read_records
 
         with sd.native.lock:
@@ -682,7 +666,9 @@ class InheritanceSession:
             records = read_records(sd.native.ffi, sd.native.lib)
             sd.native.lib.pysdcpp_inherit_set_evaluation(-1, 0)
         h, w = 8 * np.shape(latent)[2], 8 * np.shape(latent)[3]
-        self.evaluations += self.native_plan.report(records, h, w)
+        pruned = sd._pruned_units(experts.pop())
+        forwards = sum(1 for r in records if r[3] < 0)
+        self.evaluations += self.native_plan.report(records, h, w, [pruned] * forwards)
         return out
 
     def cache_bytes(self) -> int:
@@ -731,16 +717,27 @@ def _take_images(ffi, out, count: int) -> list[Image.Image]:
     return images
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> None:
-    """Write a PNG with its `parameters` chunk atomically: a reader never sees half a file."""
+def png_bytes(image: Image.Image, parameters: str, extra: dict[str, str] | None = None) -> bytes:
+    """A PNG with its `parameters` text chunk (and any `extra` text chunks)."""
+    import io
+
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
+    for key, value in (extra or {}).items():
+        info.add_text(key, value)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> None:
+    """Write a PNG with its `parameters` chunk atomically: a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        image.save(tmp, format="PNG", pnginfo=info)
+        tmp.write_bytes(png_bytes(image, parameters))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -754,6 +751,47 @@ def image_size_rules(model_file: ModelFile) -> tuple[int, int]:
     return default_image_size(model_file.family if model_file.family in FAMILIES else None), 8 << (levels - 1)
 
 
+def checked_generation(model_file: ModelFile, backend: str, prompt: str, negative_prompt: str = "", *,
+                       inheritance=None, **kwargs):
+    """A generation's parameters with the model's defaults filled in (size, and a few-step model's steps, guidance
+    and sampler), every one checked before anything loads: sizes, sampler, the step cache, and an inheritance
+    policy (a pysdcpp.inheritance policy) against the UNet. Returns (GenerationParams with the step cache in its
+    canonical spec, the parsed StepCache or None)."""
+    side, multiple = image_size_rules(model_file)
+    for key in ("width", "height"):
+        if kwargs.get(key) is None:
+            kwargs[key] = side
+    for key, value in generation_defaults(model_file.few_step).items():
+        if kwargs.get(key) is None:
+            kwargs[key] = value
+    p = GenerationParams(prompt, negative_prompt, **kwargs)
+    p.validate(*generation_choices(backend), multiple)
+    step_cache = None
+    if p.step_cache is not None:
+        from .step_cache import parse_step_cache
+
+        step_cache = parse_step_cache(p.step_cache)
+        p.step_cache = step_cache.spec()
+        if inheritance is not None:
+            raise ValueError("a step cache and feature inheritance each decide what a step reuses; use one")
+        if model_file.unet_layout is None:
+            raise ValueError(f"upstream's {step_cache.mode} runs on UNets only (SD1.x, SD2.x, SDXL)")
+    if inheritance is not None:
+        checked_plan(model_file, backend, inheritance, p.num_inference_steps)
+    return p, step_cache
+
+
+def checked_plan(model_file: ModelFile, backend: str, inheritance, steps: int):
+    """An inheritance policy's plan for `steps` steps of this model (pysdcpp.inheritance.plan_for), or ValueError."""
+    from .inheritance import plan_for
+
+    if backend != "accelerated":
+        raise ValueError(f"inheritance needs the accelerated library, not {backend}")
+    if model_file.unet_layout is None:
+        raise ValueError("inheritance needs a UNet of the SD family (SD1.x, SD2.x, SDXL and their variants)")
+    return plan_for(inheritance, steps, model_file.unet_layout)
+
+
 def generation_choices(backend: str = "accelerated") -> tuple[list[str], list[str]]:
     """(sampler names, scheduler names) of a library, for checking parameters before any model is loaded."""
     if backend not in _native.BACKENDS:
@@ -764,6 +802,6 @@ def generation_choices(backend: str = "accelerated") -> tuple[list[str], list[st
             native.enum_names("sd_scheduler_name", int(lib.SCHEDULER_COUNT)))
 
 
-__all__ = ["StableDiffusion", "GenerationParams", "GenerationResult", "generation_choices", "image_size_rules",
-           "png_parameters",
-           "save_png"]
+__all__ = ["StableDiffusion", "GenerationParams", "GenerationResult", "checked_generation", "generation_choices",
+           "image_size_rules",
+           "png_bytes", "png_parameters", "save_png"]

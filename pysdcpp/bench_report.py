@@ -18,9 +18,14 @@ def _name(r: dict) -> str:
     return Path(r["model"]).name
 
 
+def _cpu(m: dict) -> str:
+    fam = f" family {m['cpu_family']} model {m['cpu_model']}" if "cpu_family" in m and "cpu_model" in m else ""
+    return m["cpu"] + fam
+
+
 def _machine(r: dict) -> str:
     m = r["machine"]
-    return (f"{m['cpu']} ({m['logical_cores']} logical cores; {', '.join(m['simd'])}), {m['system']}; "
+    return (f"{_cpu(m)} ({m['logical_cores']} logical cores; {', '.join(m['simd'])}), {m['system']}; "
             f"{r['threads']} threads; {r['date'][:10]}")
 
 
@@ -192,9 +197,102 @@ def render_linear(r: dict) -> list[str]:
     return out
 
 
+def render_batch(r: dict) -> list[str]:
+    base = r["splits"][0]
+    out = [f"### Batch throughput, {r['size']} px, {r['steps']} steps, {r['jobs']} jobs, median of {r['repeat']}", "",
+           f"Machine: {_machine(r)}. Model: `{Path(r['model']).name}`. `pysdcpp batch` per split of the cores "
+           "(workers x threads per worker), model loads included.", "",
+           "| workers x threads | images/min | throughput vs " + base + " | per image (median) | run |",
+           "|---|---|---|---|---|"]
+    for name, e in r["summary"].items():
+        out.append(f"| {name} | {60 * e['images_per_second']:.2f} | {e['throughput_vs_' + base]:.2f}x | "
+                   f"{e['latency_median']:.2f} s | {e['seconds']:.1f} s |")
+    return out + [""]
+
+
+def render_peers(r: dict) -> list[str]:
+    tasks = r["tasks"]
+    names = {"unet-b1": "UNet, batch 1", "unet-b2": "UNet, batch 2", "vae": "VAE decode"}
+    versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
+    out = [f"### Peer runtimes, {r['size']} px, median of {r['repeat']}", "",
+           f"Machine: {_machine(r)}. Model: `{Path(r['model']).name}` ({versions}). Each runtime in a process of "
+           "its own, repetitions interleaved, one untimed call first. Runtimes: " +
+           "; ".join(f"`{k}` {v}" for k, v in r["runtimes"].items()) + ".", "",
+           "| runtime | " + " | ".join(names.get(t, t) for t in tasks) + " | peak RSS |",
+           "|---" * (len(tasks) + 2) + "|"]
+    ours = r["summary"].get("pysdcpp", {})
+    for rt, e in r["summary"].items():
+        cells = []
+        for t in tasks:
+            if t not in e:
+                cells.append("failed" if e.get("error") else "-")
+                continue
+            cell = f"{e[t]['median']:.2f} s"
+            if rt != "pysdcpp" and t in ours:
+                cell += f" ({e[t]['median'] / ours[t]['median']:.2f}x ours)"
+            if "rel_l2_vs_torch" in e[t]:
+                cell += f", rel. L2 {e[t]['rel_l2_vs_torch']:.1e}"
+            cells.append(cell)
+        rss = f"{e['peak_rss'] / 2**20:.0f} MB" if e.get("peak_rss") else "-"
+        out.append(f"| {rt} | " + " | ".join(cells) + f" | {rss} |")
+    out += ["", "(x ours): that runtime's time over pysdcpp's; above 1, pysdcpp is faster. rel. L2: against "
+            "PyTorch's output on the same inputs.", ""]
+    return out
+
+
+def machine_key(r: dict) -> tuple:
+    """What tells two machines apart in a report: CPU name, family/model where recorded, SIMD flags, cores."""
+    m = r["machine"]
+    return (m["cpu"], m.get("cpu_family"), m.get("cpu_model"), tuple(m["simd"]), m["logical_cores"])
+
+
+def _setup_key(r: dict) -> tuple:
+    return (_name(r), r["size"], r["steps"], r.get("guidance_scale"), tuple(r["variants"]), r["baseline"])
+
+
+def render_machines(reports: list[dict]) -> list[str]:
+    """Generation reports of one setup from several machines, side by side: each machine's own in-run ratios
+    against its own baseline, and its baseline's absolute time as that machine's alone (never ranked)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in reports:
+        if r["kind"] == "model":
+            groups.setdefault(_setup_key(r), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        by_machine = {}
+        for r in sorted(rs, key=lambda r: r["date"]):
+            by_machine[machine_key(r)] = r  # the latest run of each machine
+        if len(by_machine) < 2:
+            continue
+        name, size, steps, _, variants, base = key
+        runs = list(by_machine.values())
+        out += [f"### Across machines: `{name}`, {size} px, {steps} steps", "",
+                "Each column is one machine's run, with its ratios against its own `" + base + "` measured in "
+                "that run. Absolute times belong to their machine and are not compared across columns.", ""]
+        heads = [f"{_cpu(r['machine'])} ({', '.join(r['machine']['simd'])}), {r['threads']} threads, "
+                 f"{r['date'][:10]}" for r in runs]
+        out += ["| variant | " + " | ".join(heads) + " |", "|---" * (len(runs) + 1) + "|"]
+        for v in variants:
+            cells = []
+            for r in runs:
+                e = r["summary"].get(v, {})
+                if "phases" not in e:
+                    cells.append("failed" if e else "-")
+                elif v == base:
+                    cells.append(f"baseline: sampling {e['phases']['sampling']['median']:.1f} s, total "
+                                 f"{e['phases']['total']['median']:.1f} s")
+                else:
+                    sp = e.get("speedup", {})
+                    cells.append(f"sampling {sp.get('sampling', float('nan')):.2f}x, total "
+                                 f"{sp.get('total', float('nan')):.2f}x")
+            out.append(f"| {v} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
 _RENDER = {"model": render_model, "layers": render_layers, "attention": render_attention,
-           "experts": render_experts, "linear": render_linear}
-_ORDER = {"model": 0, "experts": 1, "attention": 2, "linear": 3, "layers": 4}
+           "experts": render_experts, "linear": render_linear, "batch": render_batch, "peers": render_peers}
+_ORDER = {"model": 0, "peers": 1, "batch": 2, "experts": 3, "attention": 4, "linear": 5, "layers": 6}
 
 
 def render(reports: list[dict], notes: str = "") -> str:
@@ -205,6 +303,7 @@ def render(reports: list[dict], notes: str = "") -> str:
              "so the synthetic models time like real ones; PSNR does depend on them.", ""]
     if notes:
         lines += [notes.rstrip(), ""]
+    lines += render_machines(reports)
     for r in sorted(reports, key=lambda r: (_ORDER[r["kind"]], str(r["size"]))):
         lines += _RENDER[r["kind"]](r)
     return "\n".join(lines)

@@ -132,7 +132,7 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
       pysdcpp generate model.gguf -p "a red fox" --backend upstream --sampler euler --scheduler karras
       pysdcpp generate model.gguf -p "a red fox" --steps 20 --inherit deepcache:interval=3,branch=0
     """
-    from .api import GenerationParams, StableDiffusion, generation_choices, png_parameters, save_png
+    from .api import StableDiffusion, checked_generation, png_parameters, save_png
     from .errors import PySDCppError
 
     _setup_logging(verbose)
@@ -159,7 +159,7 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
         from .modelfile import read_model_file
 
         header = read_model_file(model)
-        side, multiple = image_size_rules(header)
+        side, _ = image_size_rules(header)
     except (PySDCppError, ValueError) as e:
         _fail(str(e))
     defaults = generation_defaults(header.few_step)
@@ -178,25 +178,15 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
         _fail(f"{existing[0]} exists; pass --overwrite to replace it")
     try:
         # Every generation parameter is checked before the model loads (the library's sampler names need no model).
-        GenerationParams(prompt, negative_prompt, width=width, height=height, num_inference_steps=steps,
-                         guidance_scale=guidance_scale, sampler=sampler, scheduler=scheduler, seed=seed,
-                         batch_size=batch_size, clip_skip=clip_skip,
-                         step_cache=step_cache).validate(*generation_choices(backend), multiple)
-        if step_cache is not None:
-            if inherit is not None:
-                raise ValueError("--step-cache and --inherit each decide what a step reuses; use one")
-            if header.unet_layout is None:
-                raise ValueError("--step-cache runs on UNets only (SD1.x, SD2.x, SDXL and their variants)")
         policy = None
         if inherit is not None:
-            from .inheritance import parse_inheritance, plan_for
+            from .inheritance import parse_inheritance
 
-            if backend != "accelerated":
-                raise ValueError("--inherit needs the accelerated library")
             policy = parse_inheritance(inherit)
-            if header.unet_layout is None:
-                raise ValueError("--inherit needs a UNet of the SD family (SD1.x, SD2.x, SDXL and their variants)")
-            plan_for(policy, steps, header.unet_layout)
+        checked_generation(header, backend, prompt, negative_prompt, width=width, height=height,
+                           num_inference_steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                           scheduler=scheduler, seed=seed, batch_size=batch_size, clip_skip=clip_skip,
+                           step_cache=step_cache, inheritance=policy)
     except (PySDCppError, ValueError, TypeError) as e:
         _fail(str(e))
     try:
@@ -272,6 +262,117 @@ class _WriteBar:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("-m", "--model", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The GGUF every worker loads (on a cluster: the same file at this path on every machine).")
+@click.argument("prompts", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the PNGs (named by job id) and manifest.jsonl; rerunning into it resumes.")
+@click.option("--workers", type=int, default=None,
+              help="Worker processes (Ray: actors) [local: physical cores / threads per worker; Ray: the cluster's "
+                   "CPUs / threads per worker].")
+@click.option("--threads-per-worker", type=int, default=None,
+              help="Threads per worker [physical cores / workers; one worker with every core when neither is given].")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run on Ray: --ray alone starts a local instance, --ray auto or --ray HOST:PORT joins a cluster "
+                   "(pip install \"pysdcpp[ray]\").")
+@click.option("-n", "--negative-prompt", default=None, help="For lines that give none.")
+@click.option("-W", "--width", type=int, default=None, help="[the family's size]")
+@click.option("-H", "--height", type=int, default=None, help="[the family's size]")
+@click.option("--steps", type=int, default=None, help="[20; few-step models: their kind's]")
+@click.option("--cfg", "guidance_scale", type=float, default=None, help="[7; few-step models: 1]")
+@click.option("--sampler", default=None, help="[euler_a; lcm models: lcm]")
+@click.option("--scheduler", default=None, help="[default]")
+@click.option("--seed", type=int, default=42, show_default=True,
+              help="A line without a seed gets this plus its 0-based line number.")
+@click.option("--clip-skip", type=int, default=None)
+@click.option("--inherit", default=None, metavar="POLICY", help="Feature inheritance, as `generate --inherit`.")
+@click.option("--step-cache", default=None, metavar="CACHE", help="Upstream's step cache, as `generate --step-cache`.")
+@click.option("--backend", type=click.Choice(["accelerated", "upstream"]), default="accelerated", show_default=True)
+@click.option("--conv", type=click.Choice(["default", "im2col", "direct", "winograd"]), default="default",
+              show_default=True)
+@click.option("--attention", type=click.Choice(["default", "upstream", "fast"]), default="default", show_default=True)
+@click.option("--linear", type=click.Choice(["default", "upstream", "fast"]), default="default", show_default=True)
+@click.option("--prediction", type=click.Choice(["auto", *PREDICTIONS]), default="auto", show_default=True)
+@click.option("--no-alter", is_flag=True, help="Run an ALTER file's dense model.")
+@click.option("--alter-masks", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--alter-semantics", type=click.Choice(["default", *SKIP_SEMANTICS]), default="default",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("-v", "--verbose", count=True, help="-v: worker notes and the library's info log.")
+def batch(model, prompts, outdir, workers, threads_per_worker, ray_address, negative_prompt, width, height, steps,
+          guidance_scale, sampler, scheduler, seed, clip_skip, inherit, step_cache, backend, conv, attention, linear,
+          prediction, no_alter, alter_masks, alter_semantics, as_json, verbose):
+    """Generate a prompt set: one image per line, resumable.
+
+    PROMPTS is a text file (one prompt a line; blank and #-lines skipped) or a .jsonl file (one JSON object a
+    line with any generate parameter: prompt, negative_prompt, seed, width, height, steps, cfg, sampler,
+    scheduler, clip_skip, inheritance, step_cache). Options set what a line leaves out. Model options (backend,
+    conv, ..., ALTER) are per run: a line asking for another value fails alone, as does any invalid line.
+
+    \b
+    Each job's id hashes the model file, the run's model options and the job's parameters. Only this process
+    writes: OUTDIR/<id>.png (atomically, as workers hand it back) and a line of OUTDIR/manifest.jsonl per job.
+    Rerunning the same command skips what is done; Ctrl-C or a kill loses only the images in flight. Exit status:
+    0 all done, 1 some failed, 130 interrupted.
+
+    \b
+    Examples:
+      pysdcpp batch -m sd15.gguf prompts.txt -o out/ --steps 20
+      pysdcpp batch -m sd15.gguf jobs.jsonl -o out/ --workers 2 --threads-per-worker 1
+      pysdcpp batch -m /shared/sd15.gguf prompts.txt -o out/ --ray auto
+    """
+    from .batch import BatchError, run_batch
+    from .errors import PySDCppError
+
+    _setup_logging(verbose)
+    show = sys.stderr.isatty() or verbose > 0
+    defaults = {"negative_prompt": negative_prompt, "width": width, "height": height, "num_inference_steps": steps,
+                "guidance_scale": guidance_scale, "sampler": sampler, "scheduler": scheduler, "seed": seed,
+                "clip_skip": clip_skip, "inheritance": inherit, "step_cache": step_cache}
+    run = {"backend": backend, "conv": conv, "attention": attention, "linear": linear, "prediction": prediction,
+           "alter": False if no_alter else None, "alter_masks": str(alter_masks) if alter_masks else None,
+           "alter_semantics": alter_semantics}
+    bar = {"bar": None, "last": 0, "start": None, "first": 0}
+
+    def progress(done: int, failed: int, total: int) -> None:
+        if not show:
+            return
+        if bar["bar"] is None:   # the first call: what earlier runs did (no rate from those)
+            bar["bar"] = click.progressbar(length=total, label="batch", file=sys.stderr, show_pos=True, show_eta=True,
+                                           item_show_func=lambda s: s)
+            bar["bar"].__enter__()
+            bar["start"], bar["first"] = time.perf_counter(), done + failed
+        b = bar["bar"]
+        elapsed = time.perf_counter() - bar["start"]
+        new = done + failed - bar["first"]
+        rate = f"{60 * new / elapsed:.1f} img/min" if new and elapsed > 0 else ""
+        b.update(done + failed - bar["last"], ", ".join(x for x in (f"{failed} failed" if failed else "", rate) if x))
+        bar["last"] = done + failed
+
+    def log(text: str) -> None:
+        if verbose:
+            click.echo(text, err=True)
+
+    try:
+        summary = run_batch(str(model), str(prompts), str(outdir), defaults=defaults, run=run, workers=workers,
+                            threads_per_worker=threads_per_worker, use_ray=ray_address is not None,
+                            ray_address=ray_address or None, progress=progress, log=log)
+    except (PySDCppError, BatchError, ValueError, TypeError, OSError, RuntimeError) as e:
+        _fail(str(e))
+    finally:
+        if bar["bar"] is not None:
+            bar["bar"].__exit__(None, None, None)
+    if as_json:
+        click.echo(json.dumps(summary.as_dict(), indent=2))
+    else:
+        click.echo(summary.text(), err=True)
+    if summary.interrupted:
+        sys.exit(130)
+    if summary.failed:
+        sys.exit(1)
 
 
 @main.command(context_settings=CONTEXT)
@@ -447,6 +548,13 @@ def inspect(model, as_json, list_tensors, size, steps):
               help="Run the synthetic SD1.5 with demo ALTER routing (10 experts at ~65% of the dense MACs).")
 @click.option("--experts", "experts", is_flag=True,
               help="With -m ALTER_FILE: one UNet evaluation per expert against the dense model.")
+@click.option("--peers", default=None, metavar="RUNTIMES",
+              help="One UNet evaluation (batch 1, 2) and one VAE decode in other runtimes beside ours (pysdcpp, "
+                   "upstream's path): torch, torch-compile, openvino, openvino-bf16 (pip install '.[peers]'); "
+                   "the synthetic model of --family, --size [256], --repeat.")
+@click.option("--batch", "batch_splits", default=None, metavar="SPLITS",
+              help="Images per second of `pysdcpp batch` for each split of the cores, e.g. 1x2,2x1 (workers x "
+                   "threads; --steps, --size, --repeat apply; 6 jobs).")
 @click.option("--linear", "linear_layers", is_flag=True,
               help="Benchmark every distinct linear layer of SD1.5's UNet (ggml's path against ours) instead.")
 @click.option("--attention", "attention_layers", is_flag=True,
@@ -462,7 +570,7 @@ def inspect(model, as_json, list_tensors, size, steps):
 @click.option("--variants", default="upstream,accelerated", show_default=True,
               help="Comma-separated, the first is the baseline: upstream, accelerated, im2col, direct, winograd, "
                    "fast-attention, fast-linear, upstream-direct, dense (an ALTER file with routing off), deepcache (interval "
-                   "3, branch 0), deepcache-b1, deepcache-5 (interval 5), units (the default unit schedule); NAME@STEPS gives a "
+                   "3, branch 0), deepcache-b1, deepcache-5 (interval 5), units (the default unit schedule), ucache, ucache-t4 (threshold 4), spectrum, upstream-ucache (upstream's step caches); NAME@STEPS gives a "
                    "variant its own step count (e.g. upstream@50,accelerated with --steps 20).")
 @click.option("--algorithms", default="im2col,winograd_f4,winograd_f4_fused,winograd_f2_fused,winograd_f4_ggml_gemm", show_default=True,
               help="With --layers: im2col, direct, winograd_f4, winograd_f2, winograd_f4_in_graph (the filter "
@@ -481,8 +589,8 @@ def inspect(model, as_json, list_tensors, size, steps):
               help="Write the full report (machine, build, every timing) here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a chart (PNG) here; needs matplotlib (pip install 'pysdcpp[plot]').")
-def bench(model, layers, alter_demo, experts, attention_layers, linear_layers, size, steps, guidance_scale, threads,
-          repeat, variants, algorithms, paths, only, families, timeout, json_path, plot_path):
+def bench(model, layers, alter_demo, experts, peers, batch_splits, attention_layers, linear_layers, size, steps,
+          guidance_scale, threads, repeat, variants, algorithms, paths, only, families, timeout, json_path, plot_path):
     """Latency, memory and fidelity against upstream stable-diffusion.cpp, measured in the same run.
 
     Each variant's generation runs in its own worker process (peak RSS per variant; a crash or timeout is
@@ -498,8 +606,10 @@ def bench(model, layers, alter_demo, experts, attention_layers, linear_layers, s
       pysdcpp bench --linear --json linear-512.json
       pysdcpp bench -m alter.gguf --steps 20 --variants upstream@50,accelerated   # ALTER vs 50 dense steps
       pysdcpp bench -m alter.gguf --experts --size 512
+      pysdcpp bench --batch 1x2,2x1 --size 256 --steps 10 --json batch-256.json
+      pysdcpp bench --peers torch,openvino --size 512 --json peers-512.json
     """
-    from .bench import (VARIANTS, attention_bench, expert_bench, format_attention_table, format_expert_table,
+    from .bench import (VARIANTS, batch_bench, format_batch_table, parse_splits, attention_bench, expert_bench, format_attention_table, format_expert_table,
                         format_layer_table, format_linear_table, format_model_table, layer_bench, linear_bench,
                         model_bench, parse_variant)
     from .errors import PySDCppError
@@ -509,13 +619,13 @@ def bench(model, layers, alter_demo, experts, attention_layers, linear_layers, s
         _fail(f"--plot writes a PNG: give a .png path, not {plot_path}")
     if repeat < 1 or threads < 1 or steps < 1:
         _fail("--repeat, --threads and --steps must be at least 1")
-    if layers + attention_layers + linear_layers + experts > 1:
-        _fail("--layers, --attention, --linear and --experts are separate benchmarks: give one")
+    if layers + attention_layers + linear_layers + experts + (batch_splits is not None) + (peers is not None) > 1:
+        _fail("--layers, --attention, --linear, --experts, --batch and --peers are separate benchmarks: give one")
     if size is not None and (size <= 0 or size % 64):
         _fail(f"--size must be a positive multiple of 64, got {size}")
     from .format.names import FAMILIES
 
-    family_list = tuple(f.strip() for f in (families or ("sd1" if layers else "sd1,sd2")).split(",") if f.strip())
+    family_list = tuple(f.strip() for f in (families or ("sd1" if layers or peers else "sd1,sd2")).split(",") if f.strip())
     if not family_list or any(f not in FAMILIES for f in family_list):
         _fail(f"--family takes {', '.join(FAMILIES)} (comma-separated for --attention), got {families!r}")
     if layers and len(family_list) != 1:
@@ -545,6 +655,58 @@ def bench(model, layers, alter_demo, experts, attention_layers, linear_layers, s
         except (PySDCppError, ValueError) as e:
             _fail(str(e))
         click.echo(format_expert_table(report))
+    elif peers is not None:
+        from .bench.peers import RUNTIMES, format_peers_table, peers_bench
+        from .demo import synthetic_diffusers_folder, synthetic_gguf
+
+        chosen = [r.strip() for r in peers.split(",") if r.strip()]
+        runtimes = list(dict.fromkeys(["pysdcpp", "upstream", *chosen]))
+        bad = [r for r in runtimes if r not in RUNTIMES]
+        if bad:
+            others = ", ".join(r for r in RUNTIMES if r not in ("pysdcpp", "upstream"))
+            _fail(f"unknown runtime {bad[0]!r}; --peers takes {others}")
+        if model is not None or len(family_list) != 1:
+            _fail("--peers runs the synthetic model of one --family (every runtime loads the same weights)")
+        if plot_path is not None:
+            _fail("--plot draws model and --layers reports; the --peers report is a table")
+        bar = _WriteBar("making the synthetic model (once, cached)")
+        gguf = synthetic_gguf(family_list[0], "f16", progress=bar)
+        bar.close()
+        click.echo("writing its diffusers folder (once, cached)", err=True)
+        folder = synthetic_diffusers_folder(family_list[0])
+
+        def peers_progress(rep, name, msg):
+            state = ("FAILED: " + msg["error"]) if not msg.get("ok") else (
+                f"set up in {msg['setup_seconds']:.1f} s" if rep == "setup" else f"{msg['seconds']:.2f} s")
+            click.echo(f"  {'setup' if rep == 'setup' else f'repetition {rep + 1}/{repeat}'} {name}: {state}",
+                       err=True)
+
+        report = peers_bench(str(gguf), str(folder), runtimes, _default(size_arg, 256), threads, repeat,
+                             family_list[0], progress=peers_progress)
+        click.echo(format_peers_table(report))
+    elif batch_splits is not None:
+        if plot_path is not None:
+            _fail("--plot draws model and --layers reports; the --batch report is a table")
+        try:
+            splits = parse_splits(batch_splits)
+        except ValueError as e:
+            _fail(str(e))
+        if model is None:
+            from .demo import synthetic_gguf
+
+            bar = _WriteBar("making the demo model (once, cached)")
+            model = synthetic_gguf("sd1", "f16", progress=bar)
+            bar.close()
+
+        def batch_progress(rep, name, r):
+            click.echo(f"  repetition {rep + 1}/{repeat} {name}: {60 * r['images_per_second']:.2f} images/min",
+                       err=True)
+
+        try:
+            report = batch_bench(str(model), splits, size, steps, repeat=repeat, progress=batch_progress)
+        except (PySDCppError, ValueError, RuntimeError) as e:
+            _fail(str(e))
+        click.echo(format_batch_table(report))
     elif attention_layers:
         chosen = tuple(a.strip() for a in paths.split(",") if a.strip())
         bad = [a for a in chosen if a not in ATTENTION_VARIANTS]

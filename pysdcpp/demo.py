@@ -43,6 +43,23 @@ def synthetic_gguf(family: str = "sd1", out_type: str = "f16", seed: int = DEMO_
     return path
 
 
+def synthetic_diffusers_folder(family: str = "sd1", seed: int = DEMO_SEED, folder: Path | None = None) -> Path:
+    """The synthetic model (the same weights as synthetic_gguf's) as a diffusers pipeline folder, written once and
+    cached: what the peer runtimes of `pysdcpp bench --peers` load."""
+    import shutil
+
+    folder = Path(folder) if folder else cache_dir() / "models"
+    path = folder / f"synthetic-{family}-seed{seed}-diffusers"
+    if (path / "model_index.json").is_file():
+        return path
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    submodule("synthetic").write_diffusers_folder(tmp, family, seed)   # model_index.json is written last
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
 def synthetic_alter_masks(family: str = "sd1", n_experts: int = 10, keep_fraction: float = 0.65, size: int = 512,
                           seed: int = DEMO_SEED):
     """Demo ALTER routing: `n_experts` experts, each skipping a random set of units worth about

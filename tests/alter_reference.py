@@ -2,7 +2,9 @@
 
 `alter_unet_forward` evaluates a diffusers UNet2DConditionModel (SD1.x/SD2.x/SDXL layout) with the prunable
 units whose keep flag is False bypassed. The unit order is derived here from the module tree, not taken
-from pysdcpp.converters.alter, so tests can hold one against the other.
+from pysdcpp.converters.alter, so tests can hold one against the other. With `deepcache`, it also cuts
+DeepCache's branch as DeepCache's paper defines it: between full steps only the blocks above skip-stack entry B
+run, on the hidden state the last full step fed the first of the remaining up-path blocks.
 """
 
 from __future__ import annotations
@@ -62,13 +64,18 @@ def _spatial_transformer(attn, h, encoder_hidden_states, skipped_blocks: set[int
 
 
 def alter_unet_forward(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                       keep: Sequence[bool], semantics: str = "reference", y: torch.Tensor | None = None
-                       ) -> torch.Tensor:
+                       keep: Sequence[bool], semantics: str = "reference", y: torch.Tensor | None = None,
+                       deepcache: dict | None = None) -> torch.Tensor:
     """The UNet's output (the `.sample` of a plain forward) with the units where keep[i] is False skipped; `y`:
     SDXL's added-embedding input (pooled text and size embeddings), projected and added to the time embedding.
 
     semantics: "reference" (a skipped ResNet of a plain UpBlock2D leaves its skip tensor for the next kept
     ResNet; leftovers are dropped) or "consume" (it pops its skip tensor and discards it).
+
+    deepcache: {"branch": B, "inherit": bool, "cache": dict}. A full step (inherit False) stores in `cache` the
+    hidden state entering the up-path block that pops skip entry B (the dense order: the last entry is popped
+    first). An inheriting step runs conv_in and the down blocks up to the one pushing entry B, then that block and
+    the ones after it on the stored hidden state; nothing in between runs, whatever `keep` says.
     """
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {SEMANTICS}")
@@ -90,35 +97,64 @@ def alter_unet_forward(unet, sample: torch.Tensor, timestep, encoder_hidden_stat
     if y is not None:
         emb = emb + unet.add_embedding(y.to(dtype=emb.dtype))
 
+    n_entries = 1 + sum(len(b.resnets) + (b.downsamplers is not None) for b in unet.down_blocks)
+    cut = None   # the first up-path block (in build order) that runs at an inheriting step
+    inherit = False
+    if deepcache is not None:
+        branch, inherit = int(deepcache["branch"]), bool(deepcache["inherit"])
+        if not 0 <= branch < n_entries:
+            raise ValueError(f"branch must be a skip-stack entry 0..{n_entries - 1}, got {branch}")
+        cut = n_entries - 1 - branch
+        if inherit and "h" not in deepcache["cache"]:
+            raise ValueError("an inheriting step needs a full step before it")
+
     h = unet.conv_in(sample)
     stack = [h]
     for i, block in enumerate(unet.down_blocks):
+        if inherit and len(stack) > branch:
+            break
         attentions = getattr(block, "attentions", None) or []
         for j, resnet in enumerate(block.resnets):
+            if inherit and len(stack) > branch:
+                break
             if f"down_blocks.{i}.resnets.{j}" not in skipped:
                 h = resnet(h, emb)
             if attentions:
                 h = _spatial_transformer(attentions[j], h, encoder_hidden_states,
                                          skipped_blocks(f"down_blocks.{i}.attentions.{j}", attentions[j]))
             stack.append(h)
-        if block.downsamplers is not None:
+        if block.downsamplers is not None and not (inherit and len(stack) > branch):
             h = block.downsamplers[0](h)
             stack.append(h)
 
-    mid = unet.mid_block
-    if "mid_block.resnets.0" not in skipped:
-        h = mid.resnets[0](h, emb)
-    for j, (attn, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:])):
-        h = _spatial_transformer(attn, h, encoder_hidden_states, skipped_blocks(f"mid_block.attentions.{j}", attn))
-        if f"mid_block.resnets.{j + 1}" not in skipped:
-            h = resnet(h, emb)
+    if inherit:
+        stack += [None] * (n_entries - len(stack))   # the entries the cut blocks would push: popped, never read
+    else:
+        mid = unet.mid_block
+        if "mid_block.resnets.0" not in skipped:
+            h = mid.resnets[0](h, emb)
+        for j, (attn, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:])):
+            h = _spatial_transformer(attn, h, encoder_hidden_states,
+                                     skipped_blocks(f"mid_block.attentions.{j}", attn))
+            if f"mid_block.resnets.{j + 1}" not in skipped:
+                h = resnet(h, emb)
 
     n_up = len(unet.up_blocks)
+    k = -1   # the up-path block's index in build order
     for i, block in enumerate(unet.up_blocks):
         n = len(block.resnets)
         skips, stack = stack[-n:], stack[:-n]   # each up block gets exactly its own slice of the stack
         attentions = getattr(block, "attentions", None) or []
         for j, resnet in enumerate(block.resnets):
+            k += 1
+            if cut is not None and k == cut:
+                if inherit:
+                    h = deepcache["cache"]["h"]
+                else:
+                    deepcache["cache"]["h"] = h
+            if inherit and k < cut:
+                skips.pop()
+                continue
             if f"up_blocks.{i}.resnets.{j}" in skipped:
                 if attentions or semantics == "consume":
                     skips.pop()   # popped (and concatenated), then the ResNet's output is the hidden state before it
@@ -127,6 +163,8 @@ def alter_unet_forward(unet, sample: torch.Tensor, timestep, encoder_hidden_stat
             if attentions:
                 h = _spatial_transformer(attentions[j], h, encoder_hidden_states,
                                          skipped_blocks(f"up_blocks.{i}.attentions.{j}", attentions[j]))
+        if inherit and k < cut:
+            continue
         if block.upsamplers is not None and i < n_up - 1:
             target = stack[-1].shape[2:]
             size = None if (target[0] == 2 * h.shape[2] and target[1] == 2 * h.shape[3]) else target

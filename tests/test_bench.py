@@ -114,3 +114,30 @@ def test_linear_bench_report():
 def test_bench_bad_arguments(args, message):
     res = CliRunner().invoke(main, ["bench", *args])
     assert res.exit_code == 1 and message in res.output, res.output
+
+
+def test_report_puts_machines_side_by_side_with_their_own_ratios():
+    from pysdcpp.bench_report import render
+
+    def report(cpu, family, simd, up, acc, date):
+        phases = lambda t: {"sampling": {"median": t}, "total": {"median": t + 1}}  # noqa: E731
+        return {"kind": "model", "model": "/x/sd.gguf", "size": 256, "steps": 4, "guidance_scale": None, "repeat": 1,
+                "baseline": "upstream", "threads": 2, "date": date,
+                "variants": {"upstream": {}, "accelerated": {}},
+                "machine": {"cpu": cpu, "cpu_family": family, "cpu_model": 1, "simd": simd, "logical_cores": 2,
+                            "system": "Linux"},
+                "summary": {"upstream": {"phases": phases(up), "speedup": {}, "peak_rss": 1 << 30, "runs": 1,
+                                         "failed": [], "step": {"median": up / 4}},
+                            "accelerated": {"phases": phases(acc), "speedup": {"sampling": up / acc,
+                                                                               "total": (up + 1) / (acc + 1)},
+                                            "peak_rss": 1 << 30, "runs": 1, "failed": [], "step": {"median": acc / 4}}}}
+
+    text = render([report("AMD EPYC", 23, ["avx2"], 30.0, 10.0, "2026-11-01"),
+                   report("AMD EPYC", 25, ["avx2", "avx512f"], 12.0, 8.0, "2026-12-01")])
+    section = text.split("### Across machines")[1].split("###")[0]
+    assert "family 23" in section and "family 25" in section
+    row = next(line for line in section.splitlines() if line.startswith("| accelerated"))
+    assert "sampling 3.00x" in row and "sampling 1.50x" in row  # each machine against its own upstream
+    assert "baseline: sampling 30.0 s" in section and "baseline: sampling 12.0 s" in section
+    # one machine only: no comparison section
+    assert "Across machines" not in render([report("AMD EPYC", 23, ["avx2"], 30.0, 10.0, "2026-11-01")])

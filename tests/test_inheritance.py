@@ -294,6 +294,53 @@ def test_unit_schedule_with_alter_masks(pair):
 
 
 @pytest.mark.slow
+def test_deepcache_with_alter_masks(pair):
+    """ALTER and DeepCache together, branches 0 and 1: the full steps and the shallow blocks of the others follow
+    the step's expert; the reference is tests/alter_reference.py's eval path with DeepCache's branch cut."""
+    import torch
+    from alter_reference import alter_unet_forward
+    from test_alter_runtime import TIMESTEPS as ALTER_TIMESTEPS
+    from test_alter_runtime import _expert_masks, _expert_of, mask_file
+
+    family, dense_sd, unet = pair
+    _, rows = _expert_masks(family)
+    steps = 5
+    xs, _, ctx = _sequence(family, steps)
+    ts = ALTER_TIMESTEPS[:steps]   # experts 0, 0, 1, 2, 2; full steps 0 and 3
+    with StableDiffusion(model_gguf(family), threads=2, alter_masks=mask_file(family, "fixture", rows)) as sd:
+        for branch in (0, 1):
+            cache: dict = {}
+            expected = []
+            for i in range(steps):
+                keep = [bool(k) for k in rows[_expert_of(ts[i])]]
+                with torch.no_grad():
+                    expected.append(alter_unet_forward(
+                        unet, torch.from_numpy(xs[i]), torch.tensor([ts[i]]), torch.from_numpy(ctx), keep,
+                        "reference", deepcache={"branch": branch, "inherit": i % 3 != 0, "cache": cache}).numpy())
+            with sd.inheriting(DeepCache(interval=3, branch=branch), steps) as run:
+                ours = [run.unet(xs[i], ts[i], ctx, step=i) for i in range(steps)]
+                report = run.evaluations
+            with dense_sd.inheriting(DeepCache(interval=3, branch=branch), steps) as run:
+                for i in range(steps):
+                    run.unet(xs[i], ts[i], ctx, step=i)
+                dense_report = run.evaluations
+            cut = [f"branch.{branch}"]
+            assert [e.inherited for e in report] == [[], cut, cut, [], cut]
+            # the experts prune the full steps, and for branch 1 blocks outside the branch too (branch 0 leaves
+            # only output_blocks.11 outside, which these experts keep)
+            assert report[0].macs < dense_report[0].macs and report[3].macs < dense_report[3].macs
+            if branch == 1:
+                assert any(report[i].macs < dense_report[i].macs for i in (1, 2, 4))
+            errors = [rel_l2(o, e) for o, e in zip(ours, expected)]
+            print(f"{family} DeepCache branch {branch} + ALTER: rel. L2 per step {['%.1e' % e for e in errors]}")
+            assert max(errors) <= UNET_TOL
+            with torch.no_grad():   # the reference's cut is real: an inheriting step is not the uncut evaluation
+                uncut = alter_unet_forward(unet, torch.from_numpy(xs[2]), torch.tensor([ts[2]]), torch.from_numpy(ctx),
+                                           [bool(k) for k in rows[_expert_of(ts[2])]], "reference").numpy()
+            assert rel_l2(expected[2], uncut) > 10 * UNET_TOL
+
+
+@pytest.mark.slow
 def test_guidance_slots_keep_their_own_caches(pair):
     """Two conditions interleaved step by step (as a guided generation runs them) give what each gives alone."""
     family, sd, _ = pair

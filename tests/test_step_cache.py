@@ -32,7 +32,7 @@ def test_spec_is_canonical():
 
 
 def test_apply_writes_the_fields_sd_cli_writes():
-    lib = _native.NativeLibrary("upstream")
+    lib = _native.load("upstream")  # the process-wide instance: a second one would take over the log callback
     g = lib.ffi.new("sd_img_gen_params_t*")
     lib.lib.sd_img_gen_params_init(g)
     parse_step_cache("ucache:threshold=2.5,start=0.2,end=0.9,decay=0.5,relative=0,reset=0").apply(lib.ffi, lib.lib,

@@ -8,18 +8,21 @@ import re
 
 
 def machine_info() -> dict:
-    cpu, flags = platform.processor() or "", []
+    cpu, flags, info = platform.processor() or "", [], {}
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
         if m := re.search(r"^model name\s*:\s*(.+)$", text, re.M):
             cpu = m.group(1).strip()
+        for key, field in (("cpu_family", "cpu family"), ("cpu_model", "model")):
+            if m := re.search(rf"^{field}\s*:\s*(\d+)$", text, re.M):
+                info[key] = int(m.group(1))
         if m := re.search(r"^flags\s*:\s*(.+)$", text, re.M):
             wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
             flags = [f for f in m.group(1).split() if f in wanted]
     except OSError:
         pass
-    return {"cpu": cpu, "machine": platform.machine(), "logical_cores": os.cpu_count(), "simd": flags,
+    return {"cpu": cpu, **info, "machine": platform.machine(), "logical_cores": os.cpu_count(), "simd": flags,
             "system": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
 
 

@@ -1,0 +1,281 @@
+"""The peer benchmark (`pysdcpp bench --peers torch,openvino`): one UNet evaluation (batch 1 and 2) and one VAE
+decode of the same synthetic model in every runtime, each runtime in a worker process of its own that lives
+through the run, repetitions interleaved across runtimes; output agreement against PyTorch, peak RSS, table."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from .machine import build_info, footer, machine_info, utc_now
+
+# name: what runs (docs/benchmarks.md lists each runtime's configuration)
+RUNTIMES = {
+    "pysdcpp": "the accelerated library, its defaults (component API)",
+    "upstream": "the accelerated library with every acceleration off: upstream's path, bit for bit",
+    "torch": "PyTorch + diffusers, fp32, inference_mode, channels_last, SDPA",
+    "torch-compile": "as torch, the UNet and decoder under torch.compile (compile time not counted)",
+    "openvino": "OpenVINO, fp32 inference precision, static shapes, LATENCY hint",
+    "openvino-bf16": "OpenVINO, bf16 inference precision (where the CPU has it), static shapes, LATENCY hint",
+}
+TASKS = ("unet-b1", "unet-b2", "vae")
+_TIMESTEP = 500.0
+
+
+def inputs(family: str, size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The same inputs for every runtime: latents for batch 1 and 2, a text context, a VAE latent."""
+    from ..format.families import CONTEXT_LENGTH, context_width
+
+    rng = np.random.default_rng(seed)
+    lat = rng.standard_normal((2, 4, size // 8, size // 8)).astype(np.float32)
+    ctx = rng.standard_normal((2, CONTEXT_LENGTH, context_width(family))).astype(np.float32)
+    z = rng.standard_normal((1, 4, size // 8, size // 8)).astype(np.float32)
+    return {"latent": lat, "context": ctx, "vae_latent": z}
+
+
+class _Ours:
+    def __init__(self, gguf: str, threads: int, accelerated: bool):
+        from .. import StableDiffusion
+
+        kw = {} if accelerated else {"conv": "im2col", "attention": "upstream", "linear": "upstream"}
+        self.sd = StableDiffusion(gguf, threads=threads, **kw)
+
+    def run(self, task: str, x: dict) -> np.ndarray:
+        if task == "vae":
+            return self.sd.decode(x["vae_latent"])
+        n = 1 if task == "unet-b1" else 2
+        return self.sd.unet(x["latent"][:n], _TIMESTEP, x["context"][:n])
+
+
+class _Torch:
+    def __init__(self, folder: str, threads: int, compiled: bool):
+        import torch
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.unet = UNet2DConditionModel.from_pretrained(f"{folder}/unet", torch_dtype=torch.float32).eval()
+        self.vae = AutoencoderKL.from_pretrained(f"{folder}/vae", torch_dtype=torch.float32).eval()
+        self.unet.to(memory_format=torch.channels_last)
+        self.vae.to(memory_format=torch.channels_last)
+        self.scale = float(self.vae.config.scaling_factor)
+        self.unet_fn = self.unet
+        self.vae_fn = self.vae.decode
+        if compiled:
+            self.unet_fn = torch.compile(self.unet)
+            self.vae_fn = torch.compile(self.vae.decode)
+
+    def run(self, task: str, x: dict) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            if task == "vae":
+                z = torch.from_numpy(x["vae_latent"] / self.scale).to(memory_format=torch.channels_last)
+                return self.vae_fn(z).sample.float().numpy()
+            n = 1 if task == "unet-b1" else 2
+            lat = torch.from_numpy(x["latent"][:n]).to(memory_format=torch.channels_last)
+            return self.unet_fn(lat, torch.tensor([_TIMESTEP] * n), encoder_hidden_states=torch.from_numpy(
+                x["context"][:n])).sample.float().numpy()
+
+
+class _OpenVINO:
+    """Each task converted from the diffusers module with its exact input shapes (static), compiled once."""
+
+    def __init__(self, folder: str, threads: int, precision: str, size: int, family: str):
+        import openvino as ov
+        import torch
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        self.core = ov.Core()
+        if precision == "bf16" and "BF16" not in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise RuntimeError("this CPU has no bf16 support in OpenVINO (OPTIMIZATION_CAPABILITIES)")
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                  "INFERENCE_PRECISION_HINT": precision}
+        unet = UNet2DConditionModel.from_pretrained(f"{folder}/unet", torch_dtype=torch.float32).eval()
+        vae = AutoencoderKL.from_pretrained(f"{folder}/vae", torch_dtype=torch.float32).eval()
+        self.scale = float(vae.config.scaling_factor)
+
+        class UNet(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, sample, timestep, context):
+                return self.m(sample, timestep, encoder_hidden_states=context).sample
+
+        class Decoder(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, z):
+                return self.m.decode(z).sample
+
+        x = inputs(family, size)
+        self.compiled = {}
+        with torch.no_grad():
+            for task in TASKS:
+                if task == "vae":
+                    example = (torch.from_numpy(x["vae_latent"]),)
+                    model = ov.convert_model(Decoder(vae), example_input=example)
+                else:
+                    n = 1 if task == "unet-b1" else 2
+                    example = (torch.from_numpy(x["latent"][:n]), torch.tensor([_TIMESTEP] * n),
+                               torch.from_numpy(x["context"][:n]))
+                    model = ov.convert_model(UNet(unet), example_input=example)
+                model.reshape({port: ov.PartialShape(list(t.shape)) for port, t in zip(model.inputs, example)})
+                self.compiled[task] = self.core.compile_model(model, "CPU", config)
+        del unet, vae
+
+    def run(self, task: str, x: dict) -> np.ndarray:
+        if task == "vae":
+            args = [x["vae_latent"] / self.scale]
+        else:
+            n = 1 if task == "unet-b1" else 2
+            args = [x["latent"][:n], np.full((n,), _TIMESTEP, np.float32), x["context"][:n]]
+        return np.asarray(self.compiled[task](args)[0], dtype=np.float32)
+
+
+def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int, family: str) -> None:
+    """A runtime in its own process: builds it, then runs what the driver asks, one task at a time."""
+    try:
+        t0 = time.perf_counter()
+        if runtime in ("pysdcpp", "upstream"):
+            rt = _Ours(gguf, threads, runtime == "pysdcpp")
+        elif runtime in ("torch", "torch-compile"):
+            rt = _Torch(folder, threads, runtime == "torch-compile")
+        elif runtime in ("openvino", "openvino-bf16"):
+            rt = _OpenVINO(folder, threads, "bf16" if runtime.endswith("bf16") else "f32", size, family)
+        else:
+            raise ValueError(f"unknown runtime {runtime!r}")
+        x = inputs(family, size)
+        conn.send({"ok": True, "setup_seconds": time.perf_counter() - t0})
+        warm = set()
+        while (msg := conn.recv()) is not None:
+            if msg not in warm:  # one untimed call first: allocations, one-off transforms, compilation
+                rt.run(msg, x)
+                warm.add(msg)
+            t1 = time.perf_counter()
+            out = rt.run(msg, x)
+            conn.send({"ok": True, "seconds": time.perf_counter() - t1, "output": out})
+        conn.send({"ok": True, "peak_rss": _peak_rss()})
+    except BaseException as e:  # reported; the other runtimes go on
+        try:
+            conn.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
+        except OSError:
+            pass
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM")), 0)
+
+
+def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, threads: int = 2, repeat: int = 3,
+                family: str = "sd1", tasks: tuple[str, ...] = TASKS, timeout: float = 3600.0, progress=None) -> dict:
+    """Every runtime on the same inputs; `folder`: the same model as a diffusers folder (the peers load it)."""
+    import multiprocessing as mp
+
+    bad = [r for r in runtimes if r not in RUNTIMES]
+    if bad:
+        raise ValueError(f"unknown runtime {bad[0]!r}; choose from {', '.join(RUNTIMES)}")
+    if size <= 0 or size % 64:
+        raise ValueError(f"size must be a positive multiple of 64, got {size}")
+    ctx = mp.get_context("spawn")
+    workers, setup, errors = {}, {}, {}
+    for rt in runtimes:  # one at a time: each setup has the machine to itself
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_worker, args=(child, rt, gguf, folder, threads, size, family), daemon=True)
+        p.start()
+        child.close()
+        msg = parent.recv() if parent.poll(timeout) else {"ok": False, "error": f"setup timed out ({timeout:.0f} s)"}
+        if msg["ok"]:
+            workers[rt] = (p, parent)
+            setup[rt] = msg["setup_seconds"]
+        else:
+            errors[rt] = msg["error"]
+            p.kill()
+        if progress:
+            progress("setup", rt, msg)
+    times = {rt: {t: [] for t in tasks} for rt in workers}
+    outputs: dict[str, dict[str, np.ndarray]] = {rt: {} for rt in workers}
+    for rep in range(repeat):
+        for task in tasks:
+            for rt, (p, conn) in list(workers.items()):  # interleaved: one runtime at a time, in turn
+                if rt in errors:
+                    continue
+                conn.send(task)
+                msg = conn.recv() if conn.poll(timeout) else {"ok": False, "error": "timed out"}
+                if not msg["ok"]:
+                    errors[rt] = msg["error"]
+                    continue
+                times[rt][task].append(msg["seconds"])
+                outputs[rt].setdefault(task, msg["output"])
+                if progress:
+                    progress(rep, f"{rt} {task}", msg)
+    peak = {}
+    for rt, (p, conn) in workers.items():
+        if rt not in errors:
+            conn.send(None)
+            msg = conn.recv() if conn.poll(60) else {}
+            peak[rt] = msg.get("peak_rss")
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    ref = outputs.get("torch", {})
+    summary = {}
+    for rt in runtimes:
+        e: dict = {"setup_seconds": setup.get(rt), "peak_rss": peak.get(rt), "error": errors.get(rt)}
+        for task in tasks:
+            ts = times.get(rt, {}).get(task, [])
+            if ts:
+                e[task] = {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "runs": len(ts)}
+                if task in ref and rt != "torch" and task in outputs[rt]:
+                    a, b = outputs[rt][task].astype(np.float64), ref[task].astype(np.float64)
+                    e[task]["rel_l2_vs_torch"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+        summary[rt] = e
+    return {"kind": "peers", "model": gguf, "family": family, "size": size, "threads": threads, "repeat": repeat,
+            "tasks": list(tasks), "runtimes": {rt: RUNTIMES[rt] for rt in runtimes}, "date": utc_now(),
+            "machine": machine_info(), "build": build_info(), "summary": summary, "versions": _versions()}
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "diffusers", "openvino"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def format_peers_table(report: dict) -> str:
+    tasks = report["tasks"]
+    head = f"{'runtime':<15}" + "".join(f"{t:>22}" for t in tasks) + f"{'peak RSS':>10}{'setup':>9}"
+    lines = [head, "-" * len(head)]
+    ours = report["summary"].get("pysdcpp", {})
+    for rt, e in report["summary"].items():
+        if e.get("error") and not any(t in e for t in tasks):
+            lines.append(f"{rt:<15} FAILED: {e['error']}")
+            continue
+        row = f"{rt:<15}"
+        for t in tasks:
+            if t not in e:
+                row += f"{'-':>22}"
+                continue
+            cell = f"{e[t]['median']:.2f}s"
+            if rt != "pysdcpp" and t in ours:
+                cell += f" ({e[t]['median'] / ours[t]['median']:.2f}x)"
+            if "rel_l2_vs_torch" in e[t]:
+                cell += f" {e[t]['rel_l2_vs_torch']:.0e}"
+            row += f"{cell:>22}"
+        rss = e.get("peak_rss")
+        row += f"{rss / 2**20:>8.0f}MB" if rss else f"{'-':>10}"
+        row += f"{e['setup_seconds']:>8.1f}s" if e.get("setup_seconds") is not None else f"{'-':>9}"
+        lines.append(row)
+    lines.append(footer(report, f"median of {report['repeat']} after a warm-up; (x): that runtime's time over "
+                                "pysdcpp's, above 1 means pysdcpp is faster; then rel. L2 against torch's output"))
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""`pysdcpp bench --peers`: every runtime gets the same inputs and computes the same function; ours, upstream's
+path and OpenVINO agree with PyTorch's output within the bounds the component tests hold (the benchmark's output
+agreement column is measured, not assumed); bad runtime names fail before anything starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import diffusers_folder
+from pysdcpp.bench.peers import RUNTIMES, format_peers_table, inputs, peers_bench
+
+UNET_TOL = 2e-3   # test_components' bounds: one UNet evaluation, one VAE decode against diffusers
+VAE_TOL = 1e-3
+
+
+def test_inputs_and_bad_names():
+    x = inputs("sd1", 128)
+    assert x["latent"].shape == (2, 4, 16, 16) and x["context"].shape == (2, 77, 768)
+    assert x["vae_latent"].shape == (1, 4, 16, 16)
+    with pytest.raises(ValueError, match="unknown runtime 'tensorflow'"):
+        peers_bench("m.gguf", "folder", ["pysdcpp", "tensorflow"])
+    with pytest.raises(ValueError, match="multiple of 64"):
+        peers_bench("m.gguf", "folder", ["pysdcpp"], size=100)
+    assert {"pysdcpp", "upstream", "torch", "openvino"} <= set(RUNTIMES)
+
+
+@pytest.mark.slow
+def test_peers_agree_with_pytorch(sd15_f16, module_tmp):
+    folder = diffusers_folder("sd1", module_tmp)
+    report = peers_bench(str(sd15_f16), str(folder), ["pysdcpp", "upstream", "torch", "openvino"], size=128,
+                         threads=2, repeat=1)
+    s = report["summary"]
+    assert not any(e["error"] for e in s.values()), {k: e["error"] for k, e in s.items()}
+    for rt in ("pysdcpp", "upstream", "openvino"):
+        for task in ("unet-b1", "unet-b2"):
+            assert s[rt][task]["rel_l2_vs_torch"] <= UNET_TOL, (rt, task, s[rt][task])
+        assert s[rt]["vae"]["rel_l2_vs_torch"] <= VAE_TOL, (rt, s[rt]["vae"])
+        assert s[rt]["peak_rss"] > 500 << 20
+    assert all(s[rt][t]["median"] > 0 for rt in s for t in report["tasks"])
+    table = format_peers_table(report)
+    assert all(rt in table for rt in s)
+    from pysdcpp.bench_report import render
+
+    assert "### Peer runtimes, 128 px" in render([report])
