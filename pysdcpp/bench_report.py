@@ -202,11 +202,12 @@ def render_batch(r: dict) -> list[str]:
     out = [f"### Batch throughput, {r['size']} px, {r['steps']} steps, {r['jobs']} jobs, median of {r['repeat']}", "",
            f"Machine: {_machine(r)}. Model: `{Path(r['model']).name}`. `pysdcpp batch` per split of the cores "
            "(workers x threads per worker), model loads included.", "",
-           "| workers x threads | images/min | throughput vs " + base + " | per image (median) | run |",
-           "|---|---|---|---|---|"]
+           "| workers x threads | images/min | throughput vs " + base + " | per image (median) | run | peak RSS, all "
+           "workers |", "|---|---|---|---|---|---|"]
     for name, e in r["summary"].items():
+        rss = max((sum(x or 0 for x in run.get("peak_rss_per_worker", [])) for run in r["runs"][name]), default=0)
         out.append(f"| {name} | {60 * e['images_per_second']:.2f} | {e['throughput_vs_' + base]:.2f}x | "
-                   f"{e['latency_median']:.2f} s | {e['seconds']:.1f} s |")
+                   f"{e['latency_median']:.2f} s | {e['seconds']:.1f} s | {rss / 2**20:.0f} MB |")
     return out + [""]
 
 

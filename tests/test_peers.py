@@ -21,19 +21,22 @@ def test_inputs_and_bad_names():
         peers_bench("m.gguf", "folder", ["pysdcpp", "tensorflow"])
     with pytest.raises(ValueError, match="multiple of 64"):
         peers_bench("m.gguf", "folder", ["pysdcpp"], size=100)
+    with pytest.raises(ValueError, match="tasks are"):
+        peers_bench("m.gguf", "folder", ["pysdcpp"], tasks=("unet-b3",))
     assert {"pysdcpp", "upstream", "torch", "openvino"} <= set(RUNTIMES)
 
 
 @pytest.mark.slow
 def test_peers_agree_with_pytorch(sd15_f16, module_tmp):
     folder = diffusers_folder("sd1", module_tmp)
-    report = peers_bench(str(sd15_f16), str(folder), ["pysdcpp", "upstream", "torch", "openvino"], size=128,
-                         threads=2, repeat=1)
+    # Batch 2 and upstream's path (bit-identical to upstream, test_generate) stay out: every worker lives through
+    # the run, and an OpenVINO worker holds a compiled copy of the UNet per input shape.
+    report = peers_bench(str(sd15_f16), str(folder), ["pysdcpp", "torch", "openvino"], size=128, threads=2,
+                         repeat=1, tasks=("unet-b1", "vae"))
     s = report["summary"]
     assert not any(e["error"] for e in s.values()), {k: e["error"] for k, e in s.items()}
-    for rt in ("pysdcpp", "upstream", "openvino"):
-        for task in ("unet-b1", "unet-b2"):
-            assert s[rt][task]["rel_l2_vs_torch"] <= UNET_TOL, (rt, task, s[rt][task])
+    for rt in ("pysdcpp", "openvino"):
+        assert s[rt]["unet-b1"]["rel_l2_vs_torch"] <= UNET_TOL, (rt, s[rt]["unet-b1"])
         assert s[rt]["vae"]["rel_l2_vs_torch"] <= VAE_TOL, (rt, s[rt]["vae"])
         assert s[rt]["peak_rss"] > 500 << 20
     assert all(s[rt][t]["median"] > 0 for rt in s for t in report["tasks"])

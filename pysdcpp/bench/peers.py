@@ -21,6 +21,7 @@ RUNTIMES = {
     "openvino-bf16": "OpenVINO, bf16 inference precision (where the CPU has it), static shapes, LATENCY hint",
 }
 TASKS = ("unet-b1", "unet-b2", "vae")
+_NOTHING = object()  # ask(): only wait for the answer
 _TIMESTEP = 500.0
 
 
@@ -82,7 +83,7 @@ class _Torch:
 class _OpenVINO:
     """Each task converted from the diffusers module with its exact input shapes (static), compiled once."""
 
-    def __init__(self, folder: str, threads: int, precision: str, size: int, family: str):
+    def __init__(self, folder: str, threads: int, precision: str, size: int, family: str, tasks: tuple[str, ...]):
         import openvino as ov
         import torch
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -115,7 +116,7 @@ class _OpenVINO:
         x = inputs(family, size)
         self.compiled = {}
         with torch.no_grad():
-            for task in TASKS:
+            for task in tasks:
                 if task == "vae":
                     example = (torch.from_numpy(x["vae_latent"]),)
                     model = ov.convert_model(Decoder(vae), example_input=example)
@@ -126,6 +127,7 @@ class _OpenVINO:
                     model = ov.convert_model(UNet(unet), example_input=example)
                 model.reshape({port: ov.PartialShape(list(t.shape)) for port, t in zip(model.inputs, example)})
                 self.compiled[task] = self.core.compile_model(model, "CPU", config)
+                del model
         del unet, vae
 
     def run(self, task: str, x: dict) -> np.ndarray:
@@ -137,7 +139,8 @@ class _OpenVINO:
         return np.asarray(self.compiled[task](args)[0], dtype=np.float32)
 
 
-def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int, family: str) -> None:
+def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int, family: str,
+            tasks: tuple[str, ...]) -> None:
     """A runtime in its own process: builds it, then runs what the driver asks, one task at a time."""
     try:
         t0 = time.perf_counter()
@@ -146,7 +149,7 @@ def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int,
         elif runtime in ("torch", "torch-compile"):
             rt = _Torch(folder, threads, runtime == "torch-compile")
         elif runtime in ("openvino", "openvino-bf16"):
-            rt = _OpenVINO(folder, threads, "bf16" if runtime.endswith("bf16") else "f32", size, family)
+            rt = _OpenVINO(folder, threads, "bf16" if runtime.endswith("bf16") else "f32", size, family, tasks)
         else:
             raise ValueError(f"unknown runtime {runtime!r}")
         x = inputs(family, size)
@@ -182,47 +185,65 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
         raise ValueError(f"unknown runtime {bad[0]!r}; choose from {', '.join(RUNTIMES)}")
     if size <= 0 or size % 64:
         raise ValueError(f"size must be a positive multiple of 64, got {size}")
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ValueError(f"tasks are {', '.join(TASKS)}, got {list(tasks)}")
     ctx = mp.get_context("spawn")
     workers, setup, errors = {}, {}, {}
-    for rt in runtimes:  # one at a time: each setup has the machine to itself
-        parent, child = ctx.Pipe()
-        p = ctx.Process(target=_worker, args=(child, rt, gguf, folder, threads, size, family), daemon=True)
-        p.start()
-        child.close()
-        msg = parent.recv() if parent.poll(timeout) else {"ok": False, "error": f"setup timed out ({timeout:.0f} s)"}
-        if msg["ok"]:
-            workers[rt] = (p, parent)
-            setup[rt] = msg["setup_seconds"]
-        else:
-            errors[rt] = msg["error"]
-            p.kill()
-        if progress:
-            progress("setup", rt, msg)
-    times = {rt: {t: [] for t in tasks} for rt in workers}
-    outputs: dict[str, dict[str, np.ndarray]] = {rt: {} for rt in workers}
-    for rep in range(repeat):
-        for task in tasks:
-            for rt, (p, conn) in list(workers.items()):  # interleaved: one runtime at a time, in turn
-                if rt in errors:
-                    continue
-                conn.send(task)
-                msg = conn.recv() if conn.poll(timeout) else {"ok": False, "error": "timed out"}
-                if not msg["ok"]:
-                    errors[rt] = msg["error"]
-                    continue
-                times[rt][task].append(msg["seconds"])
-                outputs[rt].setdefault(task, msg["output"])
-                if progress:
-                    progress(rep, f"{rt} {task}", msg)
+    times = {rt: {t: [] for t in tasks} for rt in runtimes}
+    outputs: dict[str, dict[str, np.ndarray]] = {rt: {} for rt in runtimes}
     peak = {}
-    for rt, (p, conn) in workers.items():
-        if rt not in errors:
-            conn.send(None)
-            msg = conn.recv() if conn.poll(60) else {}
-            peak[rt] = msg.get("peak_rss")
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
+
+    def ask(conn, p, msg, wait):
+        """Send `msg`, return the worker's answer; a worker that died (the OOM killer, a crash) is an error."""
+        try:
+            if msg is not _NOTHING:
+                conn.send(msg)
+            if conn.poll(wait):
+                return conn.recv()
+            return {"ok": False, "error": f"no answer in {wait:.0f} s"}
+        except (EOFError, OSError):
+            p.join(timeout=5)
+            return {"ok": False, "error": f"the worker died (exit code {p.exitcode}; -9: killed, e.g. out of memory)"}
+
+    try:
+        for rt in runtimes:  # one at a time: each setup has the machine to itself
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(child, rt, gguf, folder, threads, size, family, tuple(tasks)),
+                            daemon=True)
+            p.start()
+            child.close()
+            workers[rt] = (p, parent)
+            msg = ask(parent, p, _NOTHING, timeout)
+            if msg["ok"]:
+                setup[rt] = msg["setup_seconds"]
+            else:
+                errors[rt] = msg["error"]
+            if progress:
+                progress("setup", rt, msg)
+        for rep in range(repeat):
+            for task in tasks:
+                for rt, (p, conn) in workers.items():  # interleaved: one runtime at a time, in turn
+                    if rt in errors:
+                        continue
+                    msg = ask(conn, p, task, timeout)
+                    if not msg["ok"]:
+                        errors[rt] = msg["error"]
+                        continue
+                    times[rt][task].append(msg["seconds"])
+                    outputs[rt].setdefault(task, msg["output"])
+                    if progress:
+                        progress(rep, f"{rt} {task}", msg)
+        for rt, (p, conn) in workers.items():
+            if rt not in errors:
+                peak[rt] = ask(conn, p, None, 60).get("peak_rss")
+    finally:   # whatever happened, no worker outlives the benchmark
+        for p, conn in workers.values():
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+            conn.close()
     ref = outputs.get("torch", {})
     summary = {}
     for rt in runtimes:
