@@ -245,6 +245,17 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
                        f"{result.params.num_inference_steps} steps", err=True)
 
 
+def _demo_model(family: str = "sd1") -> Path:
+    """The synthetic model's GGUF, made (with a progress bar) the first time."""
+    from .demo import synthetic_gguf
+
+    bar = _WriteBar(f"making the synthetic {family} model (once, cached)")
+    try:
+        return synthetic_gguf(family, "f16", progress=bar)
+    finally:
+        bar.close()
+
+
 class _WriteBar:
     """Progress bar for converters' (done_bytes, total_bytes, name) callbacks."""
 
@@ -657,7 +668,7 @@ def bench(model, layers, alter_demo, experts, peers, batch_splits, attention_lay
         click.echo(format_expert_table(report))
     elif peers is not None:
         from .bench.peers import RUNTIMES, format_peers_table, peers_bench
-        from .demo import synthetic_diffusers_folder, synthetic_gguf
+        from .demo import synthetic_diffusers_folder
 
         chosen = [r.strip() for r in peers.split(",") if r.strip()]
         runtimes = list(dict.fromkeys(["pysdcpp", "upstream", *chosen]))
@@ -669,9 +680,7 @@ def bench(model, layers, alter_demo, experts, peers, batch_splits, attention_lay
             _fail("--peers runs the synthetic model of one --family (every runtime loads the same weights)")
         if plot_path is not None:
             _fail("--plot draws model and --layers reports; the --peers report is a table")
-        bar = _WriteBar("making the synthetic model (once, cached)")
-        gguf = synthetic_gguf(family_list[0], "f16", progress=bar)
-        bar.close()
+        gguf = _demo_model(family_list[0])
         click.echo("writing its diffusers folder (once, cached)", err=True)
         folder = synthetic_diffusers_folder(family_list[0])
 
@@ -692,11 +701,7 @@ def bench(model, layers, alter_demo, experts, peers, batch_splits, attention_lay
         except ValueError as e:
             _fail(str(e))
         if model is None:
-            from .demo import synthetic_gguf
-
-            bar = _WriteBar("making the demo model (once, cached)")
-            model = synthetic_gguf("sd1", "f16", progress=bar)
-            bar.close()
+            model = _demo_model()
 
         def batch_progress(rep, name, r):
             click.echo(f"  repetition {rep + 1}/{repeat} {name}: {60 * r['images_per_second']:.2f} images/min",
@@ -750,11 +755,7 @@ def bench(model, layers, alter_demo, experts, peers, batch_splits, attention_lay
             except ValueError as e:
                 _fail(str(e))
         if model is None:
-            from .demo import synthetic_gguf
-
-            bar = _WriteBar("making the demo model (once, cached)")
-            model = synthetic_gguf("sd1", "f16", progress=bar)
-            bar.close()
+            model = _demo_model()
         elif not model.is_file():
             _fail(f"{model}: no such file")
 
