@@ -383,7 +383,7 @@ class StableDiffusion:
         g.sample_params.scheduler = (lib.SCHEDULER_COUNT if p.scheduler == "default"
                                      else lib.str_to_scheduler(p.scheduler.encode()))
         if step_cache is not None:
-            step_cache.apply(ffi, lib, g.cache)
+            step_cache.apply(lib, g.cache)
         step_times: list[float] = []
         step_marks: list[tuple[int, int]] = []  # (step, UNet evaluations recorded so far), for the ALTER report
 

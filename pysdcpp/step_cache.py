@@ -48,7 +48,7 @@ class StepCache:
             return self.mode
         return self.mode + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in self.options)
 
-    def apply(self, ffi, lib, cache) -> None:
+    def apply(self, lib, cache) -> None:
         """Fill `cache` (an sd_cache_params_t, already at the library's defaults)."""
         cache.mode = getattr(lib, _ENUM[self.mode])
         for key, value in self.options:

@@ -35,15 +35,13 @@ def test_apply_writes_the_fields_sd_cli_writes():
     lib = _native.load("upstream")  # the process-wide instance: a second one would take over the log callback
     g = lib.ffi.new("sd_img_gen_params_t*")
     lib.lib.sd_img_gen_params_init(g)
-    parse_step_cache("ucache:threshold=2.5,start=0.2,end=0.9,decay=0.5,relative=0,reset=0").apply(lib.ffi, lib.lib,
-                                                                                                g.cache)
+    parse_step_cache("ucache:threshold=2.5,start=0.2,end=0.9,decay=0.5,relative=0,reset=0").apply(lib.lib, g.cache)
     c = g.cache
     assert c.mode == lib.lib.SD_CACHE_UCACHE
     assert (c.reuse_threshold, c.start_percent, c.end_percent, c.error_decay_rate) == pytest.approx(
         (2.5, 0.2, 0.9, 0.5))
     assert not c.use_relative_threshold and not c.reset_error_on_compute
-    parse_step_cache("spectrum:w=0.3,m=4,lam=2,window=3,flex=0.25,warmup=1,stop=0.8").apply(lib.ffi, lib.lib,
-                                                                                              g.cache)
+    parse_step_cache("spectrum:w=0.3,m=4,lam=2,window=3,flex=0.25,warmup=1,stop=0.8").apply(lib.lib, g.cache)
     assert c.mode == lib.lib.SD_CACHE_SPECTRUM
     assert (c.spectrum_w, c.spectrum_lam, c.spectrum_flex_window, c.spectrum_stop_percent) == pytest.approx(
         (0.3, 2.0, 0.25, 0.8))

@@ -82,7 +82,7 @@ def run_batch(model: str, prompts: str, outdir: str, *, defaults: dict | None = 
     model_hash = file_sha256(model)
     jobs = make_jobs(entries, defaults or {}, cfg, header, model_hash)
 
-    summary = BatchSummary(jobs=len(jobs))
+    summary = BatchSummary()
     seen: dict[str, object] = {}
     for j in jobs:
         if j.id in seen:
@@ -92,7 +92,7 @@ def run_batch(model: str, prompts: str, outdir: str, *, defaults: dict | None = 
     jobs = list(seen.values())
     summary.jobs = len(jobs)
     records = out.records()
-    done = out.done()
+    done = out.done(records)
     failed_before = {(r["id"], r.get("error")) for r in records if r.get("status") == "failed"}
     todo = []
     for j in jobs:

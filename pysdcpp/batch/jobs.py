@@ -35,8 +35,7 @@ class RunConfig:
     threads: int = 1
 
     def constructor_kwargs(self) -> dict:
-        kw = {k: v for k, v in dataclasses.asdict(self).items() if k != "model"}
-        return kw
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "model"}
 
     def image_settings(self) -> dict:
         """The settings that can change an image (threads and the model's path do not; the model's hash does)."""

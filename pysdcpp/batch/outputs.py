@@ -55,9 +55,10 @@ class OutputFolder:
                 out.append(rec)
         return out
 
-    def done(self) -> set[str]:
-        """Jobs recorded as done whose PNG is still there."""
-        return {r["id"] for r in self.records() if r.get("status") == "ok" and (self.path / r["file"]).is_file()}
+    def done(self, records: list[dict] | None = None) -> set[str]:
+        """Jobs recorded as done whose PNG is still there (`records`: the manifest's, if already read)."""
+        records = self.records() if records is None else records
+        return {r["id"] for r in records if r.get("status") == "ok" and (self.path / r["file"]).is_file()}
 
     def unrecorded_png(self, job_id: str) -> bool:
         """A complete PNG of this job that no manifest line records (the run was killed between the two writes)."""

@@ -54,7 +54,27 @@ def _local_main(conn, run: RunConfig, model_hash: str) -> None:
         core.close()
 
 
-class LocalPool:
+class _Pool:
+    """What both pools keep: `slots`, worker handle -> {"job": the job it runs or None, "ready": set up}."""
+
+    size: int
+    slots: dict
+
+    def start_worker(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        for _ in range(self.size):
+            self.start_worker()
+
+    def idle(self) -> list:
+        return [w for w, s in self.slots.items() if s["ready"] and s["job"] is None]
+
+    def alive(self) -> int:
+        return len(self.slots)
+
+
+class LocalPool(_Pool):
     """`workers` processes on this machine, each with `run.threads` threads and its own model load."""
 
     def __init__(self, run: RunConfig, model_hash: str, workers: int):
@@ -62,7 +82,7 @@ class LocalPool:
 
         self.ctx = mp.get_context("spawn")
         self.run, self.model_hash, self.size = run, model_hash, workers
-        self.workers: dict[object, dict] = {}  # Process -> {"conn", "job", "ready"}
+        self.slots: dict[object, dict] = {}  # Process -> {"conn", "job", "ready"}
 
     def describe(self) -> str:
         return f"{self.size} local worker(s) x {self.run.threads} thread(s)"
@@ -72,28 +92,18 @@ class LocalPool:
         p = self.ctx.Process(target=_local_main, args=(child, self.run, self.model_hash), daemon=True)
         p.start()
         child.close()
-        self.workers[p] = {"conn": parent, "job": None, "ready": False}
-
-    def start(self) -> None:
-        for _ in range(self.size):
-            self.start_worker()
-
-    def idle(self) -> list:
-        return [w for w, s in self.workers.items() if s["ready"] and s["job"] is None]
-
-    def alive(self) -> int:
-        return len(self.workers)
+        self.slots[p] = {"conn": parent, "job": None, "ready": False}
 
     def submit(self, worker, job_id: str, params: dict) -> None:
-        s = self.workers[worker]
+        s = self.slots[worker]
         s["job"] = job_id
         s["conn"].send((job_id, params))
 
     def poll(self, timeout: float) -> list[Event]:
         from multiprocessing.connection import wait
 
-        conns = {s["conn"]: w for w, s in self.workers.items()}
-        sentinels = {w.sentinel: w for w in self.workers}
+        conns = {s["conn"]: w for w, s in self.slots.items()}
+        sentinels = {w.sentinel: w for w in self.slots}
         events = []
         for obj in wait(list(conns) + list(sentinels), timeout):
             if obj in conns:
@@ -102,7 +112,7 @@ class LocalPool:
                     kind, payload = obj.recv()
                 except (EOFError, OSError):
                     continue  # the sentinel reports it
-                s = self.workers[w]
+                s = self.slots[w]
                 if kind == "ready":
                     s["ready"] = True
                     events.append(Event("ready", w, payload=payload))
@@ -114,15 +124,15 @@ class LocalPool:
                     s["job"] = None
         for obj in list(sentinels):
             w = sentinels[obj]
-            if w in self.workers and not w.is_alive():
-                job = self.workers[w]["job"]
+            if w in self.slots and not w.is_alive():
+                job = self.slots[w]["job"]
                 code = w.exitcode
                 self._drop(w)
                 events.append(Event("lost", w, job, {"error": f"worker process exited with code {code}"}))
         return events
 
     def _drop(self, w) -> None:
-        s = self.workers.pop(w, None)
+        s = self.slots.pop(w, None)
         if s is not None:
             s["conn"].close()
         w.join(timeout=5)
@@ -131,7 +141,7 @@ class LocalPool:
             w.join()
 
     def close(self, kill: bool = False) -> None:
-        for w, s in list(self.workers.items()):
+        for w, s in list(self.slots.items()):
             if not kill:
                 try:
                     s["conn"].send(None)
@@ -139,12 +149,12 @@ class LocalPool:
                     pass
             else:
                 w.kill()
-        for w in list(self.workers):
+        for w in list(self.slots):
             w.join(timeout=30 if not kill else 5)
             if w.is_alive():
                 w.kill()
                 w.join()
-            s = self.workers.pop(w)
+            s = self.slots.pop(w)
             s["conn"].close()
 
 
@@ -164,7 +174,7 @@ class _RayWorker:
         return self.core.run(job_id, params)
 
 
-class RayPool:
+class RayPool(_Pool):
     """Ray actors (`ray.init(address)`: an existing cluster's address, "auto", or None for a local instance), each
     reserving `run.threads` CPUs; `workers` None: as many as the cluster's CPUs hold."""
 
@@ -182,28 +192,18 @@ class RayPool:
         self.run, self.model_hash = run, model_hash
         self.actor_class = ray.remote(num_cpus=run.threads, max_restarts=0, max_task_retries=0)(_RayWorker)
         self.pending: dict[object, tuple[object, str | None]] = {}  # future -> (actor, job id or None for ready)
-        self.actors: dict[object, dict] = {}  # actor -> {"job", "ready"}
+        self.slots: dict[object, dict] = {}  # actor -> {"job", "ready"}
 
     def describe(self) -> str:
         return f"{self.size} Ray actor(s) x {self.run.threads} CPU(s)"
 
     def start_worker(self) -> None:
         a = self.actor_class.remote(self.run, self.model_hash)
-        self.actors[a] = {"job": None, "ready": False}
+        self.slots[a] = {"job": None, "ready": False}
         self.pending[a.ready.remote()] = (a, None)
 
-    def start(self) -> None:
-        for _ in range(self.size):
-            self.start_worker()
-
-    def idle(self) -> list:
-        return [a for a, s in self.actors.items() if s["ready"] and s["job"] is None]
-
-    def alive(self) -> int:
-        return len(self.actors)
-
     def submit(self, actor, job_id: str, params: dict) -> None:
-        self.actors[actor]["job"] = job_id
+        self.slots[actor]["job"] = job_id
         self.pending[actor.job.remote(job_id, params)] = (actor, job_id)
 
     def poll(self, timeout: float) -> list[Event]:
@@ -226,22 +226,22 @@ class RayPool:
                                     {"error": _first_line(cause)}))
                 continue
             if job_id is None:
-                self.actors[actor]["ready"] = True
+                self.slots[actor]["ready"] = True
                 events.append(Event("ready", actor, payload=value))
             else:
-                self.actors[actor]["job"] = None
+                self.slots[actor]["job"] = None
                 events.append(Event("result", actor, job_id, value))
         return events
 
     def _drop(self, actor) -> None:
-        self.actors.pop(actor, None)
+        self.slots.pop(actor, None)
         try:
             self.ray.kill(actor)
         except Exception:  # noqa: BLE001 - already gone
             pass
 
     def close(self, kill: bool = False) -> None:
-        for a in list(self.actors):
+        for a in list(self.slots):
             self._drop(a)
         self.pending.clear()
 

@@ -8,17 +8,9 @@ import socket
 import time
 from pathlib import Path
 
+from ..bench.machine import peak_rss
 from .jobs import RunConfig, file_sha256
 from .outputs import job_png
-
-
-def _peak_rss() -> int | None:
-    """This process's peak resident memory in bytes (Linux), or None."""
-    try:
-        with open("/proc/self/status") as f:
-            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM")), None)
-    except OSError:
-        return None
 
 
 class WorkerSetupError(RuntimeError):
@@ -46,7 +38,7 @@ class WorkerCore:
         self.version = __version__
 
     def info(self) -> dict:
-        return {"worker": self.name, "machine": self.machine, "threads": self.sd.threads, "peak_rss": _peak_rss()}
+        return {"worker": self.name, "machine": self.machine, "threads": self.sd.threads, "peak_rss": peak_rss() or None}
 
     def run(self, job_id: str, params: dict) -> dict:
         """Generate one job: {"id", "png" (bytes), "seconds", worker info, MAC info} or {"id", "error"}."""

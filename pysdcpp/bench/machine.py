@@ -26,6 +26,15 @@ def machine_info() -> dict:
             "system": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM")), 0)
+    except OSError:
+        return 0
+
+
 def footer(report: dict, what: str) -> str:
     """The line under every table: machine, threads, size, what was measured, date."""
     m = report["machine"]

@@ -8,7 +8,7 @@ import statistics
 
 import numpy as np
 
-from .machine import build_info, footer, machine_info, utc_now
+from .machine import build_info, footer, machine_info, peak_rss, utc_now
 
 
 # A variant is a name for StableDiffusion keyword arguments (and the generation's `inheritance` or `step_cache`):
@@ -101,8 +101,7 @@ def _worker(variant: dict, model: str, params: dict, threads: int, queue) -> Non
                 phases[name] = found[-1]
         # The callback fires once before the first step (step 0), then after each step.
         steps = [b - a for a, b in zip(stamps, stamps[1:])]
-        hwm = next((int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")),
-                   0)
+        hwm = peak_rss()
         buffers: dict[str, float] = {}
         for line in lines:
             if m := _BUFFER_LOG.search(line):

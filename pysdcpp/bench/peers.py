@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from .machine import build_info, footer, machine_info, utc_now
+from .machine import build_info, footer, machine_info, peak_rss, utc_now
 
 # name: what runs (docs/benchmarks.md lists each runtime's configuration)
 RUNTIMES = {
@@ -162,17 +162,12 @@ def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int,
             t1 = time.perf_counter()
             out = rt.run(msg, x)
             conn.send({"ok": True, "seconds": time.perf_counter() - t1, "output": out})
-        conn.send({"ok": True, "peak_rss": _peak_rss()})
+        conn.send({"ok": True, "peak_rss": peak_rss()})
     except BaseException as e:  # reported; the other runtimes go on
         try:
             conn.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
         except OSError:
             pass
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM")), 0)
 
 
 def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, threads: int = 2, repeat: int = 3,
