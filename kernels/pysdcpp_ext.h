@@ -180,6 +180,11 @@ void pysdcpp_inherit_set_evaluation(int step, int slot);
 int pysdcpp_inherit_history(int32_t* records, int capacity);
 void pysdcpp_inherit_history_clear(void);
 
+/* Cancelling a generation: with the flag on, the sampler stops before its next step (or before the VAE decode)
+   and generate_image returns NULL, its buffers freed. The binding clears the flag before every generation. */
+void pysdcpp_cancel(int on);
+int pysdcpp_cancel_requested(void);
+
 #ifdef __cplusplus
 }
 #endif

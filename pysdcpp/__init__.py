@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 _EXPORTS = {"StableDiffusion": "api", "GenerationParams": "api", "GenerationResult": "api",
             "PySDCppError": "errors", "ModelLoadError": "errors", "GenerationError": "errors",
-            "LibraryNotFoundError": "errors"}
+            "LibraryNotFoundError": "errors", "StopGeneration": "errors"}
 __all__ = [*_EXPORTS, "__version__"]
 
 

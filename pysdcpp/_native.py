@@ -117,8 +117,10 @@ class NativeLibrary:
         self.last_error_lines: list[str] = []
         self._captures: list[list[str]] = []  # info lines collected for a caller (capture())
         self._progress = None
-        self._log_cb = self.ffi.callback("sd_log_cb_t", self._on_log)
-        self._progress_cb = self.ffi.callback("sd_progress_cb_t", self._on_progress)
+        self._stop: BaseException | None = None  # what stopped the running generation (arm_stop)
+        self._armed = False
+        self._log_cb = self.ffi.callback("sd_log_cb_t", self._on_log, onerror=self._on_callback_error)
+        self._progress_cb = self.ffi.callback("sd_progress_cb_t", self._on_progress, onerror=self._on_callback_error)
         self.lib.sd_set_log_callback(self._log_cb, self.ffi.NULL)
         self.lib.sd_set_progress_callback(self._progress_cb, self.ffi.NULL)
         self.lock = threading.RLock()  # the library's callbacks and contexts are not thread-safe
@@ -130,24 +132,61 @@ class NativeLibrary:
             return
         py_level = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR}.get(int(level),
                                                                                              logging.INFO)
+        if self._stop is not None and py_level > logging.INFO:
+            py_level = logging.INFO   # a stopped run's failure messages are the stop, not an error
         if py_level >= logging.ERROR:
             self.last_error_lines.append(msg)
             del self.last_error_lines[:-20]
-        if py_level >= logging.INFO:
-            for lines in self._captures:
-                lines.append(msg)
-        self.logger.log(py_level, "%s", msg)
+        try:
+            if py_level >= logging.INFO:
+                for lines in self._captures:
+                    lines.append(msg)
+            self.logger.log(py_level, "%s", msg)
+        except BaseException as e:  # a Ctrl-C delivered while the library logs
+            if self._armed:
+                self._request_stop(e)
 
     def _on_progress(self, step, steps, seconds, _data):
         cb = self._progress
         if cb is not None:
             try:
                 cb(int(step), int(steps), float(seconds))
-            except Exception:  # never let an exception cross into C
-                _log.exception("progress callback failed")
+            except BaseException as e:  # never let an exception cross into C
+                if self._armed:
+                    self._request_stop(e)
+                else:
+                    _log.exception("progress callback failed")
+
+    def _on_callback_error(self, exc_type, exc, tb):
+        """cffi's last resort for an exception escaping a callback (a KeyboardInterrupt delivered inside one)."""
+        if self._armed and exc is not None:
+            self._request_stop(exc)
+        elif exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
+            _log.error("native callback failed: %s", exc)
+
+    def _request_stop(self, exc: BaseException) -> None:
+        if self._stop is None:
+            self._stop = exc
+            if self.has_components:
+                self.lib.pysdcpp_cancel(1)   # the sampler stops before its next step
 
     def set_progress(self, fn):
         self._progress = fn
+
+    def arm_stop(self) -> None:
+        """Before a generation: an exception in the progress callback (or a Ctrl-C arriving in any callback) stops
+        it; disarm_stop() afterwards hands that exception back."""
+        self._stop = None
+        self._armed = True
+        if self.has_components:
+            self.lib.pysdcpp_cancel(0)
+
+    def disarm_stop(self) -> BaseException | None:
+        self._armed = False
+        stop, self._stop = self._stop, None
+        if self.has_components:
+            self.lib.pysdcpp_cancel(0)
+        return stop
 
     @contextlib.contextmanager
     def capture(self):

@@ -21,7 +21,8 @@ from .errors import GenerationError, ModelLoadError, PySDCppError
 from .format.families import context_width, default_image_size, y_width
 from .format.names import FAMILIES, PREDICTIONS, SKIP_SEMANTICS
 from .format.sampling import generation_defaults
-from .modelfile import ModelFile, read_model_file, with_unet
+from .images import GenerationImages, checked_images
+from .modelfile import ModelFile, read_model_file, read_tiny_autoencoder, with_unet
 
 StepCallback = Callable[[int, int, float], None]
 
@@ -51,6 +52,7 @@ class GenerationParams:
     batch_size: int = 1
     clip_skip: int = -1
     step_cache: str | None = None  # upstream's step-level cache, a pysdcpp.step_cache spec (ucache, spectrum)
+    vae_tiling: str | None = None  # VAE in tiles, a pysdcpp.vae_tiling spec ("32x32", "16x16:overlap=0.25")
 
     def validate(self, samplers: list[str], schedulers: list[str], multiple: int = 64) -> None:
         """Check every field; `multiple`: what width and height must be multiples of (8 per latent pixel, times 2
@@ -85,6 +87,12 @@ class GenerationParams:
             from .step_cache import parse_step_cache
 
             parse_step_cache(self.step_cache)
+        if self.vae_tiling is not None:
+            from .vae_tiling import parse_vae_tiling
+
+            if not isinstance(self.vae_tiling, str):
+                raise TypeError("GenerationParams.vae_tiling is a spec string (pysdcpp.vae_tiling)")
+            parse_vae_tiling(self.vae_tiling)
 
 
 @dataclass
@@ -97,6 +105,7 @@ class GenerationResult:
     alter_steps: list = field(default_factory=list)  # AlterStep per sampling step when ALTER routing ran
     inherited: list = field(default_factory=list)  # InheritedEvaluation per UNet evaluation when inheritance ran
     step_cache_skipped: int | None = None  # steps the step cache skipped (no UNet evaluation), when one ran
+    images_in: GenerationImages = field(default_factory=GenerationImages)  # img2img/inpainting inputs, sized
 
 
 # Display names A1111/ComfyUI users know, for the PNG parameters chunk.
@@ -107,10 +116,14 @@ _A1111_SAMPLERS = {"euler_a": "Euler a", "euler": "Euler", "heun": "Heun", "dpm2
 
 
 def png_parameters(p: GenerationParams, model_name: str, backend: str, version: str,
-                   inheritance: str | None = None) -> str:
+                   inheritance: str | None = None, images: GenerationImages | None = None) -> str:
     """The `parameters` text chunk in the A1111 layout (prompt, negative prompt, then key: value pairs; a value
-    with commas in quotes); `inheritance`: the policy's spec, when one ran."""
+    with commas in quotes); `inheritance`: the policy's spec, when one ran; `images`: img2img's inputs."""
     fields = [("Steps", p.num_inference_steps), ("Sampler", _A1111_SAMPLERS.get(p.sampler, p.sampler))]
+    if images is not None and images.image is not None:
+        fields.append(("Denoising strength", f"{images.strength:g}"))
+        if images.mask_image is not None:
+            fields.append(("Inpaint", "masked"))
     if p.scheduler != "default":
         fields.append(("Schedule type", p.scheduler))
     fields += [("CFG scale", f"{p.guidance_scale:g}"), ("Seed", p.seed), ("Size", f"{p.width}x{p.height}"),
@@ -119,6 +132,8 @@ def png_parameters(p: GenerationParams, model_name: str, backend: str, version: 
         fields.append(("Clip skip", p.clip_skip))
     if p.step_cache:
         fields.append(("Step cache", f'"{p.step_cache}"' if "," in p.step_cache else p.step_cache))
+    if p.vae_tiling:
+        fields.append(("VAE tiling", p.vae_tiling))
     if inheritance:
         fields.append(("Inheritance", f'"{inheritance}"' if "," in inheritance else inheritance))
     fields.append(("Version", f"pysdcpp {version} ({backend})"))
@@ -151,8 +166,9 @@ class StableDiffusion:
 
     def __init__(self, model: str | os.PathLike, *, threads: int | None = None, backend: str = "accelerated",
                  vae: str | os.PathLike | None = None, unet: str | os.PathLike | None = None,
+                 taesd: str | os.PathLike | None = None,
                  prediction: str = "auto", rng: str = "cuda",
-                 vae_decode_only: bool = True, conv: str = "default", winograd_cache_mb: int | None = None,
+                 vae_decode_only: bool = False, conv: str = "default", winograd_cache_mb: int | None = None,
                  attention: str = "default", linear: str = "default", alter: bool | None = None,
                  alter_semantics: str = "default",
                  alter_masks: str | os.PathLike | None = None,
@@ -167,6 +183,9 @@ class StableDiffusion:
         if winograd_cache_mb is not None and (not isinstance(winograd_cache_mb, (int, np.integer))
                                               or winograd_cache_mb < 0):
             raise ValueError(f"winograd_cache_mb must be a non-negative integer, got {winograd_cache_mb!r}")
+        if not isinstance(vae_decode_only, bool):
+            raise ValueError(f"vae_decode_only must be True or False, not {vae_decode_only!r}")
+        self.vae_decode_only = vae_decode_only   # True saves the VAE encoder's memory; img2img then cannot run
         if prediction != "auto" and prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be auto or one of {', '.join(PREDICTIONS)}, not {prediction!r}")
         self.model_file: ModelFile = read_model_file(model)
@@ -174,6 +193,7 @@ class StableDiffusion:
         if unet_file is not None:   # what the native loader will see: the model with the UNet file's tensors
             self.model_file = with_unet(self.model_file, unet_file)
         vae_file = read_model_file(vae) if vae is not None else None
+        taesd_file = read_tiny_autoencoder(taesd) if taesd is not None else None
         self.alter = self._alter_routing(backend, alter, alter_semantics, alter_masks)
         self.backend = backend
         self.native = _native.load(backend)
@@ -201,6 +221,8 @@ class StableDiffusion:
             params.vae_path = self._cstr(str(vae_file.path))
         if unet_file is not None:
             params.diffusion_model_path = self._cstr(str(unet_file.path))
+        if taesd_file is not None:   # decodes (and encodes) with the tiny autoencoder instead of the VAE
+            params.taesd_path = self._cstr(str(taesd_file.path))
         params.n_threads = self.threads
         params.free_params_immediately = False  # one context serves many generations
         params.vae_decode_only = vae_decode_only
@@ -219,12 +241,18 @@ class StableDiffusion:
 
                 missing = [ffi.new("char[]", p.encode()) for p in missing_ok_prefixes(self.alter.routing)]
                 lib.pysdcpp_alter_set_missing_ok(ffi.new("const char*[]", missing), len(missing))
+            self.native.arm_stop()
             try:
                 ctx = lib.new_sd_ctx(params)
             finally:
                 self.native.set_progress(None)
+                stop = self.native.disarm_stop()
                 if missing:
                     lib.pysdcpp_alter_set_missing_ok(ffi.NULL, 0)
+            if stop is not None:   # Ctrl-C (or the progress callback) while loading
+                if ctx != ffi.NULL:
+                    lib.free_sd_ctx(ctx)
+                raise stop
             if ctx == ffi.NULL:
                 why = self.native.take_errors() or "see the pysdcpp.native log for details"
                 what = self.model_file.path if unet_file is None else f"{self.model_file.path} with {unet_file.path}"
@@ -337,10 +365,18 @@ class StableDiffusion:
                  height: int | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  sampler: str | None = None,
-                 scheduler: str = "default", seed: int = 42, batch_size: int = 1, clip_skip: int = -1,
-                 inheritance=None, step_cache: str | None = None,
+                 scheduler: str = "default", seed: int | None = 42, batch_size: int = 1,
+                 num_images_per_prompt: int | None = None, clip_skip: int = -1,
+                 image=None, strength: float = 0.8, mask_image=None,
+                 inheritance=None, step_cache: str | None = None, vae_tiling=False,
+                 vae_tile_overlap: float | None = None,
                  callback: StepCallback | None = None) -> list[Image.Image]:
-        """Text to image; returns PIL images. `callback(step, steps, seconds)` is called after every step. Width
+        """Text to image, or image to image with `image`; returns PIL images.
+
+        `callback(step, steps, seconds)` is called after every step; an exception it raises (raise
+        pysdcpp.StopGeneration to just stop; Ctrl-C's KeyboardInterrupt too) stops the run before its next step in
+        the accelerated library (the upstream library finishes the run first) and comes out of generate(), with no
+        image. `seed`: None or a negative one draws a random seed (GenerationResult.params has it). Width
         and height default to the family's size (SD1.x 512, SD2.x 768, SDXL 1024); steps, guidance and sampler to
         20, 7.0 and euler_a, or for a few-step model (the file records turbo or lcm) to its kind's
         (`pysdcpp.format.sampling`: turbo 1 step, guidance off, euler_a; lcm 4 steps, guidance off, lcm).
@@ -349,18 +385,31 @@ class StableDiffusion:
         computed contribution at the steps it says (docs/inheritance.md). `step_cache`: upstream's step-level
         cache, `ucache[:threshold=..,start=..,end=..,decay=..,relative=..,reset=..]` or `spectrum[:w=..,m=..,
         lam=..,window=..,flex=..,warmup=..,stop=..]` as sd-cli's --cache-mode/--cache-option take them; a step it
-        skips reuses (or forecasts) the whole UNet output (pysdcpp.step_cache)."""
+        skips reuses (or forecasts) the whole UNet output (pysdcpp.step_cache).
+
+        img2img: `image` (PIL, numpy or a path; pysdcpp.images) is encoded and noised to `strength` (0 < strength
+        <= 1: the share of the steps that run; 1 starts from noise and the image); width and height default to its
+        size. Inpainting: `mask_image` too, white where to repaint; an inpainting model (9 input channels) sees the
+        masked image, any other model keeps the unmasked latent at every step. `num_images_per_prompt` is diffusers'
+        name for batch_size (give one of the two). `vae_tiling`: True, a tile size in latent pixels (int or (x, y))
+        or a spec "TXxTY:overlap=O" (pysdcpp.vae_tiling): the VAE encodes and decodes in overlapping tiles, which
+        bounds its memory; `vae_tile_overlap` the tiles' overlap (0.5)."""
         return self.generate_with_info(prompt, negative_prompt, width=width, height=height,
                                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                        sampler=sampler, scheduler=scheduler, seed=seed, batch_size=batch_size,
-                                       clip_skip=clip_skip, inheritance=inheritance, step_cache=step_cache,
-                                       callback=callback).images
+                                       num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
+                                       image=image, strength=strength, mask_image=mask_image,
+                                       inheritance=inheritance, step_cache=step_cache, vae_tiling=vae_tiling,
+                                       vae_tile_overlap=vae_tile_overlap, callback=callback).images
 
     def generate_with_info(self, prompt: str, negative_prompt: str = "", *, callback: StepCallback | None = None,
                            inheritance=None, **kwargs) -> GenerationResult:
-        p, step_cache = checked_generation(self.model_file, self.backend, prompt, negative_prompt,
-                                           inheritance=inheritance, **kwargs)
-        native_plan = self._native_plan(inheritance, p.num_inference_steps)
+        checked = checked_generation(self.model_file, self.backend, prompt, negative_prompt, inheritance=inheritance,
+                                     **kwargs)
+        p, step_cache, inputs = checked.params, checked.step_cache, checked.images
+        if inputs.image is not None and self.vae_decode_only:
+            raise ValueError("img2img needs the VAE encoder: this context was made with vae_decode_only=True")
+        native_plan = self._native_plan(checked.plan)
         ctx = self._require_open()
         ffi, lib = self.native.ffi, self.native.lib
         keep = []
@@ -384,6 +433,13 @@ class StableDiffusion:
                                      else lib.str_to_scheduler(p.scheduler.encode()))
         if step_cache is not None:
             step_cache.apply(lib, g.cache)
+        if inputs.image is not None:
+            inputs.fill(ffi, g, keep)
+            g.strength = float(inputs.strength)
+        if p.vae_tiling is not None:
+            from .vae_tiling import parse_vae_tiling
+
+            parse_vae_tiling(p.vae_tiling).apply(g.vae_tiling_params)
         step_times: list[float] = []
         step_marks: list[tuple[int, int]] = []  # (step, UNet evaluations recorded so far), for the ALTER report
 
@@ -405,11 +461,17 @@ class StableDiffusion:
                     lib.pysdcpp_inherit_history_clear()
                 self.native.set_progress(on_step)
                 self.native.take_errors()
+                self.native.arm_stop()
                 try:
                     with self.native.capture() as log_lines:
                         out = lib.generate_image(ctx, g)
                 finally:
                     self.native.set_progress(None)
+                    stop = self.native.disarm_stop()
+                if stop is not None:   # the callback (or Ctrl-C) stopped the run: no image
+                    if out != ffi.NULL:
+                        _take_images(ffi, out, p.batch_size)
+                    raise stop
                 if out == ffi.NULL:
                     raise GenerationError(f"generation failed: {self.native.take_errors() or 'see the log'}")
                 images = _take_images(ffi, out, p.batch_size)
@@ -425,15 +487,15 @@ class StableDiffusion:
                 if native_plan is not None:
                     self._select_kernels()   # the plan goes, and with it what is left of its caches
         return GenerationResult(images, p, time.perf_counter() - t0, step_times, self.backend, alter_steps,
-                                inherited, skipped)
+                                inherited, skipped, inputs)
 
-    def _native_plan(self, inheritance, steps: int):
-        """The inheritance policy as the library's plan for `steps` steps, checked before anything runs."""
-        if inheritance is None:
+    def _native_plan(self, plan):
+        """A checked inheritance plan (checked_plan) as the library's, or None."""
+        if plan is None:
             return None
         from .inheritance import NativePlan
 
-        return NativePlan(checked_plan(self.model_file, self.backend, inheritance, steps), self.model_file.unet_layout)
+        return NativePlan(plan, self.model_file.unet_layout)
 
     def _inheritance_report(self, native_plan, height: int, width: int) -> list:
         """Per evaluation, what it inherited and computed and its MACs (with ALTER, its expert's skips too)."""
@@ -463,9 +525,9 @@ class StableDiffusion:
     def inheriting(self, inheritance, steps: int) -> "InheritanceSession":
         """A run of component UNet evaluations under an inheritance policy for `steps` steps: call its `unet(...,
         step=i, slot=k)`; its caches live until the session closes (use `with`)."""
-        plan = self._native_plan(inheritance, steps)
-        if plan is None:
+        if inheritance is None:
             raise ValueError("inheriting() needs a policy")
+        plan = self._native_plan(checked_plan(self.model_file, self.backend, inheritance, steps))
         self._components()
         return InheritanceSession(self, plan)
 
@@ -751,19 +813,52 @@ def image_size_rules(model_file: ModelFile) -> tuple[int, int]:
     return default_image_size(model_file.family if model_file.family in FAMILIES else None), 8 << (levels - 1)
 
 
+@dataclass
+class CheckedGeneration:
+    """A generation's inputs, checked: its parameters, the parsed step cache, the sized input images and the
+    inheritance plan (None where not asked for)."""
+
+    params: GenerationParams
+    step_cache: object = None
+    images: GenerationImages = field(default_factory=GenerationImages)
+    plan: object = None
+
+
+def random_seed() -> int:
+    """A seed for a generation asked for with a negative one (sd-cli's range: 0 .. 2**31 - 1)."""
+    import secrets
+
+    return secrets.randbelow(2**31)
+
+
 def checked_generation(model_file: ModelFile, backend: str, prompt: str, negative_prompt: str = "", *,
-                       inheritance=None, **kwargs):
+                       inheritance=None, image=None, strength: float = 0.8, mask_image=None,
+                       num_images_per_prompt: int | None = None, vae_tiling=None,
+                       vae_tile_overlap: float | None = None, **kwargs) -> CheckedGeneration:
     """A generation's parameters with the model's defaults filled in (size, and a few-step model's steps, guidance
-    and sampler), every one checked before anything loads: sizes, sampler, the step cache, and an inheritance
-    policy (a pysdcpp.inheritance policy) against the UNet. Returns (GenerationParams with the step cache in its
-    canonical spec, the parsed StepCache or None)."""
+    and sampler), every one checked before anything loads: sizes, sampler, the input images, the step cache, and
+    an inheritance policy (a pysdcpp.inheritance policy) against the UNet. A seed of None or below 0 becomes a
+    random one; the step cache is in its canonical spec."""
     side, multiple = image_size_rules(model_file)
+    images, kwargs["width"], kwargs["height"] = checked_images(image, mask_image, strength, kwargs.get("width"),
+                                                               kwargs.get("height"), multiple)
     for key in ("width", "height"):
         if kwargs.get(key) is None:
             kwargs[key] = side
     for key, value in generation_defaults(model_file.few_step).items():
         if kwargs.get(key) is None:
             kwargs[key] = value
+    if num_images_per_prompt is not None:
+        if kwargs.get("batch_size", 1) not in (1, num_images_per_prompt):
+            raise ValueError("num_images_per_prompt and batch_size are the same setting; give one")
+        kwargs["batch_size"] = num_images_per_prompt
+    from .vae_tiling import parse_vae_tiling
+
+    tiling = parse_vae_tiling(vae_tiling, vae_tile_overlap)
+    kwargs["vae_tiling"] = tiling.spec() if tiling is not None else None
+    seed = kwargs.get("seed", 42)
+    if seed is None or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed < 0):
+        kwargs["seed"] = random_seed()
     p = GenerationParams(prompt, negative_prompt, **kwargs)
     p.validate(*generation_choices(backend), multiple)
     step_cache = None
@@ -776,9 +871,10 @@ def checked_generation(model_file: ModelFile, backend: str, prompt: str, negativ
             raise ValueError("a step cache and feature inheritance each decide what a step reuses; use one")
         if model_file.unet_layout is None:
             raise ValueError(f"upstream's {step_cache.mode} runs on UNets only (SD1.x, SD2.x, SDXL)")
+    plan = None
     if inheritance is not None:
-        checked_plan(model_file, backend, inheritance, p.num_inference_steps)
-    return p, step_cache
+        plan = checked_plan(model_file, backend, inheritance, p.num_inference_steps)
+    return CheckedGeneration(p, step_cache, images, plan)
 
 
 def checked_plan(model_file: ModelFile, backend: str, inheritance, steps: int):
@@ -802,6 +898,7 @@ def generation_choices(backend: str = "accelerated") -> tuple[list[str], list[st
             native.enum_names("sd_scheduler_name", int(lib.SCHEDULER_COUNT)))
 
 
-__all__ = ["StableDiffusion", "GenerationParams", "GenerationResult", "checked_generation", "generation_choices",
+__all__ = ["StableDiffusion", "GenerationParams", "GenerationResult", "CheckedGeneration", "checked_generation",
+           "generation_choices", "random_seed",
            "image_size_rules",
            "png_bytes", "png_parameters", "save_png"]

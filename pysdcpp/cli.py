@@ -83,8 +83,22 @@ class _StepBar:
               help="Guidance scale; 1 turns guidance off [7; few-step models: 1].")
 @click.option("--sampler", default=None, help="Sampling method (see `pysdcpp info`) [euler_a; lcm models: lcm].")
 @click.option("--scheduler", default="default", show_default=True, help="Noise schedule (see `pysdcpp info`).")
-@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True, help="-1 (any negative): a random seed, printed "
+                                                                      "and written to the PNG.")
 @click.option("--batch", "batch_size", type=int, default=1, show_default=True, help="Images per run.")
+@click.option("-i", "--image", "init_image", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="img2img: start from this image (its size unless -W/-H; other sizes are resized).")
+@click.option("--strength", type=float, default=0.8, show_default=True,
+              help="img2img: how much of the image to repaint, 0 < s <= 1 (the share of the steps that run).")
+@click.option("--mask", "mask_image", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Inpainting (with --image): white repaints, black keeps.")
+@click.option("--taesd", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Decode (and encode) with this tiny autoencoder (TAESD) instead of the model's VAE: faster, "
+                   "rougher.")
+@click.option("--vae-tiling", is_flag=True, help="Run the VAE in overlapping tiles (bounds its memory).")
+@click.option("--vae-tile-size", default=None, metavar="TXxTY",
+              help="VAE tile size in latent pixels (8 image pixels each) [32x32]; implies --vae-tiling.")
+@click.option("--vae-tile-overlap", type=float, default=None, help="Tile overlap, a fraction of the tile [0.5].")
 @click.option("--clip-skip", type=int, default=-1, show_default=True, help="-1: the model's default.")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads [physical cores].")
 @click.option("--backend", type=click.Choice(["accelerated", "upstream"]), default="accelerated", show_default=True)
@@ -121,14 +135,18 @@ class _StepBar:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-v", "--verbose", count=True, help="-v: library info log, -vv: debug log.")
 def generate(model, demo, prompt, negative_prompt, width, height, steps, guidance_scale, sampler, scheduler,
-             seed, batch_size, clip_skip, threads, backend, prediction, conv, attention, linear, winograd_cache_mb,
+             seed, batch_size, init_image, strength, mask_image, taesd, vae_tiling, vae_tile_size, vae_tile_overlap,
+             clip_skip, threads, backend, prediction, conv, attention, linear, winograd_cache_mb,
              no_alter, alter_masks, alter_semantics, inherit, step_cache, output, overwrite, as_json, verbose):
-    """Text to image. Writes PNGs carrying their generation parameters (A1111 `parameters` chunk).
+    """Text to image, or image to image. Writes PNGs carrying their generation parameters (A1111 `parameters`
+    chunk). Ctrl-C stops at the next step (the upstream library: when its run ends) and writes nothing (exit 130).
 
     \b
     Examples:
       pysdcpp generate --demo
       pysdcpp generate model.gguf -p "a lighthouse at dusk" -W 512 -H 512 --steps 20 --seed 7 -o lighthouse.png
+      pysdcpp generate model.gguf -p "the same, in winter" -i lighthouse.png --strength 0.6 -o winter.png
+      pysdcpp generate model.gguf -p "a red boat" -i lighthouse.png --mask boat-mask.png -o boat.png
       pysdcpp generate model.gguf -p "a red fox" --backend upstream --sampler euler --scheduler karras
       pysdcpp generate model.gguf -p "a red fox" --steps 20 --inherit deepcache:interval=3,branch=0
     """
@@ -154,19 +172,11 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
         if prompt is None:
             _fail("--prompt is required")
     try:
-        from .api import image_size_rules
-        from .format.sampling import generation_defaults
         from .modelfile import read_model_file
 
         header = read_model_file(model)
-        side, _ = image_size_rules(header)
     except (PySDCppError, ValueError) as e:
         _fail(str(e))
-    defaults = generation_defaults(header.few_step)
-    width, height = _default(width, side), _default(height, side)
-    steps = _default(steps, defaults["num_inference_steps"])
-    guidance_scale = _default(guidance_scale, defaults["guidance_scale"])
-    sampler = _default(sampler, defaults["sampler"])
     if output.suffix.lower() != ".png":
         _fail(f"output must be a .png path, got {output}")
     if not output.parent.exists():
@@ -183,12 +193,21 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
             from .inheritance import parse_inheritance
 
             policy = parse_inheritance(inherit)
-        checked_generation(header, backend, prompt, negative_prompt, width=width, height=height,
-                           num_inference_steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                           scheduler=scheduler, seed=seed, batch_size=batch_size, clip_skip=clip_skip,
-                           step_cache=step_cache, inheritance=policy)
+        checked = checked_generation(header, backend, prompt, negative_prompt, width=width, height=height,
+                                     num_inference_steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                                     scheduler=scheduler, seed=seed, batch_size=batch_size, clip_skip=clip_skip,
+                                     step_cache=step_cache, inheritance=policy, image=init_image,
+                                     mask_image=mask_image, strength=strength,
+                                     vae_tiling=vae_tile_size or vae_tiling, vae_tile_overlap=vae_tile_overlap)
+        if taesd is not None:
+            from .modelfile import read_tiny_autoencoder
+
+            read_tiny_autoencoder(taesd)
     except (PySDCppError, ValueError, TypeError) as e:
         _fail(str(e))
+    p = checked.params
+    if seed < 0:
+        click.echo(f"seed: {p.seed}", err=True)
     try:
         t0 = time.perf_counter()
         loading = _StepBar("loading", show)
@@ -196,27 +215,33 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
             sd = StableDiffusion(model, threads=threads, backend=backend, prediction=prediction, conv=conv,
                                  attention=attention, linear=linear, winograd_cache_mb=winograd_cache_mb,
                                  alter=False if no_alter else None, alter_semantics=alter_semantics,
-                                 alter_masks=alter_masks,
-                                 progress=loading)
+                                 alter_masks=alter_masks, taesd=taesd,
+                                 vae_decode_only=init_image is None, progress=loading)
         finally:
             loading.close()
         with sd:
             load_s = time.perf_counter() - t0
             bar = _StepBar("sampling", show)
             try:
-                result = sd.generate_with_info(prompt, negative_prompt, width=width, height=height,
-                                               num_inference_steps=steps, guidance_scale=guidance_scale,
-                                               sampler=sampler, scheduler=scheduler, seed=seed,
-                                               batch_size=batch_size, clip_skip=clip_skip, inheritance=policy,
-                                               step_cache=step_cache, callback=bar)
+                inputs = checked.images
+                result = sd.generate_with_info(p.prompt, p.negative_prompt, width=p.width, height=p.height,
+                                               num_inference_steps=p.num_inference_steps,
+                                               guidance_scale=p.guidance_scale, sampler=p.sampler,
+                                               scheduler=p.scheduler, seed=p.seed, batch_size=p.batch_size,
+                                               clip_skip=p.clip_skip, inheritance=policy, step_cache=step_cache,
+                                               image=inputs.image, mask_image=inputs.mask_image,
+                                               strength=inputs.strength, vae_tiling=p.vae_tiling, callback=bar)
             finally:
                 bar.close()
             text = png_parameters(result.params, Path(model).stem, backend, __version__,
-                                  policy.spec() if policy is not None else None)
+                                  policy.spec() if policy is not None else None, result.images_in)
             for img, path in zip(result.images, paths):
                 save_png(img, path, text)
     except (PySDCppError, ValueError, TypeError) as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        click.echo("cancelled: no image written", err=True)
+        sys.exit(130)
     summary = {"images": [str(p) for p in paths], "model": str(model), "backend": backend,
                "conv": sd.conv, "attention": sd.attention, "linear": sd.linear, "threads": sd.threads,
                "alter_steps": [s.as_dict() for s in result.alter_steps],

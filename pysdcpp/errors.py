@@ -15,3 +15,8 @@ class ModelLoadError(PySDCppError, ValueError):
 
 class GenerationError(PySDCppError, RuntimeError):
     """The native library failed while computing."""
+
+
+class StopGeneration(PySDCppError):
+    """Raise it from a generation's step callback to stop the run before its next step; generate() raises it
+    back, with no image."""

@@ -305,6 +305,17 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
     return ModelFile(path, fmt, tensors, {})
 
 
+def read_tiny_autoencoder(path: str | os.PathLike) -> ModelFile:
+    """A TAESD file for `taesd=` (diffusers' AutoencoderTiny names, bare or under TAE_PREFIX as in our GGUFs), or
+    ModelLoadError: stable-diffusion.cpp would only warn and decode with the full VAE."""
+    mf = read_model_file(path)
+    names = [t.name[len(TAE_PREFIX):] if t.name.startswith(TAE_PREFIX) else t.name for t in mf.tensors]
+    if not any(n.startswith("decoder.layers.") for n in names):
+        raise ModelLoadError(f"{mf.path}: not a tiny autoencoder (TAESD; diffusers' AutoencoderTiny): no "
+                             "decoder.layers.* tensors")
+    return mf
+
+
 # Where the tensors of the other components live: a separate UNet file holding one of these is a whole model.
 _OTHER_COMPONENTS = (VAE_PREFIX, TAE_PREFIX, TEXT_PREFIX, TEXT2_PREFIX, "cond_stage_model.", "conditioner.")
 

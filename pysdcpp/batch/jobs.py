@@ -104,6 +104,11 @@ def read_prompt_file(path: str | os.PathLike) -> list[tuple[int, dict]]:
     return out
 
 
+# GenerationParams fields added after batch's first release: left out of a job's parameters (and so of its id) while
+# unset, so the ids of earlier runs still hold.
+_LATER_FIELDS = ("vae_tiling",)
+
+
 def make_jobs(entries: list[tuple[int, dict]], defaults: dict, run: RunConfig, model_file: ModelFile,
               model_hash: str) -> list[Job]:
     """Checked jobs from the prompt file's entries: each line's fields over `defaults` (the command line's), the
@@ -120,9 +125,13 @@ def make_jobs(entries: list[tuple[int, dict]], defaults: dict, run: RunConfig, m
             params = _job_params(fields, defaults, run, line)
             policy = parse_inheritance(params["inheritance"]) if params.get("inheritance") else None
             kwargs = {k: v for k, v in params.items() if k not in ("prompt", "negative_prompt", "inheritance")}
-            p, _ = checked_generation(model_file, run.backend, params["prompt"], params.get("negative_prompt", ""),
-                                      inheritance=policy, **kwargs)
-            job.params = {k: v for k, v in dataclasses.asdict(p).items() if k != "batch_size"}
+            unsupported = sorted(set(kwargs) & {"image", "mask_image", "strength"})
+            if unsupported:
+                raise ValueError(f"{', '.join(unsupported)}: batch runs text-to-image only")
+            p = checked_generation(model_file, run.backend, params["prompt"], params.get("negative_prompt", ""),
+                                   inheritance=policy, **kwargs).params
+            job.params = {k: v for k, v in dataclasses.asdict(p).items()
+                          if k != "batch_size" and not (k in _LATER_FIELDS and v is None)}
             if policy is not None:
                 job.params["inheritance"] = policy.spec()
         except (ValueError, TypeError, KeyError) as e:
