@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -290,3 +291,86 @@ def write_diffusers_folder(folder: Path, family: str, seed: int = 0, reduced: bo
         index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def write_tiny_autoencoder(path: Path, seed: int = 0) -> Path:
+    """A TAESD file (diffusers' AutoencoderTiny names and published shapes, F16 safetensors, random weights): what
+    `taesd=` and sd-cli's --taesd load."""
+    from safetensors.numpy import save_file
+
+    tensors = {name: random_weight(name, shape, seed).astype(np.float16) for name, shape in tae_parameters(TAE_CONFIG)}
+    save_file(tensors, str(path))
+    return Path(path)
+
+
+# The layers a synthetic LoRA adapts: attention projections, feed-forward, proj_in/out, the ResNets' 3x3 convs
+# (kohya's LoCon) in the UNet; the attention projections and MLPs of the text encoder.
+_LORA_UNET = re.compile(r"\.(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out|conv[12])\.weight$")
+_LORA_TEXT = re.compile(r"\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])\.weight$")
+LORA_FORMATS = ("kohya", "peft")
+
+
+def lora_layers(family: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(component, diffusers name without .weight, weight shape) of every layer a synthetic LoRA adapts."""
+    cfg = model_configs(family)
+    out = [("unet", n[:-7], s) for n, s in unet_parameters(cfg["unet"]) if _LORA_UNET.search(n)]
+    out += [("text_encoder", n[:-7], s) for n, s in text_parameters(cfg["text_encoder"]) if _LORA_TEXT.search(n)]
+    return out
+
+
+def write_lora(path: Path, family: str = "sd1", fmt: str = "kohya", rank: int = 4, seed: int = 0,
+               alpha: float | None = None, text_encoder: bool = True) -> Path:
+    """A LoRA for the synthetic model with random weights, in kohya's names (`lora_unet_<name with _>.lora_down/
+    lora_up.weight` and `.alpha`; LoCon's 3x3 down and 1x1 up for convs) or diffusers/PEFT's (`unet.<name>.lora_A/
+    lora_B.weight`, no alpha: scale 1). Each layer's change is about half its weights' spread at weight 1.
+    `text_encoder=False`: the UNet's layers only."""
+    from safetensors.numpy import save_file
+
+    if fmt not in LORA_FORMATS:
+        raise ValueError(f"fmt must be one of {', '.join(LORA_FORMATS)}, not {fmt!r}")
+    alpha = float(rank) if alpha is None else float(alpha)
+    tensors = {}
+    for component, name, shape in lora_layers(family):
+        if component == "text_encoder" and not text_encoder:
+            continue
+        cout, cin, k = shape[0], shape[1], (shape[2] if len(shape) == 4 else 1)
+        down_shape = (rank, cin, k, k) if len(shape) == 4 else (rank, cin)
+        up_shape = (cout, rank, 1, 1) if len(shape) == 4 else (cout, rank)
+        down = random_weight(f"lora-down:{name}", down_shape, seed)
+        up = random_weight(f"lora-up:{name}", up_shape, seed) * np.float32(0.5 * rank / alpha)   # alpha / rank undone
+        if fmt == "kohya":
+            key = ("lora_unet_" if component == "unet" else "lora_te_") + name.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = down.astype(np.float16)
+            tensors[f"{key}.lora_up.weight"] = up.astype(np.float16)
+            tensors[f"{key}.alpha"] = np.array(alpha, dtype=np.float32)
+        else:
+            key = f"{component}.{name}"
+            tensors[f"{key}.lora_A.weight"] = down.astype(np.float16)
+            tensors[f"{key}.lora_B.weight"] = up.astype(np.float16)
+    save_file(tensors, str(path))
+    return Path(path)
+
+
+def esrgan_parameters(num_block: int = 23, num_feat: int = 64, num_grow: int = 32, scale: int = 4,
+                      channels: int = 3) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """RRDBNet's tensors in BasicSR's names (Real-ESRGAN x4plus: 23 blocks, 64 features, 32 growth channels)."""
+    yield from _conv("conv_first", num_feat, channels, 3)
+    for b in range(num_block):
+        for r in (1, 2, 3):
+            for i in range(1, 6):
+                cin, cout = num_feat + (i - 1) * num_grow, num_grow if i < 5 else num_feat
+                yield from _conv(f"body.{b}.rdb{r}.conv{i}", cout, cin, 3)
+    yield from _conv("conv_body", num_feat, num_feat, 3)
+    for i in range(1, {1: 1, 2: 2, 4: 3}[scale]):
+        yield from _conv(f"conv_up{i}", num_feat, num_feat, 3)
+    yield from _conv("conv_hr", num_feat, num_feat, 3)
+    yield from _conv("conv_last", channels, num_feat, 3)
+
+
+def write_esrgan(path: Path, seed: int = 0, **arch) -> Path:
+    """An ESRGAN upscaler with random weights (F16 safetensors; esrgan_parameters' architecture)."""
+    from safetensors.numpy import save_file
+
+    tensors = {n: random_weight(f"esrgan:{n}", s, seed).astype(np.float16) for n, s in esrgan_parameters(**arch)}
+    save_file(tensors, str(path))
+    return Path(path)

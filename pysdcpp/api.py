@@ -53,6 +53,7 @@ class GenerationParams:
     clip_skip: int = -1
     step_cache: str | None = None  # upstream's step-level cache, a pysdcpp.step_cache spec (ucache, spectrum)
     vae_tiling: str | None = None  # VAE in tiles, a pysdcpp.vae_tiling spec ("32x32", "16x16:overlap=0.25")
+    loras: tuple | None = None  # ((path, weight), ...) of loras= (the prompt's <lora:name:w> tags stay in it)
 
     def validate(self, samplers: list[str], schedulers: list[str], multiple: int = 64) -> None:
         """Check every field; `multiple`: what width and height must be multiples of (8 per latent pixel, times 2
@@ -134,6 +135,9 @@ def png_parameters(p: GenerationParams, model_name: str, backend: str, version: 
         fields.append(("Step cache", f'"{p.step_cache}"' if "," in p.step_cache else p.step_cache))
     if p.vae_tiling:
         fields.append(("VAE tiling", p.vae_tiling))
+    if p.loras:
+        text = ", ".join(f"{Path(path).stem}:{w:g}" for path, w in p.loras)
+        fields.append(("LoRAs", f'"{text}"' if "," in text else text))
     if inheritance:
         fields.append(("Inheritance", f'"{inheritance}"' if "," in inheritance else inheritance))
     fields.append(("Version", f"pysdcpp {version} ({backend})"))
@@ -166,7 +170,8 @@ class StableDiffusion:
 
     def __init__(self, model: str | os.PathLike, *, threads: int | None = None, backend: str = "accelerated",
                  vae: str | os.PathLike | None = None, unet: str | os.PathLike | None = None,
-                 taesd: str | os.PathLike | None = None,
+                 taesd: str | os.PathLike | None = None, lora_dir: str | os.PathLike | None = None,
+                 lora_apply_mode: str = "auto",
                  prediction: str = "auto", rng: str = "cuda",
                  vae_decode_only: bool = False, conv: str = "default", winograd_cache_mb: int | None = None,
                  attention: str = "default", linear: str = "default", alter: bool | None = None,
@@ -183,6 +188,15 @@ class StableDiffusion:
         if winograd_cache_mb is not None and (not isinstance(winograd_cache_mb, (int, np.integer))
                                               or winograd_cache_mb < 0):
             raise ValueError(f"winograd_cache_mb must be a non-negative integer, got {winograd_cache_mb!r}")
+        from .lora import APPLY_MODES
+
+        if lora_apply_mode not in APPLY_MODES:
+            raise ValueError(f"lora_apply_mode must be one of {', '.join(APPLY_MODES)}, not {lora_apply_mode!r}")
+        if lora_dir is not None and not Path(lora_dir).is_dir():
+            raise ValueError(f"lora_dir {lora_dir}: no such folder")
+        self.lora_dir = Path(lora_dir) if lora_dir is not None else None
+        self.lora_apply_mode = lora_apply_mode
+        self._lora_state: tuple = ()   # the LoRAs the last generation applied (what the weights hold, immediately)
         if not isinstance(vae_decode_only, bool):
             raise ValueError(f"vae_decode_only must be True or False, not {vae_decode_only!r}")
         self.vae_decode_only = vae_decode_only   # True saves the VAE encoder's memory; img2img then cannot run
@@ -226,6 +240,7 @@ class StableDiffusion:
         params.n_threads = self.threads
         params.free_params_immediately = False  # one context serves many generations
         params.vae_decode_only = vae_decode_only
+        params.lora_apply_mode = lib.str_to_lora_apply_mode(lora_apply_mode.encode())
         params.rng_type = lib.str_to_rng_type(rng.encode())
         params.sampler_rng_type = params.rng_type
         if prediction != "auto":
@@ -369,7 +384,7 @@ class StableDiffusion:
                  num_images_per_prompt: int | None = None, clip_skip: int = -1,
                  image=None, strength: float = 0.8, mask_image=None,
                  inheritance=None, step_cache: str | None = None, vae_tiling=False,
-                 vae_tile_overlap: float | None = None,
+                 vae_tile_overlap: float | None = None, loras=None,
                  callback: StepCallback | None = None) -> list[Image.Image]:
         """Text to image, or image to image with `image`; returns PIL images.
 
@@ -393,19 +408,21 @@ class StableDiffusion:
         masked image, any other model keeps the unmasked latent at every step. `num_images_per_prompt` is diffusers'
         name for batch_size (give one of the two). `vae_tiling`: True, a tile size in latent pixels (int or (x, y))
         or a spec "TXxTY:overlap=O" (pysdcpp.vae_tiling): the VAE encodes and decodes in overlapping tiles, which
-        bounds its memory; `vae_tile_overlap` the tiles' overlap (0.5)."""
+        bounds its memory; `vae_tile_overlap` the tiles' overlap (0.5). `loras`: {path: weight} or (path, weight)
+        pairs, on top of the prompt's `<lora:name:weight>` tags (names in the context's lora_dir; pysdcpp.lora).
+        A generation with other LoRAs than the last one drops the Winograd filters cached from the old weights."""
         return self.generate_with_info(prompt, negative_prompt, width=width, height=height,
                                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                        sampler=sampler, scheduler=scheduler, seed=seed, batch_size=batch_size,
                                        num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
                                        image=image, strength=strength, mask_image=mask_image,
                                        inheritance=inheritance, step_cache=step_cache, vae_tiling=vae_tiling,
-                                       vae_tile_overlap=vae_tile_overlap, callback=callback).images
+                                       vae_tile_overlap=vae_tile_overlap, loras=loras, callback=callback).images
 
     def generate_with_info(self, prompt: str, negative_prompt: str = "", *, callback: StepCallback | None = None,
                            inheritance=None, **kwargs) -> GenerationResult:
         checked = checked_generation(self.model_file, self.backend, prompt, negative_prompt, inheritance=inheritance,
-                                     **kwargs)
+                                     lora_dir=self.lora_dir, **kwargs)
         p, step_cache, inputs = checked.params, checked.step_cache, checked.images
         if inputs.image is not None and self.vae_decode_only:
             raise ValueError("img2img needs the VAE encoder: this context was made with vae_decode_only=True")
@@ -420,7 +437,7 @@ class StableDiffusion:
 
         g = ffi.new("sd_img_gen_params_t*")
         lib.sd_img_gen_params_init(g)
-        g.prompt = cstr(p.prompt)
+        g.prompt = cstr(checked.library_prompt)
         g.negative_prompt = cstr(p.negative_prompt)
         g.width, g.height = p.width, p.height
         g.seed = p.seed
@@ -440,6 +457,10 @@ class StableDiffusion:
             from .vae_tiling import parse_vae_tiling
 
             parse_vae_tiling(p.vae_tiling).apply(g.vae_tiling_params)
+        from . import lora
+
+        loras = checked.loras
+        lora.fill(ffi, g, loras, keep)
         step_times: list[float] = []
         step_marks: list[tuple[int, int]] = []  # (step, UNet evaluations recorded so far), for the ALTER report
 
@@ -461,11 +482,16 @@ class StableDiffusion:
                     lib.pysdcpp_inherit_history_clear()
                 self.native.set_progress(on_step)
                 self.native.take_errors()
+                if loras != self._lora_state and self.native.has_components:
+                    # In "immediately" mode the library is about to change the weights in place: filters
+                    # transformed from the old ones (component calls keep them) must go.
+                    lib.pysdcpp_winograd_cache_clear()
                 self.native.arm_stop()
                 try:
                     with self.native.capture() as log_lines:
                         out = lib.generate_image(ctx, g)
                 finally:
+                    self._lora_state = loras
                     self.native.set_progress(None)
                     stop = self.native.disarm_stop()
                 if stop is not None:   # the callback (or Ctrl-C) stopped the run: no image
@@ -759,23 +785,34 @@ def _tensor_array(ffi, t) -> np.ndarray:
     return arr.reshape([t.ne[i] for i in reversed(range(t.n_dims))])
 
 
+def take_image(ffi, img) -> Image.Image | None:
+    """Copy one library image (sd_image_t) into a PIL image and free its data; None for an empty one."""
+    if img.data == ffi.NULL:
+        return None
+    try:
+        w, h, c = int(img.width), int(img.height), int(img.channel)
+        arr = np.frombuffer(ffi.buffer(img.data, w * h * c), dtype=np.uint8).reshape(h, w, c).copy()
+    finally:
+        _native.libc().free(img.data)
+        img.data = ffi.NULL
+    if c == 1:
+        return Image.fromarray(arr[:, :, 0], "L")
+    return Image.fromarray(arr, "RGB" if c == 3 else "RGBA")
+
+
 def _take_images(ffi, out, count: int) -> list[Image.Image]:
     """Copy the library's images into PIL images and free the C buffers (each image's data, then the array)."""
-    libc = _native.libc()
     images = []
     try:
         for i in range(count):
-            img = out[i]
-            if img.data == ffi.NULL:
-                continue
-            w, h, c = int(img.width), int(img.height), int(img.channel)
-            arr = np.frombuffer(ffi.buffer(img.data, w * h * c), dtype=np.uint8).reshape(h, w, c).copy()
-            images.append(Image.fromarray(arr, "RGB" if c == 3 else "RGBA" if c == 4 else "L"))
+            img = take_image(ffi, out[i])
+            if img is not None:
+                images.append(img)
     finally:
         for i in range(count):
             if out[i].data != ffi.NULL:
-                libc.free(out[i].data)
-        libc.free(out)
+                _native.libc().free(out[i].data)
+        _native.libc().free(out)
     return images
 
 
@@ -822,6 +859,8 @@ class CheckedGeneration:
     step_cache: object = None
     images: GenerationImages = field(default_factory=GenerationImages)
     plan: object = None
+    library_prompt: str = ""   # the prompt without its <lora:...> tags, as the library gets it
+    loras: tuple = ()   # every LoRA the generation applies (the tags' and loras='s), sorted (path, weight) pairs
 
 
 def random_seed() -> int:
@@ -834,7 +873,8 @@ def random_seed() -> int:
 def checked_generation(model_file: ModelFile, backend: str, prompt: str, negative_prompt: str = "", *,
                        inheritance=None, image=None, strength: float = 0.8, mask_image=None,
                        num_images_per_prompt: int | None = None, vae_tiling=None,
-                       vae_tile_overlap: float | None = None, **kwargs) -> CheckedGeneration:
+                       vae_tile_overlap: float | None = None, loras=None, lora_dir=None,
+                       **kwargs) -> CheckedGeneration:
     """A generation's parameters with the model's defaults filled in (size, and a few-step model's steps, guidance
     and sampler), every one checked before anything loads: sizes, sampler, the input images, the step cache, and
     an inheritance policy (a pysdcpp.inheritance policy) against the UNet. A seed of None or below 0 becomes a
@@ -861,6 +901,12 @@ def checked_generation(model_file: ModelFile, backend: str, prompt: str, negativ
         kwargs["seed"] = random_seed()
     p = GenerationParams(prompt, negative_prompt, **kwargs)
     p.validate(*generation_choices(backend), multiple)
+    from .lora import checked_loras
+
+    if loras is not None and p.loras is not None:
+        raise ValueError("loras is given twice")
+    library_prompt, applied, explicit = checked_loras(loras if loras is not None else p.loras, prompt, lora_dir)
+    p.loras = explicit or None   # the prompt keeps its tags: replaying the parameters applies the same LoRAs
     step_cache = None
     if p.step_cache is not None:
         from .step_cache import parse_step_cache
@@ -874,7 +920,7 @@ def checked_generation(model_file: ModelFile, backend: str, prompt: str, negativ
     plan = None
     if inheritance is not None:
         plan = checked_plan(model_file, backend, inheritance, p.num_inference_steps)
-    return CheckedGeneration(p, step_cache, images, plan)
+    return CheckedGeneration(p, step_cache, images, plan, library_prompt, applied)
 
 
 def checked_plan(model_file: ModelFile, backend: str, inheritance, steps: int):

@@ -212,12 +212,15 @@ def render_batch(r: dict) -> list[str]:
 
 
 def render_peers(r: dict) -> list[str]:
+    from .bench.peers import vs_pysdcpp
+
     tasks = r["tasks"]
     names = {"unet-b1": "UNet, batch 1", "unet-b2": "UNet, batch 2", "vae": "VAE decode"}
     versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
     out = [f"### Peer runtimes, {r['size']} px, median of {r['repeat']}", "",
            f"Machine: {_machine(r)}. Model: `{Path(r['model']).name}` ({versions}). Each runtime in a process of "
-           "its own, repetitions interleaved, one untimed call first. Runtimes: " +
+           "its own, one untimed call first; pysdcpp lives through the run, every other runtime through a phase "
+           "of its own, timed in turn with pysdcpp (no two peers in memory at once). Runtimes: " +
            "; ".join(f"`{k}` {v}" for k, v in r["runtimes"].items()) + ".", "",
            "| runtime | " + " | ".join(names.get(t, t) for t in tasks) + " | peak RSS |",
            "|---" * (len(tasks) + 2) + "|"]
@@ -229,15 +232,16 @@ def render_peers(r: dict) -> list[str]:
                 cells.append("failed" if e.get("error") else "-")
                 continue
             cell = f"{e[t]['median']:.2f} s"
-            if rt != "pysdcpp" and t in ours:
-                cell += f" ({e[t]['median'] / ours[t]['median']:.2f}x ours)"
+            ratio = vs_pysdcpp(rt, e, t, ours)
+            if ratio is not None:
+                cell += f" ({ratio:.2f}x ours)"
             if "rel_l2_vs_torch" in e[t]:
                 cell += f", rel. L2 {e[t]['rel_l2_vs_torch']:.1e}"
             cells.append(cell)
         rss = f"{e['peak_rss'] / 2**20:.0f} MB" if e.get("peak_rss") else "-"
         out.append(f"| {rt} | " + " | ".join(cells) + f" | {rss} |")
-    out += ["", "(x ours): that runtime's time over pysdcpp's; above 1, pysdcpp is faster. rel. L2: against "
-            "PyTorch's output on the same inputs.", ""]
+    out += ["", "(x ours): that runtime's time over pysdcpp's in the same phase; above 1, pysdcpp is faster. "
+            "rel. L2: against PyTorch's output on the same inputs. pysdcpp's time: the median over all phases.", ""]
     return out
 
 

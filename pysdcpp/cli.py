@@ -99,6 +99,14 @@ class _StepBar:
 @click.option("--vae-tile-size", default=None, metavar="TXxTY",
               help="VAE tile size in latent pixels (8 image pixels each) [32x32]; implies --vae-tiling.")
 @click.option("--vae-tile-overlap", type=float, default=None, help="Tile overlap, a fraction of the tile [0.5].")
+@click.option("--lora", "lora_args", multiple=True, metavar="PATH[:WEIGHT]",
+              help="Apply a LoRA file (kohya or diffusers/PEFT names) at WEIGHT [1]; repeatable. The prompt's "
+                   "<lora:NAME:WEIGHT> tags work too (NAME in --lora-dir).")
+@click.option("--lora-dir", "--lora-model-dir", "lora_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Folder of the prompt's <lora:NAME:WEIGHT> tags [the current folder].")
+@click.option("--lora-apply-mode", type=click.Choice(["auto", "immediately", "at_runtime"]), default="auto",
+              show_default=True, help="Add LoRAs into the weights before sampling, or beside the layers at every "
+                                      "step (auto: immediately unless the model is quantized).")
 @click.option("--clip-skip", type=int, default=-1, show_default=True, help="-1: the model's default.")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads [physical cores].")
 @click.option("--backend", type=click.Choice(["accelerated", "upstream"]), default="accelerated", show_default=True)
@@ -136,7 +144,7 @@ class _StepBar:
 @click.option("-v", "--verbose", count=True, help="-v: library info log, -vv: debug log.")
 def generate(model, demo, prompt, negative_prompt, width, height, steps, guidance_scale, sampler, scheduler,
              seed, batch_size, init_image, strength, mask_image, taesd, vae_tiling, vae_tile_size, vae_tile_overlap,
-             clip_skip, threads, backend, prediction, conv, attention, linear, winograd_cache_mb,
+             lora_args, lora_dir, lora_apply_mode, clip_skip, threads, backend, prediction, conv, attention, linear, winograd_cache_mb,
              no_alter, alter_masks, alter_semantics, inherit, step_cache, output, overwrite, as_json, verbose):
     """Text to image, or image to image. Writes PNGs carrying their generation parameters (A1111 `parameters`
     chunk). Ctrl-C stops at the next step (the upstream library: when its run ends) and writes nothing (exit 130).
@@ -193,12 +201,16 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
             from .inheritance import parse_inheritance
 
             policy = parse_inheritance(inherit)
+        loras = [_lora_arg(a) for a in lora_args]
+        if lora_dir is not None and not lora_dir.is_dir():
+            raise ValueError(f"--lora-dir {lora_dir}: no such folder")
         checked = checked_generation(header, backend, prompt, negative_prompt, width=width, height=height,
                                      num_inference_steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                      scheduler=scheduler, seed=seed, batch_size=batch_size, clip_skip=clip_skip,
                                      step_cache=step_cache, inheritance=policy, image=init_image,
                                      mask_image=mask_image, strength=strength,
-                                     vae_tiling=vae_tile_size or vae_tiling, vae_tile_overlap=vae_tile_overlap)
+                                     vae_tiling=vae_tile_size or vae_tiling, vae_tile_overlap=vae_tile_overlap,
+                                     loras=loras, lora_dir=lora_dir)
         if taesd is not None:
             from .modelfile import read_tiny_autoencoder
 
@@ -215,7 +227,8 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
             sd = StableDiffusion(model, threads=threads, backend=backend, prediction=prediction, conv=conv,
                                  attention=attention, linear=linear, winograd_cache_mb=winograd_cache_mb,
                                  alter=False if no_alter else None, alter_semantics=alter_semantics,
-                                 alter_masks=alter_masks, taesd=taesd,
+                                 alter_masks=alter_masks, taesd=taesd, lora_dir=lora_dir,
+                                 lora_apply_mode=lora_apply_mode,
                                  vae_decode_only=init_image is None, progress=loading)
         finally:
             loading.close()
@@ -230,7 +243,8 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
                                                scheduler=p.scheduler, seed=p.seed, batch_size=p.batch_size,
                                                clip_skip=p.clip_skip, inheritance=policy, step_cache=step_cache,
                                                image=inputs.image, mask_image=inputs.mask_image,
-                                               strength=inputs.strength, vae_tiling=p.vae_tiling, callback=bar)
+                                               strength=inputs.strength, vae_tiling=p.vae_tiling,
+                                               loras=p.loras, callback=bar)
             finally:
                 bar.close()
             text = png_parameters(result.params, Path(model).stem, backend, __version__,
@@ -268,6 +282,17 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
         if result.step_cache_skipped is not None:
             click.echo(f"step cache {result.params.step_cache}: skipped {result.step_cache_skipped} of "
                        f"{result.params.num_inference_steps} steps", err=True)
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """--lora PATH[:WEIGHT] (a path may hold colons: the weight is what follows the last one, if it is a number)."""
+    path, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
 
 
 def _demo_model(family: str = "sd1") -> Path:
@@ -409,6 +434,50 @@ def batch(model, prompts, outdir, workers, threads_per_worker, ray_address, nega
         sys.exit(130)
     if summary.failed:
         sys.exit(1)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("image", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("-m", "--model", "model", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="ESRGAN (RRDBNet) file, e.g. Real-ESRGAN x4plus.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG path.")
+@click.option("--repeats", type=click.IntRange(1, 4), default=1, show_default=True, help="Upscale this many times.")
+@click.option("--tile-size", type=click.IntRange(0, 4096), default=128, show_default=True,
+              help="Input pixels per tile (0: the whole image at once).")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads [physical cores].")
+@click.option("--backend", type=click.Choice(["accelerated", "upstream"]), default="accelerated", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("-v", "--verbose", count=True, help="-v: library info log, -vv: debug log.")
+def upscale(image, model, output, repeats, tile_size, threads, backend, overwrite, verbose):
+    """Upscale an image with an ESRGAN model (sd-cli's -M upscale --upscale-model).
+
+    \b
+    Example:
+      pysdcpp upscale lighthouse.png -m RealESRGAN_x4plus.safetensors -o lighthouse-4x.png
+    """
+    from .api import save_png
+    from .errors import PySDCppError
+    from .upscaler import Upscaler
+
+    _setup_logging(verbose)
+    if output.suffix.lower() != ".png":
+        _fail(f"output must be a .png path, got {output}")
+    if output.exists() and not overwrite:
+        _fail(f"{output} exists; pass --overwrite to replace it")
+    try:
+        from .images import read_image
+
+        img = read_image(image, "image")
+        with Upscaler(model, threads=threads, backend=backend, tile_size=tile_size) as up:
+            for _ in range(repeats):
+                img = up.upscale(img)
+        save_png(img, output, f"upscaled {Path(image).name} with {Path(model).name} x{up.factor ** repeats}")
+    except (PySDCppError, ValueError, TypeError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        click.echo("cancelled: no image written", err=True)
+        sys.exit(130)
+    click.echo(f"wrote {output} ({img.width}x{img.height})")
 
 
 @main.command(context_settings=CONTEXT)

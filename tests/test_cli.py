@@ -48,7 +48,25 @@ def test_generate_errors(runner, tmp_path, sd15_f16):
     assert res.exit_code == 1 and "use one" in res.output
     res = runner.invoke(main, ["generate", *out])
     assert res.exit_code == 1 and "--demo" in res.output
-    assert not (tmp_path / "o.png").exists()
+    # the generation surface's options, each refused before the model loads
+    img = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(img)
+    for args, message in [(["-i", str(img), "--strength", "1.5"], "strength"),
+                          (["--mask", str(img)], "needs an image"),
+                          (["-i", str(tmp_path / "nope.png")], "no such file"),
+                          (["--lora", str(tmp_path / "nope.safetensors")], "no such file"),
+                          (["-p", "x <lora:nope:1>", "--lora-dir", str(tmp_path)], "no LoRA file"),
+                          (["--lora-dir", str(tmp_path / "nope")], "no such folder"),
+                          (["--vae-tile-size", "2x2"], "4..512"),
+                          (["--vae-tile-overlap", "0.3"], "needs vae_tiling"),
+                          (["--taesd", str(sd15_f16)], "not a tiny autoencoder")]:
+        res = runner.invoke(main, ["generate", str(sd15_f16), "-p", "x", *args, *out])
+        assert res.exit_code == 1 and message in res.output, (args, res.output)
+    res = runner.invoke(main, ["upscale", str(img), "-m", str(sd15_f16), "-o", str(tmp_path / "u.png")])
+    assert res.exit_code == 1 and "not an ESRGAN" in res.output, res.output
+    assert not (tmp_path / "o.png").exists() and not (tmp_path / "u.png").exists()
     assert "Traceback" not in res.output
 
 

@@ -106,7 +106,7 @@ def read_prompt_file(path: str | os.PathLike) -> list[tuple[int, dict]]:
 
 # GenerationParams fields added after batch's first release: left out of a job's parameters (and so of its id) while
 # unset, so the ids of earlier runs still hold.
-_LATER_FIELDS = ("vae_tiling",)
+_LATER_FIELDS = ("vae_tiling", "loras")
 
 
 def make_jobs(entries: list[tuple[int, dict]], defaults: dict, run: RunConfig, model_file: ModelFile,

@@ -1,6 +1,7 @@
 """The peer benchmark (`pysdcpp bench --peers torch,openvino`): one UNet evaluation (batch 1 and 2) and one VAE
-decode of the same synthetic model in every runtime, each runtime in a worker process of its own that lives
-through the run, repetitions interleaved across runtimes; output agreement against PyTorch, peak RSS, table."""
+decode of the same synthetic model in every runtime, each runtime in a worker process of its own, timed in turn
+with pysdcpp's (which lives through the run) in a phase of its own; output agreement against PyTorch, peak RSS,
+table."""
 
 from __future__ import annotations
 
@@ -186,6 +187,7 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
     ctx = mp.get_context("spawn")
     workers, setup, errors = {}, {}, {}
     times = {rt: {t: [] for t in tasks} for rt in runtimes}
+    ours_times = {rt: {t: [] for t in tasks} for rt in runtimes}   # pysdcpp's, in that runtime's phase
     outputs: dict[str, dict[str, np.ndarray]] = {rt: {} for rt in runtimes}
     peak = {}
 
@@ -201,37 +203,59 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
             p.join(timeout=5)
             return {"ok": False, "error": f"the worker died (exit code {p.exitcode}; -9: killed, e.g. out of memory)"}
 
+    def start(rt):
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_worker, args=(child, rt, gguf, folder, threads, size, family, tuple(tasks)),
+                        daemon=True)
+        p.start()
+        child.close()
+        workers[rt] = (p, parent)
+        msg = ask(parent, p, _NOTHING, timeout)   # each setup has the machine to itself
+        if msg["ok"]:
+            setup[rt] = msg["setup_seconds"]
+        else:
+            errors[rt] = msg["error"]
+        if progress:
+            progress("setup", rt, msg)
+
+    def stop(rt):
+        p, conn = workers.pop(rt)
+        if rt not in errors:
+            peak[rt] = ask(conn, p, None, 60).get("peak_rss")
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join()
+        conn.close()
+
+    # Phases: pysdcpp lives through the run; every other runtime lives through a phase of its own, timed in turn
+    # with pysdcpp, so no two peers hold their memory at once (OpenVINO keeps a compiled model per shape, 9-11 GB
+    # at 512 px) and each ratio compares times measured side by side.
+    others = [rt for rt in runtimes if rt != "pysdcpp"]
     try:
-        for rt in runtimes:  # one at a time: each setup has the machine to itself
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(child, rt, gguf, folder, threads, size, family, tuple(tasks)),
-                            daemon=True)
-            p.start()
-            child.close()
-            workers[rt] = (p, parent)
-            msg = ask(parent, p, _NOTHING, timeout)
-            if msg["ok"]:
-                setup[rt] = msg["setup_seconds"]
-            else:
-                errors[rt] = msg["error"]
-            if progress:
-                progress("setup", rt, msg)
-        for rep in range(repeat):
-            for task in tasks:
-                for rt, (p, conn) in workers.items():  # interleaved: one runtime at a time, in turn
-                    if rt in errors:
-                        continue
-                    msg = ask(conn, p, task, timeout)
-                    if not msg["ok"]:
-                        errors[rt] = msg["error"]
-                        continue
-                    times[rt][task].append(msg["seconds"])
-                    outputs[rt].setdefault(task, msg["output"])
-                    if progress:
-                        progress(rep, f"{rt} {task}", msg)
-        for rt, (p, conn) in workers.items():
-            if rt not in errors:
-                peak[rt] = ask(conn, p, None, 60).get("peak_rss")
+        if "pysdcpp" in runtimes:
+            start("pysdcpp")
+        for phase in (others or [None]):
+            if phase is not None:
+                start(phase)
+            for rep in range(repeat):
+                for task in tasks:
+                    for rt in [r for r in ("pysdcpp", phase) if r in workers and r not in errors]:
+                        p, conn = workers[rt]
+                        msg = ask(conn, p, task, timeout)
+                        if not msg["ok"]:
+                            errors[rt] = msg["error"]
+                            continue
+                        times[rt][task].append(msg["seconds"])
+                        if rt == "pysdcpp" and phase is not None:
+                            ours_times[phase][task].append(msg["seconds"])
+                        outputs[rt].setdefault(task, msg["output"])
+                        if progress:
+                            progress(rep, f"{rt} {task}", msg)
+            if phase is not None:
+                stop(phase)
+        if "pysdcpp" in workers:
+            stop("pysdcpp")
     finally:   # whatever happened, no worker outlives the benchmark
         for p, conn in workers.values():
             p.join(timeout=10)
@@ -247,6 +271,10 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
             ts = times.get(rt, {}).get(task, [])
             if ts:
                 e[task] = {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "runs": len(ts)}
+                ours = ours_times[rt][task] if rt != "pysdcpp" else []
+                if ours:   # this runtime over pysdcpp, both measured in this runtime's phase
+                    e[task]["pysdcpp_median_same_phase"] = statistics.median(ours)
+                    e[task]["vs_pysdcpp"] = e[task]["median"] / statistics.median(ours)
                 if task in ref and rt != "torch" and task in outputs[rt]:
                     a, b = outputs[rt][task].astype(np.float64), ref[task].astype(np.float64)
                     e[task]["rel_l2_vs_torch"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -268,6 +296,16 @@ def _versions() -> dict:
     return out
 
 
+def vs_pysdcpp(runtime: str, entry: dict, task: str, ours: dict) -> float | None:
+    """A runtime's time for `task` over pysdcpp's measured in turn with it (a report from before the phases: over
+    pysdcpp's median of the run); None for pysdcpp itself or without a time."""
+    if runtime == "pysdcpp" or task not in entry:
+        return None
+    if "vs_pysdcpp" in entry[task]:
+        return entry[task]["vs_pysdcpp"]
+    return entry[task]["median"] / ours[task]["median"] if task in ours else None
+
+
 def format_peers_table(report: dict) -> str:
     tasks = report["tasks"]
     head = f"{'runtime':<15}" + "".join(f"{t:>22}" for t in tasks) + f"{'peak RSS':>10}{'setup':>9}"
@@ -283,8 +321,9 @@ def format_peers_table(report: dict) -> str:
                 row += f"{'-':>22}"
                 continue
             cell = f"{e[t]['median']:.2f}s"
-            if rt != "pysdcpp" and t in ours:
-                cell += f" ({e[t]['median'] / ours[t]['median']:.2f}x)"
+            ratio = vs_pysdcpp(rt, e, t, ours)
+            if ratio is not None:
+                cell += f" ({ratio:.2f}x)"
             if "rel_l2_vs_torch" in e[t]:
                 cell += f" {e[t]['rel_l2_vs_torch']:.0e}"
             row += f"{cell:>22}"
@@ -293,5 +332,6 @@ def format_peers_table(report: dict) -> str:
         row += f"{e['setup_seconds']:>8.1f}s" if e.get("setup_seconds") is not None else f"{'-':>9}"
         lines.append(row)
     lines.append(footer(report, f"median of {report['repeat']} after a warm-up; (x): that runtime's time over "
-                                "pysdcpp's, above 1 means pysdcpp is faster; then rel. L2 against torch's output"))
+                                "pysdcpp's measured in turn with it, above 1 means pysdcpp is faster; then rel. L2 "
+                                "against torch's output"))
     return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""LoRAs (`loras=`, the prompt's <lora:name:w> tags): on the upstream library the image sd-cli makes with
+--lora-model-dir and the same tags, bit for bit, for kohya (LoCon convs included) and diffusers/PEFT files at two
+weights, every LoRA tensor applied; on the accelerated library within the PSNR its plain txt2img shows. In one
+context, generate / apply / remove: the LoRA image equals a fresh context's on every conv path, also after
+component calls that cached Winograd filters of the old weights; removing it restores the image exactly at
+runtime and within a stated PSNR when the LoRA was added into the F16 weights."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pysdcpp import StableDiffusion, _native
+from pysdcpp.api import checked_generation, png_parameters
+from pysdcpp.converters import synthetic
+from pysdcpp.lora import prompt_loras
+from pysdcpp.modelfile import read_model_file
+
+SETTINGS = dict(negative_prompt="blurry", width=128, height=128, num_inference_steps=4, guidance_scale=7.0,
+                sampler="euler", seed=31)
+PROMPT = "a lighthouse at dusk"
+# name: prompt tags (sd-cli reads the same); the files are in the fixture's LoRA folder
+CASES = {"kohya-0.8": "<lora:style:0.8>", "peft-1": "<lora:detail:1>",
+         "both": "<lora:style:0.5> <lora:detail.safetensors:-0.7>"}
+_APPLIED = re.compile(r"\((\d+) / (\d+)\) LoRA tensors have been applied")
+
+
+def psnr(a, b) -> float:
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return 10 * math.log10(255.0 ** 2 / mse) if mse else float("inf")
+
+
+@pytest.fixture(scope="module")
+def lora_dir(module_tmp):
+    folder = module_tmp / "loras"
+    folder.mkdir()
+    synthetic.write_lora(folder / "style.safetensors", fmt="kohya", rank=4, seed=1, alpha=2.0)
+    # diffusers/PEFT names: the UNet's only (upstream leaves out text_encoder.* names: test_peft_text_encoder...)
+    synthetic.write_lora(folder / "detail.safetensors", fmt="peft", rank=8, seed=2, text_encoder=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(sd15_f16, lora_dir):
+    out = {}
+    for backend in ("upstream", "accelerated"):
+        # a context per case, as sd-cli has: removing an immediately applied LoRA is not exact (F16 weights)
+        for case, tags in {"none": "", **CASES}.items():
+            with StableDiffusion(sd15_f16, backend=backend, threads=2, lora_dir=lora_dir) as sd:
+                with sd.native.capture() as log:
+                    out[backend, case] = sd.generate_with_info(f"{PROMPT} {tags}" if tags else PROMPT, **SETTINGS)
+                out[backend, case].log = list(log)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_upstream_is_sd_cli_and_every_tensor_applies(runs, case, sd15_f16, lora_dir, tmp_path):
+    cli = _native.upstream_cli()
+    if cli is None:
+        pytest.skip("upstream sd-cli was not built (PYSDCPP_BUILD_CLI=OFF)")
+    out = tmp_path / "cli.png"
+    cmd = [str(cli), "-m", str(sd15_f16), "-p", f"{PROMPT} {CASES[case]}", "-n", SETTINGS["negative_prompt"],
+           "-W", "128", "-H", "128", "--steps", "4", "--cfg-scale", "7.0", "--sampling-method", "euler",
+           "--seed", "31", "-t", "2", "--lora-model-dir", str(lora_dir), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours = runs["upstream", case]
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(ours.images[0]))
+    applied = _APPLIED.findall("\n".join(ours.log))
+    assert applied and all(a == b for a, b in applied), applied   # no LoRA tensor left unmatched
+    assert psnr(ours.images[0], runs["upstream", "none"].images[0]) < 30   # the LoRA changed the image
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_accelerated_within_its_txt2img_psnr(runs, case):
+    base = psnr(runs["accelerated", "none"].images[0], runs["upstream", "none"].images[0])
+    got = psnr(runs["accelerated", case].images[0], runs["upstream", case].images[0])
+    print(f"{case}: accelerated vs upstream {got:.1f} dB (no LoRA {base:.1f} dB)")
+    assert got >= min(base, 40.0) - 3.0
+
+
+@pytest.fixture(scope="module")
+def latent_inputs(sd15_f16):
+    rng = np.random.default_rng(4)
+    return rng.standard_normal((1, 4, 16, 16)).astype(np.float32), rng.standard_normal((1, 77, 768)).astype(
+        np.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("conv, mode", [("winograd", "immediately"), ("im2col", "immediately"),
+                                        ("direct", "immediately"), ("winograd", "at_runtime")])
+def test_apply_and_remove_in_one_context(sd15_f16, lora_dir, latent_inputs, conv, mode):
+    style = [(lora_dir / "style.safetensors", 0.8)]
+    x, ctx = latent_inputs
+    with StableDiffusion(sd15_f16, threads=2, conv=conv, lora_apply_mode=mode) as fresh:
+        wanted = np.asarray(fresh.generate(PROMPT, loras=style, **SETTINGS)[0])
+        wanted_unet = fresh.unet(x, 500, ctx)
+    with StableDiffusion(sd15_f16, threads=2, conv=conv, lora_apply_mode=mode) as sd:
+        sd.unet(x, 500, ctx)   # component calls cache Winograd filters of the weights without the LoRA
+        first = np.asarray(sd.generate(PROMPT, **SETTINGS)[0])
+        sd.unet(x, 500, ctx)
+        with_lora = np.asarray(sd.generate(PROMPT, loras=style, **SETTINGS)[0])
+        unet_lora = sd.unet(x, 500, ctx)
+        third = np.asarray(sd.generate(PROMPT, **SETTINGS)[0])
+    np.testing.assert_array_equal(with_lora, wanted)
+    assert psnr(with_lora, first) < 30
+    if mode == "immediately":
+        # the weights hold the LoRA now: component calls see it too, as in a fresh context
+        np.testing.assert_array_equal(unet_lora, wanted_unet)
+        removed = psnr(first, third)
+        print(f"{conv}: removing an immediately applied LoRA (F16 weights): {removed:.1f} dB against the image "
+              "before it")
+        assert removed > 30
+    else:
+        np.testing.assert_array_equal(first, third)   # computed beside the layers: removing it is exact
+
+
+@pytest.fixture(scope="module")
+def header(sd15_f16):
+    return read_model_file(sd15_f16)
+
+
+@pytest.mark.slow
+def test_png_records_explicit_loras(header, lora_dir):
+    c = checked_generation(header, "upstream", f"{PROMPT} <lora:style:0.5>",
+                           loras={lora_dir / "detail.safetensors": 0.25}, lora_dir=lora_dir)
+    assert [w for _, w in c.loras] == [0.25, 0.5]   # sorted by path: detail, style
+    assert c.library_prompt == f"{PROMPT} "
+    text = png_parameters(c.params, "m", "upstream", "0")
+    assert "<lora:style:0.5>" in text and "LoRAs: detail:0.25" in text
+
+
+def test_peft_text_encoder_tensors_are_named_in_a_warning(tmp_path, caplog):
+    from pysdcpp.lora import check_lora_file
+
+    path = synthetic.write_lora(tmp_path / "both.safetensors", fmt="peft", rank=2)
+    with caplog.at_level("WARNING", logger="pysdcpp.lora"):
+        check_lora_file(path)
+    assert "leaves out its 144 text-encoder tensors" in caplog.text
+
+
+def test_prompt_tags_as_sd_cli_reads_them(lora_dir):
+    text, found = prompt_loras("a <lora:style:0.5>cat <lora:style:.25x> <lora:detail.safetensors:-1e-1>", lora_dir)
+    assert text == "a cat  "
+    assert found == {str(lora_dir / "style.safetensors"): 0.75, str(lora_dir / "detail.safetensors"): -0.1}
+    assert prompt_loras("no tags", lora_dir) == ("no tags", {})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt="x <lora:missing:1>"), "no LoRA file"),
+    (dict(prompt="x <lora:style:heavy>"), "not a number"),
+    (dict(loras=[("/nonexistent.safetensors", 1.0)]), "no such file"),
+    (dict(loras=[("STYLE", float("nan"))]), "finite"),
+    (dict(loras=[("STYLE", 1.0, 2)]), "pair"),
+    (dict(loras=["MODEL"]), "no LoRA tensors"),
+])
+def test_bad_loras_fail_before_loading(lora_dir, sd15_f16, header, kwargs, message):
+    kwargs = dict(kwargs)
+    if "loras" in kwargs:
+        kwargs["loras"] = [tuple(str(lora_dir / "style.safetensors") if v == "STYLE" else str(sd15_f16)
+                                 if v == "MODEL" else v for v in item) if isinstance(item, tuple) else
+                           (str(sd15_f16) if item == "MODEL" else item) for item in kwargs["loras"]]
+    prompt = kwargs.pop("prompt", "x")
+    with pytest.raises((ValueError, TypeError), match=message):
+        checked_generation(header, "upstream", prompt, lora_dir=lora_dir, **kwargs)
+
+
+def test_bad_context_options(sd15_f16, tmp_path):
+    with pytest.raises(ValueError, match="lora_apply_mode"):
+        StableDiffusion(sd15_f16, lora_apply_mode="sometimes")
+    with pytest.raises(ValueError, match="no such folder"):
+        StableDiffusion(sd15_f16, lora_dir=tmp_path / "nope")

@@ -1,0 +1,156 @@
+"""The VAE's options: a tiny autoencoder (`taesd=`, sd-cli's --taesd) and VAE tiling (`vae_tiling=`, sd-cli's
+--vae-tiling/--vae-tile-size/--vae-tile-overlap). On the upstream library the image sd-cli makes, bit for bit
+(text to image and img2img, whose encoder runs tiled or tiny too); the TAESD decode against diffusers'
+AutoencoderTiny with the same weights; on the accelerated library within the PSNR its plain txt2img shows."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pysdcpp import ModelLoadError, StableDiffusion, _native
+from pysdcpp.api import png_parameters
+from pysdcpp.converters import synthetic
+from pysdcpp.vae_tiling import VaeTiling, parse_vae_tiling
+
+SETTINGS = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", width=128, height=128,
+                num_inference_steps=4, guidance_scale=7.0, sampler="euler", seed=2024)
+TILE = "8x8"   # latent pixels: 2 x 2 tiles over a 128 px image's 16 x 16 latent, half-tile overlap
+CASES = {   # name: (constructor options, generate options, sd-cli arguments)
+    "plain": ({}, {}, []),
+    "taesd": ({"taesd": True}, {}, ["--taesd", None]),
+    "tiled": ({}, {"vae_tiling": TILE}, ["--vae-tiling", "--vae-tile-size", TILE]),
+    "tiled-overlap": ({}, {"vae_tiling": TILE, "vae_tile_overlap": 0.25},
+                      ["--vae-tiling", "--vae-tile-size", TILE, "--vae-tile-overlap", "0.25"]),
+    "taesd-img2img": ({"taesd": True}, {"image": True, "strength": 0.5}, ["--taesd", None, "-i", None,
+                                                                          "--strength", "0.5"]),
+    "tiled-img2img": ({}, {"vae_tiling": TILE, "image": True, "strength": 0.5},
+                      ["--vae-tiling", "--vae-tile-size", TILE, "-i", None, "--strength", "0.5"]),
+}
+
+
+def psnr(a, b) -> float:
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return 10 * math.log10(255.0 ** 2 / mse) if mse else float("inf")
+
+
+@pytest.fixture(scope="module")
+def files(module_tmp):
+    taesd = synthetic.write_tiny_autoencoder(module_tmp / "taesd.safetensors", seed=3)
+    y, x = np.mgrid[0:128, 0:128] / 128
+    init = module_tmp / "init.png"
+    Image.fromarray((np.stack([x, y, (x + y) / 2], -1) * 255).astype(np.uint8), "RGB").save(init)
+    return {"taesd": taesd, "image": init}
+
+
+def _options(case: str, files) -> tuple[dict, dict]:
+    ctor, gen, _ = CASES[case]
+    ctor = {k: files[k] for k in ctor}
+    gen = {k: (files[k] if v is True else v) for k, v in gen.items()}
+    return ctor, gen
+
+
+@pytest.fixture(scope="module")
+def runs(sd15_f16, files):
+    out = {}
+    for backend in ("upstream", "accelerated"):
+        for case in CASES:
+            ctor, gen = _options(case, files)
+            with StableDiffusion(sd15_f16, backend=backend, threads=2, **ctor) as sd:
+                out[backend, case] = sd.generate_with_info(**dict(SETTINGS, **gen))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in CASES if c != "plain"])
+def test_upstream_is_sd_cli(runs, case, files, sd15_f16, tmp_path):
+    cli = _native.upstream_cli()
+    if cli is None:
+        pytest.skip("upstream sd-cli was not built (PYSDCPP_BUILD_CLI=OFF)")
+    args = list(CASES[case][2])
+    for i, a in enumerate(args):
+        if a is None:
+            args[i] = str(files["taesd" if args[i - 1] == "--taesd" else "image"])
+    out = tmp_path / "cli.png"
+    cmd = [str(cli), "-m", str(sd15_f16), "-p", SETTINGS["prompt"], "-n", SETTINGS["negative_prompt"],
+           "-W", "128", "-H", "128", "--steps", "4", "--cfg-scale", "7.0", "--sampling-method", "euler",
+           "--seed", "2024", "-t", "2", "-o", str(out), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")),
+                                  np.asarray(runs["upstream", case].images[0]))
+
+
+@pytest.mark.slow
+def test_each_option_changes_the_decode(runs):
+    plain = runs["upstream", "plain"].images[0]
+    for case in ("taesd", "tiled", "tiled-overlap"):
+        assert not np.array_equal(np.asarray(runs["upstream", case].images[0]), np.asarray(plain)), case
+    # the same latent decoded in tiles: blended seams, not another picture
+    for case in ("tiled", "tiled-overlap"):
+        got = psnr(runs["upstream", case].images[0], plain)
+        print(f"{case} against the untiled decode: {got:.1f} dB")
+        assert got > 15
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_accelerated_within_its_txt2img_psnr(runs, case):
+    base = psnr(runs["accelerated", "plain"].images[0], runs["upstream", "plain"].images[0])
+    got = psnr(runs["accelerated", case].images[0], runs["upstream", case].images[0])
+    print(f"{case}: accelerated vs upstream {got:.1f} dB (plain txt2img {base:.1f} dB)")
+    assert got >= min(base, 40.0) - 3.0
+
+
+@pytest.mark.slow
+def test_taesd_decode_against_diffusers(sd15_f16, files):
+    """The component decode of a TAESD context against diffusers' AutoencoderTiny with the file's weights."""
+    import torch
+    from diffusers import AutoencoderTiny
+    from safetensors.numpy import load_file
+
+    from pysdcpp.format.families import TAE_CONFIG
+
+    module = AutoencoderTiny.from_config(TAE_CONFIG)
+    module.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in load_file(files["taesd"]).items()})
+    latent = np.random.default_rng(8).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        # diffusers' decode returns 0..1 mapped to -1..1, as our component decode does
+        ref = module.decode(torch.from_numpy(latent)).sample.numpy()
+    with StableDiffusion(sd15_f16, threads=2, taesd=files["taesd"]) as sd:
+        got = sd.decode(latent)
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert got.shape == ref.shape == (1, 3, 128, 128)
+    assert rel < 1e-3, rel
+
+
+@pytest.mark.slow
+def test_png_records_the_tiling(runs):
+    r = runs["upstream", "tiled-overlap"]
+    assert r.params.vae_tiling == "8x8:overlap=0.25"
+    assert "VAE tiling: 8x8:overlap=0.25" in png_parameters(r.params, "m", "upstream", "0")
+
+
+def test_tiling_specs():
+    assert parse_vae_tiling(True) == VaeTiling(32, 32, 0.5)
+    assert parse_vae_tiling(16).spec() == "16x16"
+    assert parse_vae_tiling((8, 12), 0.25).spec() == "8x12:overlap=0.25"
+    assert parse_vae_tiling(" 24x16 : overlap=0.1 ") == VaeTiling(24, 16, 0.1)
+    assert parse_vae_tiling(False) is None and parse_vae_tiling(None) is None
+    for bad, message in [("8y8", "expected"), (2, "4..512"), ((8, 1000), "4..512"), ("8x8:overlap=1", "fraction"),
+                         ("8x8:overlap=-0.5", "fraction"), ("8x8:overlap=nan", "expected"), (1.5, "must be True")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            parse_vae_tiling(bad)
+    with pytest.raises(ValueError, match="needs vae_tiling"):
+        parse_vae_tiling(None, 0.3)
+
+
+def test_taesd_checked_before_loading(sd15_f16, tmp_path):
+    with pytest.raises(ModelLoadError, match="no such file"):
+        StableDiffusion(sd15_f16, taesd=tmp_path / "missing.safetensors")
+    with pytest.raises(ModelLoadError, match="not a tiny autoencoder"):
+        StableDiffusion(sd15_f16, taesd=sd15_f16)   # a whole model, no TAESD in it
