@@ -18,7 +18,7 @@ import numpy as np
 
 from pysdcpp.format.families import (SCHEDULER_CONFIGS, TAE_CONFIG, TEXT2_CONFIG, TEXT_CONFIGS, TEXT_ENCODERS,
                                      TINY_VAE_VARIANTS, VAE_CONFIG, VAE_SCALING, check_family, variant_unet_config)
-from pysdcpp.format.names import FAMILIES
+from pysdcpp.format.names import FAMILIES, UNET_PREFIX
 from pysdcpp.format.unet import unet_blocks
 from pysdcpp.format.vae import vae_blocks
 
@@ -373,4 +373,45 @@ def write_esrgan(path: Path, seed: int = 0, **arch) -> Path:
 
     tensors = {n: random_weight(f"esrgan:{n}", s, seed).astype(np.float16) for n, s in esrgan_parameters(**arch)}
     save_file(tensors, str(path))
+    return Path(path)
+
+
+_HINT_CONVS = ((0, 3, 16), (2, 16, 16), (4, 16, 32), (6, 32, 32), (8, 32, 96), (10, 96, 96), (12, 96, 256))
+
+
+def controlnet_sources(family: str = "sd1", seed: int = 0) -> list[TensorSource]:
+    """A ControlNet for the synthetic UNet in the original (cldm) names under `control_model.`: the UNet's
+    time embedding, input blocks and middle block (its own random weights), a 1x1 zero conv after every input
+    block and the middle block, and the 8-conv hint encoder of a 3-channel control image."""
+    unet = map_unet(synthetic_sources(family, seed)["unet"])
+    keep = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
+    out = [t.renamed("control_model." + t.name.removeprefix(UNET_PREFIX)) for t in unet
+           if t.name.removeprefix(UNET_PREFIX).startswith(keep)]
+    shapes = {t.name: t.shape for t in out}
+    channels, i = [], 0
+    while f"control_model.input_blocks.{i}.0.weight" in shapes or any(
+            n.startswith(f"control_model.input_blocks.{i}.") for n in shapes):
+        for name in (f"input_blocks.{i}.0.weight", f"input_blocks.{i}.0.op.weight",
+                     f"input_blocks.{i}.0.out_layers.3.weight"):
+            if "control_model." + name in shapes:
+                c = shapes["control_model." + name][0]
+        channels.append(c)
+        i += 1
+    mid = shapes["control_model.middle_block.2.out_layers.3.weight"][0]
+    extra = [(f"zero_convs.{k}.0", c, c, 1) for k, c in enumerate(channels)] + [("middle_block_out.0", mid, mid, 1)]
+    extra += [(f"input_hint_block.{k}", cout, cin, 3) for k, cin, cout in _HINT_CONVS]
+    extra.append(("input_hint_block.14", channels[0], 256, 3))
+    for name, cout, cin, k in extra:
+        for tname, shape in _conv(name, cout, cin, k):
+            full = f"control_model.{tname}"
+            out.append(TensorSource(full, shape, "F16", (lambda n=full, s=shape:
+                                                          random_weight(n, s, seed).astype(np.float16))))
+    return out
+
+
+def write_controlnet(path: Path, family: str = "sd1", seed: int = 0) -> Path:
+    """controlnet_sources as an F16 safetensors file (what sd-cli's --control-net and `control_net=` load)."""
+    from safetensors.numpy import save_file
+
+    save_file({t.name: t.load() for t in controlnet_sources(family, seed)}, str(path))
     return Path(path)

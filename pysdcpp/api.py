@@ -22,7 +22,7 @@ from .format.families import context_width, default_image_size, y_width
 from .format.names import FAMILIES, PREDICTIONS, SKIP_SEMANTICS
 from .format.sampling import generation_defaults
 from .images import GenerationImages, checked_images
-from .modelfile import ModelFile, read_model_file, read_tiny_autoencoder, with_unet
+from .modelfile import ModelFile, read_control_net, read_model_file, read_tiny_autoencoder, with_unet
 
 StepCallback = Callable[[int, int, float], None]
 
@@ -54,6 +54,9 @@ class GenerationParams:
     step_cache: str | None = None  # upstream's step-level cache, a pysdcpp.step_cache spec (ucache, spectrum)
     vae_tiling: str | None = None  # VAE in tiles, a pysdcpp.vae_tiling spec ("32x32", "16x16:overlap=0.25")
     loras: tuple | None = None  # ((path, weight), ...) of loras= (the prompt's <lora:name:w> tags stay in it)
+    eta: float | None = None  # the samplers' noise multiplier; None: the sampler's own (1 ancestral, 0 ddim/tcd)
+    sigmas: tuple | None = None  # a custom noise schedule, num_inference_steps + 1 values, decreasing, to 0
+    hires_fix: str | None = None  # upscale and denoise again, a pysdcpp.hires spec ("latent:scale=2,strength=0.6")
 
     def validate(self, samplers: list[str], schedulers: list[str], multiple: int = 64) -> None:
         """Check every field; `multiple`: what width and height must be multiples of (8 per latent pixel, times 2
@@ -88,6 +91,24 @@ class GenerationParams:
             from .step_cache import parse_step_cache
 
             parse_step_cache(self.step_cache)
+        if self.eta is not None and (isinstance(self.eta, bool) or not isinstance(self.eta, (int, float))
+                                     or not math.isfinite(self.eta) or self.eta < 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {self.eta!r}")
+        if self.sigmas is not None:
+            sig = self.sigmas
+            if (not isinstance(sig, (tuple, list)) or len(sig) < 2
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                               and v >= 0 for v in sig)
+                    or any(a <= b for a, b in zip(sig, sig[1:]))):
+                raise ValueError("sigmas must be at least two finite, non-negative, strictly decreasing numbers "
+                                 f"(the last normally 0), got {sig!r}")
+            if len(sig) - 1 != self.num_inference_steps:
+                raise ValueError(f"{len(sig)} sigmas make {len(sig) - 1} steps, not num_inference_steps="
+                                 f"{self.num_inference_steps}")
+        if self.hires_fix is not None:
+            from .hires import parse_hires
+
+            parse_hires(self.hires_fix)
         if self.vae_tiling is not None:
             from .vae_tiling import parse_vae_tiling
 
@@ -125,6 +146,8 @@ def png_parameters(p: GenerationParams, model_name: str, backend: str, version: 
         fields.append(("Denoising strength", f"{images.strength:g}"))
         if images.mask_image is not None:
             fields.append(("Inpaint", "masked"))
+    if images is not None and images.control_image is not None:
+        fields.append(("ControlNet weight", f"{images.control_scale:g}"))
     if p.scheduler != "default":
         fields.append(("Schedule type", p.scheduler))
     fields += [("CFG scale", f"{p.guidance_scale:g}"), ("Seed", p.seed), ("Size", f"{p.width}x{p.height}"),
@@ -135,6 +158,12 @@ def png_parameters(p: GenerationParams, model_name: str, backend: str, version: 
         fields.append(("Step cache", f'"{p.step_cache}"' if "," in p.step_cache else p.step_cache))
     if p.vae_tiling:
         fields.append(("VAE tiling", p.vae_tiling))
+    if p.eta is not None:
+        fields.append(("Eta", f"{p.eta:g}"))
+    if p.hires_fix is not None:
+        fields.append(("Hires fix", f'"{p.hires_fix}"' if "," in p.hires_fix else p.hires_fix))
+    if p.sigmas is not None:
+        fields.append(("Sigmas", '"' + ", ".join(f"{v:g}" for v in p.sigmas) + '"'))
     if p.loras:
         text = ", ".join(f"{Path(path).stem}:{w:g}" for path, w in p.loras)
         fields.append(("LoRAs", f'"{text}"' if "," in text else text))
@@ -145,6 +174,31 @@ def png_parameters(p: GenerationParams, model_name: str, backend: str, version: 
     if p.negative_prompt:
         text += f"\nNegative prompt: {p.negative_prompt}"
     return text + "\n" + ", ".join(f"{k}: {v}" for k, v in fields)
+
+
+EMBEDDING_EXTENSIONS = (".gguf", ".safetensors", ".pt")
+
+
+def _embedding_files(embeddings) -> dict[str, Path]:
+    """Textual-inversion embeddings: a folder (each .gguf/.safetensors/.pt file under its stem, as sd-cli's
+    --embd-dir) or {name: path}; every file must be there."""
+    if embeddings is None:
+        return {}
+    if isinstance(embeddings, (str, os.PathLike)):
+        folder = Path(embeddings)
+        if not folder.is_dir():
+            raise ValueError(f"embeddings {folder}: no such folder")
+        return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in EMBEDDING_EXTENSIONS}
+    if not isinstance(embeddings, dict):
+        raise TypeError("embeddings is a folder or a {name: path} dict")
+    out = {}
+    for name, path in embeddings.items():
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            raise ValueError(f"an embedding's name is one word, not {name!r}")
+        if not Path(path).is_file():
+            raise ValueError(f"embedding {name}: {path}: no such file")
+        out[name] = Path(path)
+    return out
 
 
 def _threads(threads: int | None, lib: _native.NativeLibrary) -> int:
@@ -165,12 +219,32 @@ def _kernel_choice(option: str, value: str, choices: dict, defaults: dict, backe
     return value
 
 
-class StableDiffusion:
+class NativeHandle:
+    """What owns a native context: close() frees it; `with` and garbage collection close it too."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class StableDiffusion(NativeHandle):
     """A loaded model in one of the two native libraries; close it (or use `with`) to free its memory."""
 
     def __init__(self, model: str | os.PathLike, *, threads: int | None = None, backend: str = "accelerated",
                  vae: str | os.PathLike | None = None, unet: str | os.PathLike | None = None,
-                 taesd: str | os.PathLike | None = None, lora_dir: str | os.PathLike | None = None,
+                 taesd: str | os.PathLike | None = None, control_net: str | os.PathLike | None = None,
+                 lora_dir: str | os.PathLike | None = None, embeddings=None,
                  lora_apply_mode: str = "auto",
                  prediction: str = "auto", rng: str = "cuda",
                  vae_decode_only: bool = False, conv: str = "default", winograd_cache_mb: int | None = None,
@@ -197,6 +271,7 @@ class StableDiffusion:
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
         self.lora_apply_mode = lora_apply_mode
         self._lora_state: tuple = ()   # the LoRAs the last generation applied (what the weights hold, immediately)
+        self.embeddings = _embedding_files(embeddings)
         if not isinstance(vae_decode_only, bool):
             raise ValueError(f"vae_decode_only must be True or False, not {vae_decode_only!r}")
         self.vae_decode_only = vae_decode_only   # True saves the VAE encoder's memory; img2img then cannot run
@@ -208,6 +283,7 @@ class StableDiffusion:
             self.model_file = with_unet(self.model_file, unet_file)
         vae_file = read_model_file(vae) if vae is not None else None
         taesd_file = read_tiny_autoencoder(taesd) if taesd is not None else None
+        self.control_net = read_control_net(control_net) if control_net is not None else None
         self.alter = self._alter_routing(backend, alter, alter_semantics, alter_masks)
         self.backend = backend
         self.native = _native.load(backend)
@@ -237,6 +313,14 @@ class StableDiffusion:
             params.diffusion_model_path = self._cstr(str(unet_file.path))
         if taesd_file is not None:   # decodes (and encodes) with the tiny autoencoder instead of the VAE
             params.taesd_path = self._cstr(str(taesd_file.path))
+        if self.control_net is not None:
+            params.control_net_path = self._cstr(str(self.control_net.path))
+        if self.embeddings:   # textual inversion: a prompt word equal to a name reads that file's vectors
+            table = ffi.new("sd_embedding_t[]", len(self.embeddings))
+            self._keep.append(table)
+            for i, (name, path) in enumerate(sorted(self.embeddings.items())):
+                table[i].name, table[i].path = self._cstr(name), self._cstr(str(path))
+            params.embeddings, params.embedding_count = table, len(self.embeddings)
         params.n_threads = self.threads
         params.free_params_immediately = False  # one context serves many generations
         params.vae_decode_only = vae_decode_only
@@ -328,18 +412,6 @@ class StableDiffusion:
                         self.native.inherit_owner = None
             self._ctx = None
 
-    def __enter__(self) -> "StableDiffusion":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
     @property
     def closed(self) -> bool:
         return self._ctx is None
@@ -382,9 +454,11 @@ class StableDiffusion:
                  sampler: str | None = None,
                  scheduler: str = "default", seed: int | None = 42, batch_size: int = 1,
                  num_images_per_prompt: int | None = None, clip_skip: int = -1,
-                 image=None, strength: float = 0.8, mask_image=None,
+                 image=None, strength: float = 0.8, mask_image=None, control_image=None,
+                 controlnet_conditioning_scale: float = 1.0,
                  inheritance=None, step_cache: str | None = None, vae_tiling=False,
-                 vae_tile_overlap: float | None = None, loras=None,
+                 vae_tile_overlap: float | None = None, loras=None, eta: float | None = None, sigmas=None,
+                 hires_fix: str | None = None,
                  callback: StepCallback | None = None) -> list[Image.Image]:
         """Text to image, or image to image with `image`; returns PIL images.
 
@@ -405,19 +479,27 @@ class StableDiffusion:
         img2img: `image` (PIL, numpy or a path; pysdcpp.images) is encoded and noised to `strength` (0 < strength
         <= 1: the share of the steps that run; 1 starts from noise and the image); width and height default to its
         size. Inpainting: `mask_image` too, white where to repaint; an inpainting model (9 input channels) sees the
-        masked image, any other model keeps the unmasked latent at every step. `num_images_per_prompt` is diffusers'
+        masked image, any other model keeps the unmasked latent at every step. ControlNet (a context made with
+        control_net=): `control_image` (the hint: edges, depth, pose... as the ControlNet was trained) and
+        `controlnet_conditioning_scale`, the weight of its residuals. `num_images_per_prompt` is diffusers'
         name for batch_size (give one of the two). `vae_tiling`: True, a tile size in latent pixels (int or (x, y))
         or a spec "TXxTY:overlap=O" (pysdcpp.vae_tiling): the VAE encodes and decodes in overlapping tiles, which
         bounds its memory; `vae_tile_overlap` the tiles' overlap (0.5). `loras`: {path: weight} or (path, weight)
         pairs, on top of the prompt's `<lora:name:weight>` tags (names in the context's lora_dir; pysdcpp.lora).
-        A generation with other LoRAs than the last one drops the Winograd filters cached from the old weights."""
+        A generation with other LoRAs than the last one drops the Winograd filters cached from the old weights.
+        `eta`: the samplers' noise multiplier (None: the sampler's default). `sigmas`: a custom noise schedule,
+        decreasing to 0; it sets the step count (len(sigmas) - 1). `hires_fix`: generate, upscale, denoise again
+        ("latent:scale=2,steps=0,strength=0.7", or an ESRGAN file's path as the upscaler; pysdcpp.hires)."""
         return self.generate_with_info(prompt, negative_prompt, width=width, height=height,
                                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                        sampler=sampler, scheduler=scheduler, seed=seed, batch_size=batch_size,
                                        num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
                                        image=image, strength=strength, mask_image=mask_image,
+                                       control_image=control_image,
+                                       controlnet_conditioning_scale=controlnet_conditioning_scale,
                                        inheritance=inheritance, step_cache=step_cache, vae_tiling=vae_tiling,
-                                       vae_tile_overlap=vae_tile_overlap, loras=loras, callback=callback).images
+                                       vae_tile_overlap=vae_tile_overlap, loras=loras, eta=eta, sigmas=sigmas,
+                                       hires_fix=hires_fix, callback=callback).images
 
     def generate_with_info(self, prompt: str, negative_prompt: str = "", *, callback: StepCallback | None = None,
                            inheritance=None, **kwargs) -> GenerationResult:
@@ -426,6 +508,9 @@ class StableDiffusion:
         p, step_cache, inputs = checked.params, checked.step_cache, checked.images
         if inputs.image is not None and self.vae_decode_only:
             raise ValueError("img2img needs the VAE encoder: this context was made with vae_decode_only=True")
+        if inputs.control_image is not None and self.control_net is None:
+            raise ValueError("control_image needs a ControlNet: StableDiffusion(..., "
+                             "control_net='controlnet.safetensors')")
         native_plan = self._native_plan(checked.plan)
         ctx = self._require_open()
         ffi, lib = self.native.ffi, self.native.lib
@@ -450,9 +535,16 @@ class StableDiffusion:
                                      else lib.str_to_scheduler(p.scheduler.encode()))
         if step_cache is not None:
             step_cache.apply(lib, g.cache)
-        if inputs.image is not None:
-            inputs.fill(ffi, g, keep)
-            g.strength = float(inputs.strength)
+        if p.eta is not None:
+            g.sample_params.eta = float(p.eta)
+        if p.hires_fix is not None:
+            from .hires import parse_hires
+
+            parse_hires(p.hires_fix).apply(g.hires, keep, ffi)
+        if p.sigmas is not None:
+            keep.append(ffi.new("float[]", [float(v) for v in p.sigmas]))
+            g.sample_params.custom_sigmas, g.sample_params.custom_sigmas_count = keep[-1], len(p.sigmas)
+        inputs.fill(ffi, g, keep)
         if p.vae_tiling is not None:
             from .vae_tiling import parse_vae_tiling
 
@@ -871,7 +963,8 @@ def random_seed() -> int:
 
 
 def checked_generation(model_file: ModelFile, backend: str, prompt: str, negative_prompt: str = "", *,
-                       inheritance=None, image=None, strength: float = 0.8, mask_image=None,
+                       inheritance=None, image=None, strength: float = 0.8, mask_image=None, control_image=None,
+                       controlnet_conditioning_scale: float = 1.0,
                        num_images_per_prompt: int | None = None, vae_tiling=None,
                        vae_tile_overlap: float | None = None, loras=None, lora_dir=None,
                        **kwargs) -> CheckedGeneration:
@@ -881,10 +974,20 @@ def checked_generation(model_file: ModelFile, backend: str, prompt: str, negativ
     random one; the step cache is in its canonical spec."""
     side, multiple = image_size_rules(model_file)
     images, kwargs["width"], kwargs["height"] = checked_images(image, mask_image, strength, kwargs.get("width"),
-                                                               kwargs.get("height"), multiple)
+                                                               kwargs.get("height"), multiple, control_image,
+                                                               controlnet_conditioning_scale)
     for key in ("width", "height"):
         if kwargs.get(key) is None:
             kwargs[key] = side
+    if kwargs.get("sigmas") is not None:
+        if not isinstance(kwargs["sigmas"], (tuple, list, np.ndarray)):
+            raise TypeError(f"sigmas must be a sequence of numbers, not {type(kwargs['sigmas']).__name__}")
+        kwargs["sigmas"] = tuple(float(v) if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                                 else v for v in kwargs["sigmas"])
+        if len(kwargs["sigmas"]) < 2:
+            raise ValueError(f"sigmas must be at least two numbers (one step), got {list(kwargs['sigmas'])}")
+        if kwargs.get("num_inference_steps") is None:
+            kwargs["num_inference_steps"] = len(kwargs["sigmas"]) - 1
     for key, value in generation_defaults(model_file.few_step).items():
         if kwargs.get(key) is None:
             kwargs[key] = value
@@ -917,6 +1020,15 @@ def checked_generation(model_file: ModelFile, backend: str, prompt: str, negativ
             raise ValueError("a step cache and feature inheritance each decide what a step reuses; use one")
         if model_file.unet_layout is None:
             raise ValueError(f"upstream's {step_cache.mode} runs on UNets only (SD1.x, SD2.x, SDXL)")
+    if p.hires_fix is not None:
+        from .hires import parse_hires
+
+        fix = parse_hires(p.hires_fix)
+        p.hires_fix = fix.spec()
+        if inheritance is not None:
+            raise ValueError("hires_fix runs a second sampling pass, which an inheritance plan does not cover")
+        if max(fix.target(p.width, p.height)) > 4096:
+            raise ValueError(f"hires_fix would make a {fix.target(p.width, p.height)} image; at most 4096 a side")
     plan = None
     if inheritance is not None:
         plan = checked_plan(model_file, backend, inheritance, p.num_inference_steps)

@@ -92,6 +92,12 @@ class _StepBar:
               help="img2img: how much of the image to repaint, 0 < s <= 1 (the share of the steps that run).")
 @click.option("--mask", "mask_image", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Inpainting (with --image): white repaints, black keeps.")
+@click.option("--control-net", "control_net", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="ControlNet file (the original cldm names, as sd-cli reads them).")
+@click.option("--control-image", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The ControlNet's hint image (edges, depth, pose...), resized to the output.")
+@click.option("--control-strength", type=float, default=1.0, show_default=True,
+              help="Weight of the ControlNet's residuals (diffusers' controlnet_conditioning_scale).")
 @click.option("--taesd", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Decode (and encode) with this tiny autoencoder (TAESD) instead of the model's VAE: faster, "
                    "rougher.")
@@ -108,6 +114,15 @@ class _StepBar:
               show_default=True, help="Add LoRAs into the weights before sampling, or beside the layers at every "
                                       "step (auto: immediately unless the model is quantized).")
 @click.option("--clip-skip", type=int, default=-1, show_default=True, help="-1: the model's default.")
+@click.option("--eta", type=float, default=None,
+              help="Samplers' noise multiplier [the sampler's: 1 ancestral, 0 ddim].")
+@click.option("--sigmas", default=None, metavar="S0,S1,...,0",
+              help="A custom noise schedule, decreasing to 0; sets --steps to its length - 1.")
+@click.option("--hires-fix", "hires_fix", default=None, metavar="SPEC",
+              help="Generate, upscale, denoise again: UPSCALER[:scale=2,steps=0,strength=0.7,width=,height=,tile=128]; "
+                   "UPSCALER latent, latent-nearest, latent-bicubic, lanczos, nearest... or an ESRGAN file.")
+@click.option("--embd-dir", "embd_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Textual-inversion embeddings: a prompt word equal to a file's name (stem) reads its vectors.")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads [physical cores].")
 @click.option("--backend", type=click.Choice(["accelerated", "upstream"]), default="accelerated", show_default=True)
 @click.option("--prediction", type=click.Choice(["auto", *PREDICTIONS]), default="auto", show_default=True,
@@ -143,9 +158,11 @@ class _StepBar:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-v", "--verbose", count=True, help="-v: library info log, -vv: debug log.")
 def generate(model, demo, prompt, negative_prompt, width, height, steps, guidance_scale, sampler, scheduler,
-             seed, batch_size, init_image, strength, mask_image, taesd, vae_tiling, vae_tile_size, vae_tile_overlap,
-             lora_args, lora_dir, lora_apply_mode, clip_skip, threads, backend, prediction, conv, attention, linear, winograd_cache_mb,
-             no_alter, alter_masks, alter_semantics, inherit, step_cache, output, overwrite, as_json, verbose):
+             seed, batch_size, init_image, strength, mask_image, control_net, control_image, control_strength,
+             taesd, vae_tiling, vae_tile_size, vae_tile_overlap,
+             lora_args, lora_dir, lora_apply_mode, clip_skip, eta, sigmas, hires_fix, embd_dir, threads, backend,
+             prediction, conv, attention, linear, winograd_cache_mb, no_alter, alter_masks, alter_semantics, inherit,
+             step_cache, output, overwrite, as_json, verbose):
     """Text to image, or image to image. Writes PNGs carrying their generation parameters (A1111 `parameters`
     chunk). Ctrl-C stops at the next step (the upstream library: when its run ends) and writes nothing (exit 130).
 
@@ -202,6 +219,13 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
 
             policy = parse_inheritance(inherit)
         loras = [_lora_arg(a) for a in lora_args]
+        if sigmas is not None:
+            try:
+                sigmas = [float(v) for v in sigmas.split(",")]
+            except ValueError:
+                raise ValueError(f"--sigmas {sigmas!r}: comma-separated numbers") from None
+        if embd_dir is not None and not embd_dir.is_dir():
+            raise ValueError(f"--embd-dir {embd_dir}: no such folder")
         if lora_dir is not None and not lora_dir.is_dir():
             raise ValueError(f"--lora-dir {lora_dir}: no such folder")
         checked = checked_generation(header, backend, prompt, negative_prompt, width=width, height=height,
@@ -210,7 +234,15 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
                                      step_cache=step_cache, inheritance=policy, image=init_image,
                                      mask_image=mask_image, strength=strength,
                                      vae_tiling=vae_tile_size or vae_tiling, vae_tile_overlap=vae_tile_overlap,
-                                     loras=loras, lora_dir=lora_dir)
+                                     loras=loras, lora_dir=lora_dir, control_image=control_image, eta=eta,
+                                     sigmas=sigmas, hires_fix=hires_fix,
+                                     controlnet_conditioning_scale=control_strength)
+        if control_image is not None and control_net is None:
+            raise ValueError("--control-image needs --control-net")
+        if control_net is not None:
+            from .modelfile import read_control_net
+
+            read_control_net(control_net)
         if taesd is not None:
             from .modelfile import read_tiny_autoencoder
 
@@ -227,7 +259,8 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
             sd = StableDiffusion(model, threads=threads, backend=backend, prediction=prediction, conv=conv,
                                  attention=attention, linear=linear, winograd_cache_mb=winograd_cache_mb,
                                  alter=False if no_alter else None, alter_semantics=alter_semantics,
-                                 alter_masks=alter_masks, taesd=taesd, lora_dir=lora_dir,
+                                 alter_masks=alter_masks, taesd=taesd, control_net=control_net, lora_dir=lora_dir,
+                                 embeddings=embd_dir,
                                  lora_apply_mode=lora_apply_mode,
                                  vae_decode_only=init_image is None, progress=loading)
         finally:
@@ -243,8 +276,11 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
                                                scheduler=p.scheduler, seed=p.seed, batch_size=p.batch_size,
                                                clip_skip=p.clip_skip, inheritance=policy, step_cache=step_cache,
                                                image=inputs.image, mask_image=inputs.mask_image,
-                                               strength=inputs.strength, vae_tiling=p.vae_tiling,
-                                               loras=p.loras, callback=bar)
+                                               strength=inputs.strength, control_image=inputs.control_image,
+                                               controlnet_conditioning_scale=inputs.control_scale,
+                                               vae_tiling=p.vae_tiling,
+                                               loras=p.loras, eta=p.eta, sigmas=p.sigmas, hires_fix=p.hires_fix,
+                                               callback=bar)
             finally:
                 bar.close()
             text = png_parameters(result.params, Path(model).stem, backend, __version__,

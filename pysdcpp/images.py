@@ -1,5 +1,5 @@
-"""Input images of a generation (img2img's init image, an inpainting mask): read and checked before any model
-loads, sized to the generation, and handed to the library as `sd_image_t`.
+"""Input images of a generation (img2img's init image, an inpainting mask, a ControlNet's control image): read and
+checked before any model loads, sized to the generation, and handed to the library as `sd_image_t`.
 
 An input is a PIL image, a numpy array (uint8, H x W, H x W x 1, 3 or 4; or float in 0..1) or a path to an image
 file. The init image is used as RGB (alpha dropped), the mask as 8-bit grey: white is repainted, black kept (as in
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-MODES = {"image": "RGB", "mask_image": "L"}
+MODES = {"image": "RGB", "mask_image": "L", "control_image": "RGB"}
 
 
 def read_image(value, name: str) -> Image.Image:
@@ -77,10 +77,14 @@ class GenerationImages:
     image: Image.Image | None = None
     mask_image: Image.Image | None = None
     strength: float = 0.8  # img2img: the share of the sampling steps that run on the noised image
+    control_image: Image.Image | None = None
+    control_scale: float = 1.0  # how strongly the ControlNet's residuals count (diffusers'
+    #                             controlnet_conditioning_scale, sd-cli's --control-strength)
 
     def fill(self, ffi, g, keep: list) -> None:
         """Point the fields of sd_img_gen_params_t `g` at these images; `keep` holds the buffers alive."""
-        for name, field in (("image", g.init_image), ("mask_image", g.mask_image)):
+        for name, field in (("image", g.init_image), ("mask_image", g.mask_image),
+                            ("control_image", g.control_image)):
             img = getattr(self, name)
             if img is None:
                 continue
@@ -89,22 +93,31 @@ class GenerationImages:
             field.width, field.height = img.width, img.height
             field.channel = 1 if arr.ndim == 2 else arr.shape[2]
             field.data = ffi.cast("uint8_t*", ffi.from_buffer(arr))
+        g.strength = float(self.strength)
+        g.control_strength = float(self.control_scale)
 
 
-def checked_images(image, mask_image, strength, width: int | None, height: int | None, multiple: int):
-    """(GenerationImages, width, height): the inputs read and sized; width and height filled from the image where
-    None. A mask needs an image to inpaint."""
+def checked_images(image, mask_image, strength, width: int | None, height: int | None, multiple: int,
+                   control_image=None, control_scale=1.0):
+    """(GenerationImages, width, height): the inputs read and sized; width and height filled from the image (or the
+    control image) where None. A mask needs an image to inpaint."""
     if mask_image is not None and image is None:
         raise ValueError("mask_image needs an image to inpaint (image=...)")
     if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) or not 0 < strength <= 1:
         raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
-    if image is None:
-        return GenerationImages(), width, height
-    init = read_image(image, "image")
-    if width is None or height is None:
-        w, h = default_size(init, multiple)
+    if (isinstance(control_scale, bool) or not isinstance(control_scale, (int, float, np.floating))
+            or not np.isfinite(control_scale)):
+        raise ValueError(f"controlnet_conditioning_scale must be a finite number, got {control_scale!r}")
+    init = read_image(image, "image") if image is not None else None
+    control = read_image(control_image, "control_image") if control_image is not None else None
+    first = init if init is not None else control
+    if first is not None and (width is None or height is None):
+        w, h = default_size(first, multiple)
         width, height = width or w, height or h
+    if first is None:
+        return GenerationImages(strength=float(strength), control_scale=float(control_scale)), width, height
     mask = read_image(mask_image, "mask_image") if mask_image is not None else None
-    images = GenerationImages(fitted(init, width, height), fitted(mask, width, height) if mask else None,
-                              float(strength))
+    images = GenerationImages(fitted(init, width, height) if init is not None else None,
+                              fitted(mask, width, height) if mask is not None else None, float(strength),
+                              fitted(control, width, height) if control is not None else None, float(control_scale))
     return images, width, height

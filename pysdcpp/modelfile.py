@@ -316,6 +316,18 @@ def read_tiny_autoencoder(path: str | os.PathLike) -> ModelFile:
     return mf
 
 
+def read_control_net(path: str | os.PathLike) -> ModelFile:
+    """A ControlNet file for `control_net=` (the original cldm names, with or without `control_model.`), or
+    ModelLoadError before anything loads."""
+    mf = read_model_file(path)
+    names = [t.name.removeprefix("control_model.") for t in mf.tensors]
+    if not any(n.startswith("input_hint_block.") for n in names) or not any(n.startswith("zero_convs.")
+                                                                          for n in names):
+        raise ModelLoadError(f"{mf.path}: not a ControlNet in the original names (input_hint_block.*, zero_convs.*; "
+                             "stable-diffusion.cpp reads those)")
+    return mf
+
+
 # Where the tensors of the other components live: a separate UNet file holding one of these is a whole model.
 _OTHER_COMPONENTS = (VAE_PREFIX, TAE_PREFIX, TEXT_PREFIX, TEXT2_PREFIX, "cond_stage_model.", "conditioner.")
 

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from . import _native
-from .api import CONV_ALGORITHMS, DEFAULT_CONV, _kernel_choice, _threads, take_image
+from .api import CONV_ALGORITHMS, DEFAULT_CONV, NativeHandle, _kernel_choice, _threads, take_image
 from .errors import GenerationError, ModelLoadError, PySDCppError
 from .images import read_image
 from .modelfile import read_model_file
@@ -27,7 +27,7 @@ def check_esrgan_file(path) -> None:
         raise ModelLoadError(f"{mf.path}: not an ESRGAN model (RRDBNet: conv_first/body/conv_up or model.N tensors)")
 
 
-class Upscaler:
+class Upscaler(NativeHandle):
     """An ESRGAN upscaler in one of the two native libraries; close it (or use `with`) to free its memory.
     `tile_size`: the image is upscaled in tiles of this many input pixels (sd-cli's default 128; 0: whole)."""
 
@@ -90,15 +90,3 @@ class Upscaler:
                 if self.native.has_components:
                     self.native.lib.pysdcpp_winograd_cache_clear()
             self._ctx = None
-
-    def __enter__(self) -> "Upscaler":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -103,6 +103,12 @@ def sd21_f16() -> Path:
     return model_gguf("sd2")
 
 
+@pytest.fixture(scope="session")
+def controlnet_sd15() -> Path:
+    """A ControlNet for the SD1.5 fixture: the real architecture (361 M parameters, 723 MB F16), random weights."""
+    return _cached("controlnet-sd15-f16.safetensors", lambda p: synthetic.write_controlnet(p, "sd1", seed=11))
+
+
 # ---- the PyTorch originals ---------------------------------------------------------------------------
 
 def torch_reference(family: str, component: str, variant: str = "base"):
@@ -256,6 +262,57 @@ def module_tmp(tmp_path_factory):
     folder = tmp_path_factory.mktemp("module")
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def psnr(a, b) -> float:
+    """PSNR in dB of two 8-bit images (PIL or arrays); inf when identical."""
+    import math
+
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return 10 * math.log10(255.0 ** 2 / mse) if mse else float("inf")
+
+
+def assert_within_plain_psnr(label: str, accelerated, upstream, plain_accelerated, plain_upstream) -> None:
+    """The accelerated library's image of a feature against upstream's, within the PSNR its plain text-to-image
+    shows at the same settings (capped at 40 dB) minus 3 dB: the generation surface's bound."""
+    base, got = psnr(plain_accelerated, plain_upstream), psnr(accelerated, upstream)
+    print(f"{label}: accelerated vs upstream {got:.1f} dB (plain txt2img {base:.1f} dB)")
+    assert got >= min(base, 40.0) - 3.0
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MB (what the soak and cancel tests measure)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+_CLI_FLAGS = {"prompt": "-p", "negative_prompt": "-n", "width": "-W", "height": "-H", "num_inference_steps": "--steps",
+              "guidance_scale": "--cfg-scale", "sampler": "--sampling-method", "seed": "--seed"}
+
+
+def sd_cli_image(model, settings: dict, out_dir: Path, *extra: str) -> np.ndarray:
+    """The RGB image upstream's sd-cli makes for `settings` (generate()'s names; None values left out) plus
+    `extra` arguments, 2 threads; skips the test where sd-cli was not built."""
+    import subprocess
+
+    from PIL import Image
+
+    from pysdcpp import _native
+
+    cli = _native.upstream_cli()
+    if cli is None:
+        pytest.skip("upstream sd-cli was not built (PYSDCPP_BUILD_CLI=OFF)")
+    out = Path(out_dir) / "cli.png"
+    cmd = [str(cli), "-m", str(model), "-t", "2", "-o", str(out)]
+    for key, value in settings.items():
+        if value is not None and key in _CLI_FLAGS:
+            cmd += [_CLI_FLAGS[key], str(value)]
+    proc = subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return np.asarray(Image.open(out).convert("RGB"))
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import rss_mb as _rss_mb
 
 from pysdcpp import StableDiffusion, StopGeneration
 
@@ -21,14 +22,6 @@ pytestmark = pytest.mark.slow
 
 SETTINGS = dict(prompt="a lighthouse at dusk", width=128, height=128, num_inference_steps=8, guidance_scale=7.0,
                 sampler="euler", seed=99)
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def _stop_at(step_to_stop: int, seen: list, exc: BaseException):

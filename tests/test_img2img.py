@@ -4,14 +4,12 @@ PSNR its txt2img shows at the same settings; the inputs checked before any load;
 
 from __future__ import annotations
 
-import math
-import subprocess
-
 import numpy as np
 import pytest
+from conftest import assert_within_plain_psnr, sd_cli_image
 from PIL import Image
 
-from pysdcpp import StableDiffusion, _native
+from pysdcpp import StableDiffusion
 from pysdcpp.api import checked_generation, png_parameters
 from pysdcpp.images import read_image
 from pysdcpp.modelfile import read_model_file
@@ -36,10 +34,6 @@ def _mask() -> Image.Image:
     m[24:88, 40:112] = 255   # repaint a box, keep the rest
     return Image.fromarray(m, "L")
 
-
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return 10 * math.log10(255.0 ** 2 / mse) if mse else float("inf")
 
 
 @pytest.fixture(scope="module")
@@ -74,21 +68,13 @@ def runs(sd15_f16, inputs):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_upstream_is_sd_cli(runs, case, inputs, sd15_f16, tmp_path):
-    cli = _native.upstream_cli()
-    if cli is None:
-        pytest.skip("upstream sd-cli was not built (PYSDCPP_BUILD_CLI=OFF)")
     c = CASES[case]
-    out = tmp_path / "cli.png"
-    cmd = [str(cli), "-m", str(sd15_f16), "-p", SETTINGS["prompt"], "-n", SETTINGS["negative_prompt"],
-           "--steps", "6", "--cfg-scale", "7.0", "--sampling-method", "euler", "--seed", "777", "-t", "2",
-           "-i", str(inputs[0]), "--strength", str(c["strength"]), "-o", str(out)]
-    if c.get("mask"):
-        cmd += ["--mask", str(inputs[1])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    extra = ["-i", str(inputs[0]), "--strength", str(c["strength"])] + (["--mask", str(inputs[1])]
+                                                                       if c.get("mask") else [])
+    cli = sd_cli_image(sd15_f16, SETTINGS, tmp_path, *extra)   # no -W/-H: the image's size
     ours = runs["upstream", case]
-    assert ours.images[0].size == (SIZE, SIZE)   # the image's size, no -W/-H
-    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(ours.images[0]))
+    assert ours.images[0].size == (SIZE, SIZE)
+    np.testing.assert_array_equal(cli, np.asarray(ours.images[0]))
 
 
 @pytest.mark.slow
@@ -125,10 +111,8 @@ def test_inpainting_keeps_the_unmasked_region(runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_accelerated_within_its_txt2img_psnr(runs, case):
-    txt = psnr(runs["accelerated", "txt2img"].images[0], runs["upstream", "txt2img"].images[0])
-    got = psnr(runs["accelerated", case].images[0], runs["upstream", case].images[0])
-    print(f"{case}: accelerated vs upstream {got:.1f} dB (txt2img at the same settings {txt:.1f} dB)")
-    assert got >= min(txt, 40.0) - 3.0
+    assert_within_plain_psnr(case, runs["accelerated", case].images[0], runs["upstream", case].images[0],
+                             runs["accelerated", "txt2img"].images[0], runs["upstream", "txt2img"].images[0])
 
 
 @pytest.mark.slow

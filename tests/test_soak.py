@@ -8,18 +8,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import rss_mb as _rss_mb
 
 from pysdcpp import StableDiffusion
 
 pytestmark = pytest.mark.slow
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def _malloc_in_use() -> int | None:

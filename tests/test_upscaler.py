@@ -4,11 +4,11 @@ weights; the accelerated library (Winograd convs) against upstream; bad files an
 
 from __future__ import annotations
 
-import math
 import subprocess
 
 import numpy as np
 import pytest
+from conftest import psnr
 from PIL import Image
 
 from pysdcpp import ModelLoadError, _native
@@ -18,10 +18,6 @@ from pysdcpp.upscaler import Upscaler
 pytestmark = pytest.mark.slow
 ARCHS = {"x4plus": dict(num_block=23, scale=4), "x2-small": dict(num_block=2, scale=2)}
 
-
-def psnr(a, b) -> float:
-    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return 10 * math.log10(255.0 ** 2 / mse) if mse else float("inf")
 
 
 @pytest.fixture(scope="module")

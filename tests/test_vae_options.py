@@ -5,21 +5,19 @@ AutoencoderTiny with the same weights; on the accelerated library within the PSN
 
 from __future__ import annotations
 
-import math
-import subprocess
-
 import numpy as np
 import pytest
+from conftest import assert_within_plain_psnr, psnr, sd_cli_image
 from PIL import Image
 
-from pysdcpp import ModelLoadError, StableDiffusion, _native
+from pysdcpp import ModelLoadError, StableDiffusion
 from pysdcpp.api import png_parameters
 from pysdcpp.converters import synthetic
 from pysdcpp.vae_tiling import VaeTiling, parse_vae_tiling
 
-SETTINGS = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", width=128, height=128,
-                num_inference_steps=4, guidance_scale=7.0, sampler="euler", seed=2024)
-TILE = "8x8"   # latent pixels: 2 x 2 tiles over a 128 px image's 16 x 16 latent, half-tile overlap
+SETTINGS = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", width=64, height=64,
+                num_inference_steps=2, guidance_scale=7.0, sampler="euler", seed=2024)
+TILE = "4x4"   # latent pixels, the library's smallest: 2 x 2 tiles (and more with overlap) over a 64 px image's 8 x 8
 CASES = {   # name: (constructor options, generate options, sd-cli arguments)
     "plain": ({}, {}, []),
     "taesd": ({"taesd": True}, {}, ["--taesd", None]),
@@ -33,15 +31,11 @@ CASES = {   # name: (constructor options, generate options, sd-cli arguments)
 }
 
 
-def psnr(a, b) -> float:
-    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return 10 * math.log10(255.0 ** 2 / mse) if mse else float("inf")
-
 
 @pytest.fixture(scope="module")
 def files(module_tmp):
     taesd = synthetic.write_tiny_autoencoder(module_tmp / "taesd.safetensors", seed=3)
-    y, x = np.mgrid[0:128, 0:128] / 128
+    y, x = np.mgrid[0:64, 0:64] / 64
     init = module_tmp / "init.png"
     Image.fromarray((np.stack([x, y, (x + y) / 2], -1) * 255).astype(np.uint8), "RGB").save(init)
     return {"taesd": taesd, "image": init}
@@ -68,20 +62,11 @@ def runs(sd15_f16, files):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in CASES if c != "plain"])
 def test_upstream_is_sd_cli(runs, case, files, sd15_f16, tmp_path):
-    cli = _native.upstream_cli()
-    if cli is None:
-        pytest.skip("upstream sd-cli was not built (PYSDCPP_BUILD_CLI=OFF)")
     args = list(CASES[case][2])
     for i, a in enumerate(args):
         if a is None:
             args[i] = str(files["taesd" if args[i - 1] == "--taesd" else "image"])
-    out = tmp_path / "cli.png"
-    cmd = [str(cli), "-m", str(sd15_f16), "-p", SETTINGS["prompt"], "-n", SETTINGS["negative_prompt"],
-           "-W", "128", "-H", "128", "--steps", "4", "--cfg-scale", "7.0", "--sampling-method", "euler",
-           "--seed", "2024", "-t", "2", "-o", str(out), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")),
+    np.testing.assert_array_equal(sd_cli_image(sd15_f16, SETTINGS, tmp_path, *args),
                                   np.asarray(runs["upstream", case].images[0]))
 
 
@@ -100,10 +85,8 @@ def test_each_option_changes_the_decode(runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_accelerated_within_its_txt2img_psnr(runs, case):
-    base = psnr(runs["accelerated", "plain"].images[0], runs["upstream", "plain"].images[0])
-    got = psnr(runs["accelerated", case].images[0], runs["upstream", case].images[0])
-    print(f"{case}: accelerated vs upstream {got:.1f} dB (plain txt2img {base:.1f} dB)")
-    assert got >= min(base, 40.0) - 3.0
+    assert_within_plain_psnr(f"{case}", runs["accelerated", case].images[0], runs["upstream", case].images[0],
+                             runs["accelerated", "plain"].images[0], runs["upstream", "plain"].images[0])
 
 
 @pytest.mark.slow
@@ -131,8 +114,8 @@ def test_taesd_decode_against_diffusers(sd15_f16, files):
 @pytest.mark.slow
 def test_png_records_the_tiling(runs):
     r = runs["upstream", "tiled-overlap"]
-    assert r.params.vae_tiling == "8x8:overlap=0.25"
-    assert "VAE tiling: 8x8:overlap=0.25" in png_parameters(r.params, "m", "upstream", "0")
+    assert r.params.vae_tiling == "4x4:overlap=0.25"
+    assert "VAE tiling: 4x4:overlap=0.25" in png_parameters(r.params, "m", "upstream", "0")
 
 
 def test_tiling_specs():
