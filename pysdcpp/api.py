@@ -537,18 +537,14 @@ class StableDiffusion(NativeHandle):
             step_cache.apply(lib, g.cache)
         if p.eta is not None:
             g.sample_params.eta = float(p.eta)
-        if p.hires_fix is not None:
-            from .hires import parse_hires
-
-            parse_hires(p.hires_fix).apply(g.hires, keep, ffi)
+        if checked.hires is not None:
+            checked.hires.apply(g.hires, keep, ffi)
         if p.sigmas is not None:
             keep.append(ffi.new("float[]", [float(v) for v in p.sigmas]))
             g.sample_params.custom_sigmas, g.sample_params.custom_sigmas_count = keep[-1], len(p.sigmas)
         inputs.fill(ffi, g, keep)
-        if p.vae_tiling is not None:
-            from .vae_tiling import parse_vae_tiling
-
-            parse_vae_tiling(p.vae_tiling).apply(g.vae_tiling_params)
+        if checked.tiling is not None:
+            checked.tiling.apply(g.vae_tiling_params)
         from . import lora
 
         loras = checked.loras
@@ -953,6 +949,8 @@ class CheckedGeneration:
     plan: object = None
     library_prompt: str = ""   # the prompt without its <lora:...> tags, as the library gets it
     loras: tuple = ()   # every LoRA the generation applies (the tags' and loras='s), sorted (path, weight) pairs
+    tiling: object = None   # the parsed vae_tiling (pysdcpp.vae_tiling.VaeTiling)
+    hires: object = None    # the parsed hires_fix (pysdcpp.hires.HiresFix)
 
 
 def random_seed() -> int:
@@ -1020,10 +1018,11 @@ def checked_generation(model_file: ModelFile, backend: str, prompt: str, negativ
             raise ValueError("a step cache and feature inheritance each decide what a step reuses; use one")
         if model_file.unet_layout is None:
             raise ValueError(f"upstream's {step_cache.mode} runs on UNets only (SD1.x, SD2.x, SDXL)")
+    hires = None
     if p.hires_fix is not None:
         from .hires import parse_hires
 
-        fix = parse_hires(p.hires_fix)
+        hires = fix = parse_hires(p.hires_fix)
         p.hires_fix = fix.spec()
         if inheritance is not None:
             raise ValueError("hires_fix runs a second sampling pass, which an inheritance plan does not cover")
@@ -1032,7 +1031,7 @@ def checked_generation(model_file: ModelFile, backend: str, prompt: str, negativ
     plan = None
     if inheritance is not None:
         plan = checked_plan(model_file, backend, inheritance, p.num_inference_steps)
-    return CheckedGeneration(p, step_cache, images, plan, library_prompt, applied)
+    return CheckedGeneration(p, step_cache, images, plan, library_prompt, applied, tiling, hires)
 
 
 def checked_plan(model_file: ModelFile, backend: str, inheritance, steps: int):

@@ -67,7 +67,7 @@ def test_upstream_is_sd_cli_and_every_tensor_applies(runs, case, sd15_f16, lora_
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_accelerated_within_its_txt2img_psnr(runs, case):
-    assert_within_plain_psnr(f"{case}", runs["accelerated", case].images[0], runs["upstream", case].images[0],
+    assert_within_plain_psnr(case, runs["accelerated", case].images[0], runs["upstream", case].images[0],
                              runs["accelerated", "none"].images[0], runs["upstream", "none"].images[0])
 
 

@@ -82,7 +82,7 @@ def test_each_option_changes_the_image(runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_accelerated_within_its_txt2img_psnr(runs, case):
-    assert_within_plain_psnr(f"{case}", runs["accelerated", case].images[0], runs["upstream", case].images[0],
+    assert_within_plain_psnr(case, runs["accelerated", case].images[0], runs["upstream", case].images[0],
                              runs["accelerated", "plain"].images[0], runs["upstream", "plain"].images[0])
 
 
