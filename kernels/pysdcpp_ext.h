@@ -34,6 +34,13 @@ int pysdcpp_encode_prompt(sd_ctx_t* ctx, const char* text, int clip_skip, int wi
 int pysdcpp_unet(sd_ctx_t* ctx, const float* x, const int64_t* x_ne, const float* timesteps,
                  const float* context, const int64_t* context_ne, const float* y, const int64_t* y_ne,
                  pysdcpp_tensor_t* out);
+/* pysdcpp_unet with a ControlNet (a context made with one): the ControlNet runs on the same x, timesteps, context
+   and y with the hint [8 W, 8 H, 3, N] (the control image, 0..1), and its residuals, times control_strength, go
+   into the UNet's skip connections and middle block, as a guided sampling step runs them per condition. */
+int pysdcpp_unet_controlled(sd_ctx_t* ctx, const float* x, const int64_t* x_ne, const float* timesteps,
+                            const float* context, const int64_t* context_ne, const float* y, const int64_t* y_ne,
+                            const float* hint, const int64_t* hint_ne, float control_strength,
+                            pysdcpp_tensor_t* out);
 /* Width of the UNet's extra input y (SDXL: 2816), 0 where it takes none. */
 int64_t pysdcpp_unet_y_width(sd_ctx_t* ctx);
 /* VAE decode of a diffusion latent [W, H, C, N]: the decoder's raw output, before clamping, about -1..1 (a tiny

@@ -117,12 +117,14 @@ class NativeLibrary:
         self.last_error_lines: list[str] = []
         self._captures: list[list[str]] = []  # info lines collected for a caller (capture())
         self._progress = None
+        self._preview = None
         self._stop: BaseException | None = None  # what stopped the running generation (arm_stop)
         self._armed = False
         self._log_cb = self.ffi.callback("sd_log_cb_t", self._on_log, onerror=self._on_callback_error)
         self._progress_cb = self.ffi.callback("sd_progress_cb_t", self._on_progress, onerror=self._on_callback_error)
         self.lib.sd_set_log_callback(self._log_cb, self.ffi.NULL)
         self.lib.sd_set_progress_callback(self._progress_cb, self.ffi.NULL)
+        self._preview_cb = self.ffi.callback("sd_preview_cb_t", self._on_preview, onerror=self._on_callback_error)
         self.lock = threading.RLock()  # the library's callbacks and contexts are not thread-safe
 
     def _on_log(self, level, text, _data):
@@ -156,6 +158,33 @@ class NativeLibrary:
                     self._request_stop(e)
                 else:
                     _log.exception("progress callback failed")
+
+    def _on_preview(self, step, frame_count, frames, is_noisy, _data):
+        fn = self._preview
+        if fn is None or frame_count < 1:
+            return
+        try:
+            from PIL import Image
+
+            f = frames[0]
+            w, h, c = int(f.width), int(f.height), int(f.channel)
+            data = bytes(self.ffi.buffer(f.data, w * h * c))
+            fn(int(step), Image.frombytes({1: "L", 3: "RGB", 4: "RGBA"}[c], (w, h), data), bool(is_noisy))
+        except BaseException as e:  # never let an exception cross into C
+            if self._armed:
+                self._request_stop(e)
+            else:
+                _log.exception("preview callback failed")
+
+    def set_preview(self, fn, mode: str = "proj", interval: int = 1, noisy: bool = False) -> None:
+        """Route the library's latent previews (process-global, as its other callbacks) to fn(step, image,
+        is_noisy), or stop them with fn=None."""
+        self._preview = fn
+        if fn is None:
+            self.lib.sd_set_preview_callback(self.ffi.NULL, self.lib.PREVIEW_NONE, 1, True, False, self.ffi.NULL)
+        else:
+            self.lib.sd_set_preview_callback(self._preview_cb, self.lib.str_to_preview(mode.encode()), int(interval),
+                                             not noisy, bool(noisy), self.ffi.NULL)
 
     def _on_callback_error(self, exc_type, exc, tb):
         """cffi's last resort for an exception escaping a callback (a KeyboardInterrupt delivered inside one)."""

@@ -25,6 +25,8 @@ from .images import GenerationImages, checked_images
 from .modelfile import ModelFile, read_control_net, read_model_file, read_tiny_autoencoder, with_unet
 
 StepCallback = Callable[[int, int, float], None]
+PreviewCallback = Callable[[int, Image.Image], None]
+PREVIEW_MODES = ("proj", "vae", "tae")  # the library's latent previews (sd-cli's --preview)
 
 # Convolution algorithms per library: upstream's two, plus Winograd in the accelerated one (which picks
 # F(4x4), F(2x2) or im2col per layer).
@@ -57,6 +59,7 @@ class GenerationParams:
     eta: float | None = None  # the samplers' noise multiplier; None: the sampler's own (1 ancestral, 0 ddim/tcd)
     sigmas: tuple | None = None  # a custom noise schedule, num_inference_steps + 1 values, decreasing, to 0
     hires_fix: str | None = None  # upscale and denoise again, a pysdcpp.hires spec ("latent:scale=2,strength=0.6")
+    image_guidance_scale: float | None = None  # pix2pix/inpaint models' image guidance; None: guidance_scale's
 
     def validate(self, samplers: list[str], schedulers: list[str], multiple: int = 64) -> None:
         """Check every field; `multiple`: what width and height must be multiples of (8 per latent pixel, times 2
@@ -109,6 +112,10 @@ class GenerationParams:
             from .hires import parse_hires
 
             parse_hires(self.hires_fix)
+        if self.image_guidance_scale is not None and (
+                isinstance(self.image_guidance_scale, bool) or not isinstance(self.image_guidance_scale, (int, float))
+                or not math.isfinite(self.image_guidance_scale)):
+            raise ValueError(f"image_guidance_scale must be a finite number, got {self.image_guidance_scale!r}")
         if self.vae_tiling is not None:
             from .vae_tiling import parse_vae_tiling
 
@@ -128,6 +135,7 @@ class GenerationResult:
     inherited: list = field(default_factory=list)  # InheritedEvaluation per UNet evaluation when inheritance ran
     step_cache_skipped: int | None = None  # steps the step cache skipped (no UNet evaluation), when one ran
     images_in: GenerationImages = field(default_factory=GenerationImages)  # img2img/inpainting inputs, sized
+    upscaled: tuple | None = None  # (upscaler file name, factor per pass, passes) when the context's upscaler ran
 
 
 # Display names A1111/ComfyUI users know, for the PNG parameters chunk.
@@ -138,9 +146,11 @@ _A1111_SAMPLERS = {"euler_a": "Euler a", "euler": "Euler", "heun": "Heun", "dpm2
 
 
 def png_parameters(p: GenerationParams, model_name: str, backend: str, version: str,
-                   inheritance: str | None = None, images: GenerationImages | None = None) -> str:
+                   inheritance: str | None = None, images: GenerationImages | None = None,
+                   upscaled: tuple | None = None) -> str:
     """The `parameters` text chunk in the A1111 layout (prompt, negative prompt, then key: value pairs; a value
-    with commas in quotes); `inheritance`: the policy's spec, when one ran; `images`: img2img's inputs."""
+    with commas in quotes); `inheritance`: the policy's spec, when one ran; `images`: img2img's inputs;
+    `upscaled`: GenerationResult.upscaled."""
     fields = [("Steps", p.num_inference_steps), ("Sampler", _A1111_SAMPLERS.get(p.sampler, p.sampler))]
     if images is not None and images.image is not None:
         fields.append(("Denoising strength", f"{images.strength:g}"))
@@ -148,6 +158,10 @@ def png_parameters(p: GenerationParams, model_name: str, backend: str, version: 
             fields.append(("Inpaint", "masked"))
     if images is not None and images.control_image is not None:
         fields.append(("ControlNet weight", f"{images.control_scale:g}"))
+    if images is not None and images.ref_images:
+        fields.append(("Edit images", len(images.ref_images)))
+    if p.image_guidance_scale is not None:
+        fields.append(("Image CFG scale", f"{p.image_guidance_scale:g}"))
     if p.scheduler != "default":
         fields.append(("Schedule type", p.scheduler))
     fields += [("CFG scale", f"{p.guidance_scale:g}"), ("Seed", p.seed), ("Size", f"{p.width}x{p.height}"),
@@ -169,6 +183,9 @@ def png_parameters(p: GenerationParams, model_name: str, backend: str, version: 
         fields.append(("LoRAs", f'"{text}"' if "," in text else text))
     if inheritance:
         fields.append(("Inheritance", f'"{inheritance}"' if "," in inheritance else inheritance))
+    if upscaled:
+        name, factor, passes = upscaled
+        fields += [("Postprocess upscaler", name), ("Postprocess upscale by", factor ** passes)]
     fields.append(("Version", f"pysdcpp {version} ({backend})"))
     text = p.prompt
     if p.negative_prompt:
@@ -243,8 +260,10 @@ class StableDiffusion(NativeHandle):
 
     def __init__(self, model: str | os.PathLike, *, threads: int | None = None, backend: str = "accelerated",
                  vae: str | os.PathLike | None = None, unet: str | os.PathLike | None = None,
-                 taesd: str | os.PathLike | None = None, control_net: str | os.PathLike | None = None,
+                 taesd: str | os.PathLike | None = None, taesd_preview_only: bool = False,
+                 control_net: str | os.PathLike | None = None,
                  lora_dir: str | os.PathLike | None = None, embeddings=None,
+                 upscaler: str | os.PathLike | None = None, upscale_repeats: int = 1,
                  lora_apply_mode: str = "auto",
                  prediction: str = "auto", rng: str = "cuda",
                  vae_decode_only: bool = False, conv: str = "default", winograd_cache_mb: int | None = None,
@@ -253,6 +272,7 @@ class StableDiffusion(NativeHandle):
                  alter_masks: str | os.PathLike | None = None,
                  progress: Callable[[int, int, float], None] | None = None):
         self._ctx = None
+        self._upscaler = None
         self._inherit = None  # the NativePlan of the generation or InheritanceSession running, if any
         if backend not in _native.BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(_native.BACKENDS)}, not {backend!r}")
@@ -272,6 +292,18 @@ class StableDiffusion(NativeHandle):
         self.lora_apply_mode = lora_apply_mode
         self._lora_state: tuple = ()   # the LoRAs the last generation applied (what the weights hold, immediately)
         self.embeddings = _embedding_files(embeddings)
+        if not isinstance(taesd_preview_only, bool) or (taesd_preview_only and taesd is None):
+            raise ValueError("taesd_preview_only=True keeps the VAE for the images and decodes previews with the "
+                             "tiny autoencoder: give taesd= too")
+        self.taesd_preview_only = taesd_preview_only
+        if (isinstance(upscale_repeats, bool) or not isinstance(upscale_repeats, (int, np.integer))
+                or not 1 <= upscale_repeats <= 4):
+            raise ValueError(f"upscale_repeats must be 1 to 4, got {upscale_repeats!r}")
+        self.upscale_repeats = int(upscale_repeats)
+        if upscaler is not None:
+            from .upscaler import check_esrgan_file
+
+            check_esrgan_file(upscaler)
         if not isinstance(vae_decode_only, bool):
             raise ValueError(f"vae_decode_only must be True or False, not {vae_decode_only!r}")
         self.vae_decode_only = vae_decode_only   # True saves the VAE encoder's memory; img2img then cannot run
@@ -313,6 +345,8 @@ class StableDiffusion(NativeHandle):
             params.diffusion_model_path = self._cstr(str(unet_file.path))
         if taesd_file is not None:   # decodes (and encodes) with the tiny autoencoder instead of the VAE
             params.taesd_path = self._cstr(str(taesd_file.path))
+            params.tae_preview_only = taesd_preview_only   # or only the previews
+        self.taesd = taesd_file.path if taesd_file is not None else None
         if self.control_net is not None:
             params.control_net_path = self._cstr(str(self.control_net.path))
         if self.embeddings:   # textual inversion: a prompt word equal to a name reads that file's vectors
@@ -358,6 +392,15 @@ class StableDiffusion(NativeHandle):
                 raise ModelLoadError(f"could not load {what}: {why}")
         self._ctx = ctx
         self._keep.clear()
+        if upscaler is not None:   # after the model: a failed load leaves nothing to free
+            from .upscaler import Upscaler
+
+            try:
+                self._upscaler = Upscaler(upscaler, threads=self.threads, backend=backend,
+                                          conv="default" if conv == "direct" else conv)
+            except BaseException:
+                self.close()
+                raise
 
     def _alter_routing(self, backend: str, alter: bool | None, semantics: str, masks):
         """The ALTER routing this context runs with (None: dense): a JSON mask file's (`alter_masks`, for masks
@@ -401,6 +444,9 @@ class StableDiffusion(NativeHandle):
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
+        if self._upscaler is not None:
+            self._upscaler.close()
+            self._upscaler = None
         if self._ctx is not None:
             with self.native.lock:
                 self.native.lib.free_sd_ctx(self._ctx)
@@ -458,8 +504,10 @@ class StableDiffusion(NativeHandle):
                  controlnet_conditioning_scale: float = 1.0,
                  inheritance=None, step_cache: str | None = None, vae_tiling=False,
                  vae_tile_overlap: float | None = None, loras=None, eta: float | None = None, sigmas=None,
-                 hires_fix: str | None = None,
-                 callback: StepCallback | None = None) -> list[Image.Image]:
+                 hires_fix: str | None = None, ref_images=None, image_guidance_scale: float | None = None,
+                 callback: StepCallback | None = None, preview: PreviewCallback | None = None,
+                 preview_mode: str = "proj", preview_interval: int = 1, preview_noisy: bool = False
+                 ) -> list[Image.Image]:
         """Text to image, or image to image with `image`; returns PIL images.
 
         `callback(step, steps, seconds)` is called after every step; an exception it raises (raise
@@ -489,7 +537,19 @@ class StableDiffusion(NativeHandle):
         A generation with other LoRAs than the last one drops the Winograd filters cached from the old weights.
         `eta`: the samplers' noise multiplier (None: the sampler's default). `sigmas`: a custom noise schedule,
         decreasing to 0; it sets the step count (len(sigmas) - 1). `hires_fix`: generate, upscale, denoise again
-        ("latent:scale=2,steps=0,strength=0.7", or an ESRGAN file's path as the upscaler; pysdcpp.hires)."""
+        ("latent:scale=2,steps=0,strength=0.7", or an ESRGAN file's path as the upscaler; pysdcpp.hires).
+        Instruct-Pix2Pix models (variant pix2pix): `ref_images`, the image to edit (one, or a list), and
+        `image_guidance_scale`, how closely to keep it (None: the same as guidance_scale, upstream's default,
+        which runs no separate image condition; diffusers' default is 1.5).
+
+        `preview(step, image)`: called with a preview of the latent at every `preview_interval`-th step:
+        `preview_mode` "proj" (a linear map of the latent to RGB at its size, 1/8 of the image's: cheap), "vae"
+        (the full decode) or "tae" (the tiny autoencoder of a context made with taesd=; with
+        taesd_preview_only=True the images still decode with the VAE). The library previews every step whatever
+        the interval (its own interval is not used), so "vae" and "tae" cost a decode each step. `preview_noisy`:
+        the noisy input of each step instead of its denoised estimate. An exception it raises stops the run as
+        the step callback's does. A context made with upscaler= (an ESRGAN file) returns its images upscaled
+        upscale_repeats times."""
         return self.generate_with_info(prompt, negative_prompt, width=width, height=height,
                                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                        sampler=sampler, scheduler=scheduler, seed=seed, batch_size=batch_size,
@@ -499,10 +559,27 @@ class StableDiffusion(NativeHandle):
                                        controlnet_conditioning_scale=controlnet_conditioning_scale,
                                        inheritance=inheritance, step_cache=step_cache, vae_tiling=vae_tiling,
                                        vae_tile_overlap=vae_tile_overlap, loras=loras, eta=eta, sigmas=sigmas,
-                                       hires_fix=hires_fix, callback=callback).images
+                                       hires_fix=hires_fix, ref_images=ref_images,
+                                       image_guidance_scale=image_guidance_scale, callback=callback,
+                                       preview=preview, preview_mode=preview_mode,
+                                       preview_interval=preview_interval, preview_noisy=preview_noisy).images
 
     def generate_with_info(self, prompt: str, negative_prompt: str = "", *, callback: StepCallback | None = None,
-                           inheritance=None, **kwargs) -> GenerationResult:
+                           inheritance=None, preview: PreviewCallback | None = None, preview_mode: str = "proj",
+                           preview_interval: int = 1, preview_noisy: bool = False, **kwargs) -> GenerationResult:
+        if preview is not None:
+            if not callable(preview):
+                raise TypeError("preview must be a function (step, image)")
+            if preview_mode not in PREVIEW_MODES:
+                raise ValueError(f"preview_mode must be one of {', '.join(PREVIEW_MODES)}, not {preview_mode!r}")
+            if preview_mode == "tae" and self.taesd is None:
+                raise ValueError('preview_mode="tae" needs a context made with taesd= (and taesd_preview_only=True '
+                                 'to keep the VAE for the images)')
+            if (isinstance(preview_interval, bool) or not isinstance(preview_interval, (int, np.integer))
+                    or preview_interval < 1):
+                raise ValueError(f"preview_interval must be a positive integer, got {preview_interval!r}")
+            if not isinstance(preview_noisy, bool):
+                raise ValueError(f"preview_noisy must be True or False, not {preview_noisy!r}")
         checked = checked_generation(self.model_file, self.backend, prompt, negative_prompt, inheritance=inheritance,
                                      lora_dir=self.lora_dir, **kwargs)
         p, step_cache, inputs = checked.params, checked.step_cache, checked.images
@@ -537,6 +614,8 @@ class StableDiffusion(NativeHandle):
             step_cache.apply(lib, g.cache)
         if p.eta is not None:
             g.sample_params.eta = float(p.eta)
+        if p.image_guidance_scale is not None:
+            g.sample_params.guidance.img_cfg = float(p.image_guidance_scale)
         if checked.hires is not None:
             checked.hires.apply(g.hires, keep, ffi)
         if p.sigmas is not None:
@@ -551,6 +630,10 @@ class StableDiffusion(NativeHandle):
         lora.fill(ffi, g, loras, keep)
         step_times: list[float] = []
         step_marks: list[tuple[int, int]] = []  # (step, UNet evaluations recorded so far), for the ALTER report
+
+        def on_preview(step: int, image: Image.Image, _noisy: bool) -> None:
+            if step % preview_interval == 0 or step == p.num_inference_steps:
+                preview(step, image)
 
         def on_step(step: int, steps: int, seconds: float) -> None:
             step_times.append(seconds)
@@ -569,6 +652,8 @@ class StableDiffusion(NativeHandle):
                 if native_plan is not None:
                     lib.pysdcpp_inherit_history_clear()
                 self.native.set_progress(on_step)
+                if preview is not None:
+                    self.native.set_preview(on_preview, preview_mode, preview_interval, preview_noisy)
                 self.native.take_errors()
                 if loras != self._lora_state and self.native.has_components:
                     # In "immediately" mode the library is about to change the weights in place: filters
@@ -581,6 +666,8 @@ class StableDiffusion(NativeHandle):
                 finally:
                     self._lora_state = loras
                     self.native.set_progress(None)
+                    if preview is not None:
+                        self.native.set_preview(None)
                     stop = self.native.disarm_stop()
                 if stop is not None:   # the callback (or Ctrl-C) stopped the run: no image
                     if out != ffi.NULL:
@@ -589,6 +676,10 @@ class StableDiffusion(NativeHandle):
                 if out == ffi.NULL:
                     raise GenerationError(f"generation failed: {self.native.take_errors() or 'see the log'}")
                 images = _take_images(ffi, out, p.batch_size)
+                upscaled = None
+                if self._upscaler is not None:
+                    images = [self._upscale(img) for img in images]
+                    upscaled = (Path(self._upscaler.model).stem, self._upscaler.factor, self.upscale_repeats)
                 alter_steps = self._alter_report(step_marks, p) if self.alter is not None else []
                 inherited = self._inheritance_report(native_plan, p.height, p.width) if native_plan else []
                 skipped = None
@@ -601,7 +692,12 @@ class StableDiffusion(NativeHandle):
                 if native_plan is not None:
                     self._select_kernels()   # the plan goes, and with it what is left of its caches
         return GenerationResult(images, p, time.perf_counter() - t0, step_times, self.backend, alter_steps,
-                                inherited, skipped, inputs)
+                                inherited, skipped, inputs, upscaled)
+
+    def _upscale(self, image: Image.Image) -> Image.Image:
+        for _ in range(self.upscale_repeats):
+            image = self._upscaler.upscale(image)
+        return image
 
     def _native_plan(self, plan):
         """A checked inheritance plan (checked_plan) as the library's, or None."""
@@ -733,11 +829,14 @@ class StableDiffusion(NativeHandle):
         side = default_image_size(self.model_file.family)
         return (side if width is None else width), (side if height is None else height)
 
-    def unet(self, latent: np.ndarray, timestep, context: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+    def unet(self, latent: np.ndarray, timestep, context: np.ndarray, y: np.ndarray | None = None, *,
+             control_image=None, controlnet_conditioning_scale: float = 1.0) -> np.ndarray:
         """One diffusion-model evaluation: latent (N, C, h, w) (C = `in_channels`), timestep scalar or (N,), context
         (N, T, D), and for SDXL y (N, 2816) (`encode_prompt(..., return_y=True)`). The UNet's working memory and
         cached Winograd filters stay between calls (a loop of calls pays the filter transforms once) until a
-        generation's sampling ends or the context closes."""
+        generation's sampling ends or the context closes. With a ControlNet (a context made with control_net=):
+        `control_image`, the hint at 8 h x 8 w (PIL, a path, uint8 H x W x 3 or float 0..1, or a float array
+        (N, 3, 8h, 8w) in 0..1), and `controlnet_conditioning_scale`, its residuals' weight."""
         ctx = self._components()
         x = np.ascontiguousarray(latent, dtype=np.float32)
         cin = self.in_channels
@@ -772,21 +871,53 @@ class StableDiffusion(NativeHandle):
                 raise ValueError(f"y must be finite with shape ({n}, {yw}), got {y.shape}")
             if y.shape[0] != n:
                 y = np.ascontiguousarray(np.broadcast_to(y, (n, yw)))
+        hint = None
+        if control_image is not None:
+            hint = self._hint(control_image, n, 8 * x.shape[2], 8 * x.shape[3], controlnet_conditioning_scale)
         if self.alter is not None and n > 1:
             # Elements routed to different experts: one call per run of equal experts keeps every graph to one
             # UNet (the library would otherwise build one UNet per element into a single graph).
             experts = [self.alter.routing.expert_for_timestep(float(v)) for v in t]
             cuts = [0] + [i for i in range(1, n) if experts[i] != experts[i - 1]] + [n]
             if len(cuts) > 2:
-                return np.concatenate([self.unet(x[a:b], t[a:b], c[a:b], None if y is None else y[a:b])
+                return np.concatenate([self.unet(x[a:b], t[a:b], c[a:b], None if y is None else y[a:b],
+                                                 control_image=None if hint is None else hint[a:b],
+                                                 controlnet_conditioning_scale=controlnet_conditioning_scale)
                                        for a, b in zip(cuts, cuts[1:])])
         ffi = self.native.ffi
         x_ne = ffi.new("int64_t[4]", list(reversed(x.shape)))
         c_ne = ffi.new("int64_t[3]", list(reversed(c.shape)))
         y_ptr, y_ne = (ffi.NULL, ffi.NULL) if y is None else (ffi.from_buffer("float[]", y),
                                                               ffi.new("int64_t[2]", [y.shape[1], y.shape[0]]))
+        if hint is not None:
+            h_ne = ffi.new("int64_t[4]", list(reversed(hint.shape)))
+            return self._call_tensor("pysdcpp_unet_controlled", ctx, ffi.from_buffer("float[]", x), x_ne,
+                                     ffi.from_buffer("float[]", t), ffi.from_buffer("float[]", c), c_ne, y_ptr, y_ne,
+                                     ffi.from_buffer("float[]", hint), h_ne, float(controlnet_conditioning_scale))
         return self._call_tensor("pysdcpp_unet", ctx, ffi.from_buffer("float[]", x), x_ne,
                                  ffi.from_buffer("float[]", t), ffi.from_buffer("float[]", c), c_ne, y_ptr, y_ne)
+
+    def _hint(self, control_image, n: int, height: int, width: int, scale) -> np.ndarray:
+        """A component call's ControlNet hint as (n, 3, height, width) float32 in 0..1, checked."""
+        if self.control_net is None:
+            raise ValueError("control_image needs a ControlNet: StableDiffusion(..., control_net=...)")
+        if (isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not np.isfinite(scale)):
+            raise ValueError(f"controlnet_conditioning_scale must be a finite number, got {scale!r}")
+        if isinstance(control_image, np.ndarray) and control_image.ndim == 4:
+            h = np.ascontiguousarray(control_image, dtype=np.float32)
+            if h.shape[1:] != (3, height, width) or h.shape[0] not in (1, n):
+                raise ValueError(f"a hint array must have shape ({n}, 3, {height}, {width}), got {h.shape}")
+            if not np.all(np.isfinite(h)) or h.min() < 0 or h.max() > 1:
+                raise ValueError("a hint array must hold values in 0..1")
+        else:
+            from .images import read_image
+
+            img = read_image(control_image, "control_image")
+            if img.size != (width, height):
+                raise ValueError(f"the hint must be {width}x{height} (8 times the latent), got {img.width}x"
+                                 f"{img.height}")
+            h = (np.asarray(img, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None]
+        return np.ascontiguousarray(np.broadcast_to(h, (n, *h.shape[1:])))
 
     def _latent_multiple(self) -> int:
         """The latent's sides must be multiples of this: the UNet halves it once per level after the first."""
@@ -962,7 +1093,7 @@ def random_seed() -> int:
 
 def checked_generation(model_file: ModelFile, backend: str, prompt: str, negative_prompt: str = "", *,
                        inheritance=None, image=None, strength: float = 0.8, mask_image=None, control_image=None,
-                       controlnet_conditioning_scale: float = 1.0,
+                       controlnet_conditioning_scale: float = 1.0, ref_images=None,
                        num_images_per_prompt: int | None = None, vae_tiling=None,
                        vae_tile_overlap: float | None = None, loras=None, lora_dir=None,
                        **kwargs) -> CheckedGeneration:
@@ -973,7 +1104,14 @@ def checked_generation(model_file: ModelFile, backend: str, prompt: str, negativ
     side, multiple = image_size_rules(model_file)
     images, kwargs["width"], kwargs["height"] = checked_images(image, mask_image, strength, kwargs.get("width"),
                                                                kwargs.get("height"), multiple, control_image,
-                                                               controlnet_conditioning_scale)
+                                                               controlnet_conditioning_scale, ref_images)
+    kind = f"{model_file.family or 'unknown'} {model_file.variant or 'base'}"
+    if images.ref_images and model_file.variant != "pix2pix":
+        raise ValueError("ref_images edit with an Instruct-Pix2Pix model (8 input channels); this is a "
+                         f"{kind} model (for img2img give image=)")
+    if kwargs.get("image_guidance_scale") is not None and model_file.variant not in ("pix2pix", "inpaint"):
+        raise ValueError("image_guidance_scale guides by the image of an Instruct-Pix2Pix or inpainting model "
+                         f"(8 or 9 input channels); this is a {kind} model")
     for key in ("width", "height"):
         if kwargs.get(key) is None:
             kwargs[key] = side

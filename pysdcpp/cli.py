@@ -72,6 +72,9 @@ class _StepBar:
 @click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--demo", is_flag=True, help="Use the embedded synthetic SD1.5 model (random weights: draws noise).")
 @click.option("-p", "--prompt", default=None, help="What to draw.")
+@click.option("--prompts-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="One prompt per line (blank lines and #-comments skipped), each with seed SEED + its number "
+                   "(from 0); images OUTPUT_1.png, OUTPUT_2.png... (pysdcpp batch for thousands, resumable).")
 @click.option("-n", "--negative-prompt", default="", help="What not to draw.")
 @click.option("-W", "--width", type=int, default=None,
               help="Image width, a multiple of 64 (SDXL, tiny UNets: 32) [the family's: 512, SD2 768, SDXL 1024; "
@@ -98,6 +101,25 @@ class _StepBar:
               help="The ControlNet's hint image (edges, depth, pose...), resized to the output.")
 @click.option("--control-strength", type=float, default=1.0, show_default=True,
               help="Weight of the ControlNet's residuals (diffusers' controlnet_conditioning_scale).")
+@click.option("-r", "--ref-image", "ref_images", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Instruct-Pix2Pix models: the image to edit (the prompt says how).")
+@click.option("--img-cfg-scale", "image_guidance_scale", type=float, default=None,
+              help="Instruct-Pix2Pix and inpainting models: image guidance, how closely to keep the image "
+                   "[the --cfg value].")
+@click.option("--unet", "--diffusion-model", "unet", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A UNet file whose tensors go over the model's (an ALTER, distilled or inpainting UNet).")
+@click.option("--preview", "preview_mode", type=click.Choice(["proj", "vae", "tae"]), default=None,
+              help="Write a preview of each step to --preview-path: proj (cheap, 1/8 size), vae or tae (a decode "
+                   "per step; tae needs --taesd).")
+@click.option("--preview-path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where --preview writes [OUTPUT with .preview.png].")
+@click.option("--preview-interval", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Preview every N-th step (and the last).")
+@click.option("--taesd-preview-only", is_flag=True, help="With --taesd: previews only; images decode with the VAE.")
+@click.option("--upscale-model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="An ESRGAN model (RRDBNet) the images are upscaled with.")
+@click.option("--upscale-repeats", type=click.IntRange(1, 4), default=1, show_default=True,
+              help="Upscale this many times.")
 @click.option("--taesd", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Decode (and encode) with this tiny autoencoder (TAESD) instead of the model's VAE: faster, "
                    "rougher.")
@@ -157,9 +179,10 @@ class _StepBar:
 @click.option("--overwrite", is_flag=True, help="Replace existing output files (without it they are never touched).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-v", "--verbose", count=True, help="-v: library info log, -vv: debug log.")
-def generate(model, demo, prompt, negative_prompt, width, height, steps, guidance_scale, sampler, scheduler,
-             seed, batch_size, init_image, strength, mask_image, control_net, control_image, control_strength,
-             taesd, vae_tiling, vae_tile_size, vae_tile_overlap,
+def generate(model, demo, prompt, prompts_file, negative_prompt, width, height, steps, guidance_scale, sampler,
+             scheduler, seed, batch_size, init_image, strength, mask_image, control_net, control_image,
+             control_strength, ref_images, image_guidance_scale, unet, preview_mode, preview_path, preview_interval,
+             taesd_preview_only, upscale_model, upscale_repeats, taesd, vae_tiling, vae_tile_size, vae_tile_overlap,
              lora_args, lora_dir, lora_apply_mode, clip_skip, eta, sigmas, hires_fix, embd_dir, threads, backend,
              prediction, conv, attention, linear, winograd_cache_mb, no_alter, alter_masks, alter_semantics, inherit,
              step_cache, output, overwrite, as_json, verbose):
@@ -174,6 +197,8 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
       pysdcpp generate model.gguf -p "a red boat" -i lighthouse.png --mask boat-mask.png -o boat.png
       pysdcpp generate model.gguf -p "a red fox" --backend upstream --sampler euler --scheduler karras
       pysdcpp generate model.gguf -p "a red fox" --steps 20 --inherit deepcache:interval=3,branch=0
+      pysdcpp generate pix2pix.gguf -p "make it snow" -r photo.png --img-cfg-scale 1.5 -o snow.png
+      pysdcpp generate model.gguf --prompts-file prompts.txt --upscale-model RealESRGAN_x4plus.pth -o out.png
     """
     from .api import StableDiffusion, checked_generation, png_parameters, save_png
     from .errors import PySDCppError
@@ -192,23 +217,31 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
         model = synthetic_gguf("sd1", "f16", progress=bar)
         bar.close()
         width, height, steps = _default(width, 256), _default(height, 256), _default(steps, 4)
-        prompt = prompt if prompt is not None else "a lighthouse at dusk, oil painting"
-    else:
-        if prompt is None:
-            _fail("--prompt is required")
+        prompt = prompt if prompt is not None or prompts_file else "a lighthouse at dusk, oil painting"
+    if (prompt is None) == (prompts_file is None):
+        _fail("give --prompt or --prompts-file (one of the two)")
+    prompts = [prompt] if prompts_file is None else _prompt_lines(prompts_file)
     try:
-        from .modelfile import read_model_file
+        from .modelfile import read_model_file, with_unet
 
         header = read_model_file(model)
+        if unet is not None:
+            header = with_unet(header, read_model_file(unet))
     except (PySDCppError, ValueError) as e:
         _fail(str(e))
     if output.suffix.lower() != ".png":
         _fail(f"output must be a .png path, got {output}")
     if not output.parent.exists():
         _fail(f"output folder {output.parent} does not exist")
-    paths = [output] if batch_size == 1 else [
-        output.with_name(f"{output.stem}_{i + 1}{output.suffix}") for i in range(batch_size)]
-    existing = [p for p in paths if p.exists()]
+    paths = _output_paths(output, len(prompts) if prompts_file is not None else 0, batch_size)
+    if preview_mode is not None:
+        preview_path = preview_path or output.with_suffix(".preview.png")
+        if preview_path.suffix.lower() != ".png" or not preview_path.parent.is_dir():
+            _fail(f"--preview-path must be a .png path in an existing folder, got {preview_path}")
+        paths_checked = [*(p for group in paths for p in group), preview_path]
+    else:
+        paths_checked = [p for group in paths for p in group]
+    existing = [p for p in paths_checked if p.exists()]
     if existing and not overwrite:
         _fail(f"{existing[0]} exists; pass --overwrite to replace it")
     try:
@@ -228,15 +261,26 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
             raise ValueError(f"--embd-dir {embd_dir}: no such folder")
         if lora_dir is not None and not lora_dir.is_dir():
             raise ValueError(f"--lora-dir {lora_dir}: no such folder")
-        checked = checked_generation(header, backend, prompt, negative_prompt, width=width, height=height,
+        checked = checked_generation(header, backend, prompts[0], negative_prompt, width=width, height=height,
                                      num_inference_steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                      scheduler=scheduler, seed=seed, batch_size=batch_size, clip_skip=clip_skip,
                                      step_cache=step_cache, inheritance=policy, image=init_image,
                                      mask_image=mask_image, strength=strength,
                                      vae_tiling=vae_tile_size or vae_tiling, vae_tile_overlap=vae_tile_overlap,
                                      loras=loras, lora_dir=lora_dir, control_image=control_image, eta=eta,
-                                     sigmas=sigmas, hires_fix=hires_fix,
+                                     sigmas=sigmas, hires_fix=hires_fix, ref_images=list(ref_images) or None,
+                                     image_guidance_scale=image_guidance_scale,
                                      controlnet_conditioning_scale=control_strength)
+        for other in prompts[1:]:   # each prompt's own LoRA tags
+            checked_generation(header, backend, other, negative_prompt, loras=loras, lora_dir=lora_dir)
+        if taesd_preview_only and taesd is None:
+            raise ValueError("--taesd-preview-only needs --taesd")
+        if preview_mode == "tae" and taesd is None:
+            raise ValueError("--preview tae needs --taesd (with --taesd-preview-only to keep the VAE for images)")
+        if upscale_model is not None:
+            from .upscaler import check_esrgan_file
+
+            check_esrgan_file(upscale_model)
         if control_image is not None and control_net is None:
             raise ValueError("--control-image needs --control-net")
         if control_net is not None:
@@ -256,54 +300,65 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
         t0 = time.perf_counter()
         loading = _StepBar("loading", show)
         try:
-            sd = StableDiffusion(model, threads=threads, backend=backend, prediction=prediction, conv=conv,
+            sd = StableDiffusion(model, unet=unet, threads=threads, backend=backend, prediction=prediction, conv=conv,
                                  attention=attention, linear=linear, winograd_cache_mb=winograd_cache_mb,
                                  alter=False if no_alter else None, alter_semantics=alter_semantics,
                                  alter_masks=alter_masks, taesd=taesd, control_net=control_net, lora_dir=lora_dir,
-                                 embeddings=embd_dir,
+                                 embeddings=embd_dir, taesd_preview_only=taesd_preview_only,
+                                 upscaler=upscale_model, upscale_repeats=upscale_repeats,
                                  lora_apply_mode=lora_apply_mode,
-                                 vae_decode_only=init_image is None, progress=loading)
+                                 vae_decode_only=init_image is None and not ref_images, progress=loading)
         finally:
             loading.close()
         with sd:
             load_s = time.perf_counter() - t0
-            bar = _StepBar("sampling", show)
-            try:
-                inputs = checked.images
-                result = sd.generate_with_info(p.prompt, p.negative_prompt, width=p.width, height=p.height,
-                                               num_inference_steps=p.num_inference_steps,
-                                               guidance_scale=p.guidance_scale, sampler=p.sampler,
-                                               scheduler=p.scheduler, seed=p.seed, batch_size=p.batch_size,
-                                               clip_skip=p.clip_skip, inheritance=policy, step_cache=step_cache,
-                                               image=inputs.image, mask_image=inputs.mask_image,
-                                               strength=inputs.strength, control_image=inputs.control_image,
-                                               controlnet_conditioning_scale=inputs.control_scale,
-                                               vae_tiling=p.vae_tiling,
-                                               loras=p.loras, eta=p.eta, sigmas=p.sigmas, hires_fix=p.hires_fix,
-                                               callback=bar)
-            finally:
-                bar.close()
-            text = png_parameters(result.params, Path(model).stem, backend, __version__,
-                                  policy.spec() if policy is not None else None, result.images_in)
-            for img, path in zip(result.images, paths):
-                save_png(img, path, text)
+            seconds = 0.0
+            for i, (text_prompt, group) in enumerate(zip(prompts, paths)):
+                label = "sampling" if len(prompts) == 1 else f"prompt {i + 1}/{len(prompts)}"
+                bar = _StepBar(label, show)
+                try:
+                    inputs = checked.images
+                    result = sd.generate_with_info(text_prompt, p.negative_prompt, width=p.width, height=p.height,
+                                                   num_inference_steps=p.num_inference_steps,
+                                                   guidance_scale=p.guidance_scale, sampler=p.sampler,
+                                                   scheduler=p.scheduler, seed=p.seed + i, batch_size=p.batch_size,
+                                                   clip_skip=p.clip_skip, inheritance=policy, step_cache=step_cache,
+                                                   image=inputs.image, mask_image=inputs.mask_image,
+                                                   strength=inputs.strength, control_image=inputs.control_image,
+                                                   controlnet_conditioning_scale=inputs.control_scale,
+                                                   ref_images=list(inputs.ref_images) or None,
+                                                   image_guidance_scale=p.image_guidance_scale,
+                                                   vae_tiling=p.vae_tiling, loras=p.loras, eta=p.eta,
+                                                   sigmas=p.sigmas, hires_fix=p.hires_fix, callback=bar,
+                                                   preview=_preview_writer(preview_path) if preview_mode else None,
+                                                   preview_mode=preview_mode or "proj",
+                                                   preview_interval=preview_interval)
+                finally:
+                    bar.close()
+                seconds += result.seconds
+                text = png_parameters(result.params, Path(model).stem, backend, __version__,
+                                      policy.spec() if policy is not None else None, result.images_in,
+                                      result.upscaled)
+                for img, path in zip(result.images, group):
+                    save_png(img, path, text)
     except (PySDCppError, ValueError, TypeError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         click.echo("cancelled: no image written", err=True)
         sys.exit(130)
+    paths = [p for group in paths for p in group]
     summary = {"images": [str(p) for p in paths], "model": str(model), "backend": backend,
                "conv": sd.conv, "attention": sd.attention, "linear": sd.linear, "threads": sd.threads,
                "alter_steps": [s.as_dict() for s in result.alter_steps],
                "inherited": [e.as_dict() for e in result.inherited],
                "step_cache_skipped_steps": result.step_cache_skipped, "load_seconds": round(load_s, 3),
-               "generate_seconds": round(result.seconds, 3), "parameters": text}
+               "generate_seconds": round(seconds, 3), "parameters": text}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         for p in paths:
             click.echo(f"wrote {p}")
-        click.echo(f"{backend}, {sd.threads} threads: load {load_s:.1f} s, generate {result.seconds:.1f} s",
+        click.echo(f"{backend}, {sd.threads} threads: load {load_s:.1f} s, generate {seconds:.1f} s",
                    err=True)
         if result.alter_steps:
             fraction = sum(st.macs for st in result.alter_steps) / sum(st.dense_macs for st in result.alter_steps)
@@ -318,6 +373,41 @@ def generate(model, demo, prompt, negative_prompt, width, height, steps, guidanc
         if result.step_cache_skipped is not None:
             click.echo(f"step cache {result.params.step_cache}: skipped {result.step_cache_skipped} of "
                        f"{result.params.num_inference_steps} steps", err=True)
+
+
+def _prompt_lines(path: Path) -> list[str]:
+    """--prompts-file: its prompts, one per line (blank lines and lines starting with # left out)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        _fail(f"--prompts-file {path}: {e}")
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        _fail(f"--prompts-file {path} holds no prompt")
+    if len(prompts) > 10000:
+        _fail(f"--prompts-file {path}: {len(prompts)} prompts; pysdcpp batch runs large sets (resumable)")
+    return prompts
+
+
+def _output_paths(output: Path, prompts: int, batch_size: int) -> list[list[Path]]:
+    """Per prompt, its images' paths: OUTPUT (OUTPUT_1.. for a batch); with a prompts file OUTPUT_<n> (and
+    OUTPUT_<n>_1.. for a batch), n from 1."""
+    def named(*parts) -> Path:
+        return output.with_name("_".join([output.stem, *map(str, parts)]) + output.suffix)
+
+    if prompts == 0:
+        return [[output] if batch_size == 1 else [named(j + 1) for j in range(batch_size)]]
+    return [[named(i + 1)] if batch_size == 1 else [named(i + 1, j + 1) for j in range(batch_size)]
+            for i in range(prompts)]
+
+
+def _preview_writer(path: Path):
+    """A preview callback writing each preview over `path` (atomically: a viewer never reads half a file)."""
+    from .api import save_png
+
+    def write(step: int, image) -> None:
+        save_png(image, path, f"preview, step {step}")
+    return write
 
 
 def _lora_arg(text: str) -> tuple[str, float]:
@@ -546,9 +636,24 @@ def convert(input_path, output, out_type, prediction, base, alter_masks, drop_un
       pysdcpp convert ./stable-diffusion-2-1 -o sd21-q8.gguf --type q8_0
       pysdcpp convert ./alter-run --base ./stable-diffusion-2-1 -o alter.gguf --drop-unused
       pysdcpp convert ./stable-diffusion-2-1 --alter-masks masks.json -o sd21-pruned.gguf
+      pysdcpp convert pytorch_lora_weights.safetensors -o lora.safetensors   # a LoRA: kohya text-encoder names
+
+    A LoRA file (every tensor lora_A/lora_B, lora_down/lora_up or alpha) is written as a LoRA: its diffusers/PEFT
+    text-encoder tensors renamed to kohya's lora_te* (stable-diffusion.cpp applies no text_encoder.* tensor),
+    every tensor's bytes as they are (--type does not apply).
     """
-    from ._converters import converters
+    from ._converters import converters, submodule
     from .format.errors import FormatError
+
+    lora = submodule("lora")
+    if lora.is_lora_file(input_path):
+        try:
+            r = lora.convert_lora(input_path, output, overwrite=overwrite)
+        except FormatError as e:
+            _fail(str(e))
+        click.echo(f"wrote {r.output}: LoRA, {r.n_tensors} tensors, {len(r.renamed)} text-encoder tensors renamed "
+                   "to kohya's lora_te* names")
+        return
 
     bar = _WriteBar(f"writing {output.name}")
     try:

@@ -1,5 +1,6 @@
-"""Input images of a generation (img2img's init image, an inpainting mask, a ControlNet's control image): read and
-checked before any model loads, sized to the generation, and handed to the library as `sd_image_t`.
+"""Input images of a generation (img2img's init image, an inpainting mask, a ControlNet's control image, an
+Instruct-Pix2Pix model's image to edit): read and checked before any model loads, sized to the generation, and
+handed to the library as `sd_image_t`.
 
 An input is a PIL image, a numpy array (uint8, H x W, H x W x 1, 3 or 4; or float in 0..1) or a path to an image
 file. The init image is used as RGB (alpha dropped), the mask as 8-bit grey: white is repainted, black kept (as in
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-MODES = {"image": "RGB", "mask_image": "L", "control_image": "RGB"}
+MODES = {"image": "RGB", "mask_image": "L", "control_image": "RGB", "ref_images": "RGB"}
 
 
 def read_image(value, name: str) -> Image.Image:
@@ -80,6 +81,7 @@ class GenerationImages:
     control_image: Image.Image | None = None
     control_scale: float = 1.0  # how strongly the ControlNet's residuals count (diffusers'
     #                             controlnet_conditioning_scale, sd-cli's --control-strength)
+    ref_images: tuple = ()  # Instruct-Pix2Pix: the image to edit (upstream's ref_images; sd-cli's -r)
 
     def fill(self, ffi, g, keep: list) -> None:
         """Point the fields of sd_img_gen_params_t `g` at these images; `keep` holds the buffers alive."""
@@ -95,12 +97,22 @@ class GenerationImages:
             field.data = ffi.cast("uint8_t*", ffi.from_buffer(arr))
         g.strength = float(self.strength)
         g.control_strength = float(self.control_scale)
+        if self.ref_images:
+            refs = ffi.new("sd_image_t[]", len(self.ref_images))
+            keep.append(refs)
+            for ref, img in zip(refs, self.ref_images):
+                arr = np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+                keep.append(arr)
+                ref.width, ref.height, ref.channel = img.width, img.height, 3
+                ref.data = ffi.cast("uint8_t*", ffi.from_buffer(arr))
+            g.ref_images, g.ref_images_count = refs, len(self.ref_images)
 
 
 def checked_images(image, mask_image, strength, width: int | None, height: int | None, multiple: int,
-                   control_image=None, control_scale=1.0):
+                   control_image=None, control_scale=1.0, ref_images=None):
     """(GenerationImages, width, height): the inputs read and sized; width and height filled from the image (or the
-    control image) where None. A mask needs an image to inpaint."""
+    control image, or the first image to edit) where None. A mask needs an image to inpaint. `ref_images`: one
+    image or a list (the library encodes each at its own size: they are not resized)."""
     if mask_image is not None and image is None:
         raise ValueError("mask_image needs an image to inpaint (image=...)")
     if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) or not 0 < strength <= 1:
@@ -110,7 +122,13 @@ def checked_images(image, mask_image, strength, width: int | None, height: int |
         raise ValueError(f"controlnet_conditioning_scale must be a finite number, got {control_scale!r}")
     init = read_image(image, "image") if image is not None else None
     control = read_image(control_image, "control_image") if control_image is not None else None
-    first = init if init is not None else control
+    if ref_images is None:
+        refs = ()
+    elif isinstance(ref_images, (list, tuple)):
+        refs = tuple(read_image(r, "ref_images") for r in ref_images)
+    else:
+        refs = (read_image(ref_images, "ref_images"),)
+    first = next((i for i in (init, control, *refs) if i is not None), None)
     if first is not None and (width is None or height is None):
         w, h = default_size(first, multiple)
         width, height = width or w, height or h
@@ -119,5 +137,6 @@ def checked_images(image, mask_image, strength, width: int | None, height: int |
     mask = read_image(mask_image, "mask_image") if mask_image is not None else None
     images = GenerationImages(fitted(init, width, height) if init is not None else None,
                               fitted(mask, width, height) if mask is not None else None, float(strength),
-                              fitted(control, width, height) if control is not None else None, float(control_scale))
+                              fitted(control, width, height) if control is not None else None, float(control_scale),
+                              refs)
     return images, width, height

@@ -1,7 +1,8 @@
 """LoRAs of a generation: `loras=` pairs and the prompt's `<lora:name:weight>` tags (sd-cli's syntax: a name is a
 path, absolute or in the LoRA folder, with or without .safetensors/.gguf/.pt), checked before any load, and
 handed to the library as `sd_lora_t`. stable-diffusion.cpp reads kohya (`lora_unet_...lora_down/up`, `.alpha`)
-and diffusers/PEFT (`unet....lora_A/lora_B`) files as they are: no conversion.
+and diffusers/PEFT (`unet....lora_A/lora_B`) files as they are, except PEFT's text-encoder tensors, which
+`pysdcpp convert` renames (converters/lora.py).
 
 Apply modes (the context's `lora_apply_mode`, upstream's): "immediately" adds each LoRA into the weights before
 sampling (and removes it later by adding it again with the opposite weight, which F16 rounding makes inexact);
@@ -66,7 +67,8 @@ def check_lora_file(path: Path) -> None:
         # stable-diffusion.cpp turns a UNet model's LoRA names' underscores into dots, "text_encoder." included,
         # and then matches no layer: it logs each tensor as unused.
         _log.warning("LoRA %s: stable-diffusion.cpp leaves out its %d text-encoder tensors in diffusers/PEFT "
-                     "names (text_encoder.*); only the UNet's apply (kohya's lora_te_* names would)", path, peft_text)
+                     "names (text_encoder.*); only the UNet's apply (`pysdcpp convert %s -o OUT.safetensors` renames "
+                     "them to kohya's lora_te_*, which apply)", path, peft_text, path)
 
 
 def prompt_loras(prompt: str, folder: str | os.PathLike | None) -> tuple[str, dict[str, float]]:

@@ -8,6 +8,7 @@ upscaler context, PIL in and out; sd-cli's --upscale-model.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -40,6 +41,7 @@ class Upscaler(NativeHandle):
             raise ValueError(f"tile_size must be 0 (no tiles) or a size up to 4096, got {tile_size!r}")
         self.conv = _kernel_choice("conv", conv, CONV_ALGORITHMS, DEFAULT_CONV, backend)
         check_esrgan_file(model)
+        self.model = Path(model)
         self.backend = backend
         self.native = _native.load(backend)
         self.threads = _threads(threads, self.native)

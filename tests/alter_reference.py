@@ -65,7 +65,7 @@ def _spatial_transformer(attn, h, encoder_hidden_states, skipped_blocks: set[int
 
 def alter_unet_forward(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                        keep: Sequence[bool], semantics: str = "reference", y: torch.Tensor | None = None,
-                       deepcache: dict | None = None) -> torch.Tensor:
+                       deepcache: dict | None = None, control: tuple | None = None) -> torch.Tensor:
     """The UNet's output (the `.sample` of a plain forward) with the units where keep[i] is False skipped; `y`:
     SDXL's added-embedding input (pooled text and size embeddings), projected and added to the time embedding.
 
@@ -76,6 +76,10 @@ def alter_unet_forward(unet, sample: torch.Tensor, timestep, encoder_hidden_stat
     hidden state entering the up-path block that pops skip entry B (the dense order: the last entry is popped
     first). An inheriting step runs conv_in and the down blocks up to the one pushing entry B, then that block and
     the ones after it on the stored hidden state; nothing in between runs, whatever `keep` says.
+
+    control: a ControlNet's (down residuals, mid residual), as diffusers' ControlNetModel returns them: the k-th
+    residual is added to the k-th skip-stack entry (whichever ResNet pops it) and the mid residual to the middle
+    block's output, as UNet2DConditionModel adds them.
     """
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {SEMANTICS}")
@@ -127,6 +131,13 @@ def alter_unet_forward(unet, sample: torch.Tensor, timestep, encoder_hidden_stat
             h = block.downsamplers[0](h)
             stack.append(h)
 
+    if control is not None:
+        if deepcache is not None:
+            raise ValueError("control residuals with deepcache: not modelled here")
+        down_res, mid_res = control
+        if len(down_res) != len(stack):
+            raise ValueError(f"{len(down_res)} down residuals for {len(stack)} skip-stack entries")
+        stack = [s + r for s, r in zip(stack, down_res)]
     if inherit:
         stack += [None] * (n_entries - len(stack))   # the entries the cut blocks would push: popped, never read
     else:
@@ -138,6 +149,8 @@ def alter_unet_forward(unet, sample: torch.Tensor, timestep, encoder_hidden_stat
                                      skipped_blocks(f"mid_block.attentions.{j}", attn))
             if f"mid_block.resnets.{j + 1}" not in skipped:
                 h = resnet(h, emb)
+        if control is not None:
+            h = h + control[1]
 
     n_up = len(unet.up_blocks)
     k = -1   # the up-path block's index in build order

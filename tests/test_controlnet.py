@@ -94,3 +94,96 @@ def test_refused_before_anything_runs(sd15_f16, tmp_path):
     c = checked_generation(read_model_file(sd15_f16), "upstream", "x", control_image=np.zeros((200, 130, 3),
                                                                                                np.uint8))
     assert (c.params.width, c.params.height) == (128, 192) and c.images.control_image.size == (128, 192)
+
+
+# -- one UNet evaluation with ControlNet residuals, dense and ALTER-routed, against PyTorch ---------------------------
+CONTROLNET_SEED = 11   # conftest's controlnet_sd15
+_HINT_NAMES = {0: "conv_in", 2: "blocks.0", 4: "blocks.1", 6: "blocks.2", 8: "blocks.3", 10: "blocks.4",
+               12: "blocks.5", 14: "conv_out"}
+
+
+def _torch_controlnet(unet):
+    """diffusers' ControlNetModel for the fixture's UNet config with the ControlNet file's weights: the cldm names
+    mapped by hand here (the time embedding, input and middle blocks are the synthetic UNet's of the ControlNet's
+    seed, in diffusers names)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    from pysdcpp.converters import synthetic
+
+    net = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    params = dict(net.named_parameters())
+    values = {}
+    for t in synthetic.synthetic_sources("sd1", CONTROLNET_SEED)["unet"]:
+        if t.name.startswith(("time_embedding.", "conv_in.", "down_blocks.", "mid_block.")):
+            values[t.name] = t
+    for t in synthetic.controlnet_sources("sd1", CONTROLNET_SEED):
+        name = t.name.removeprefix("control_model.")
+        base, _, leaf = name.rpartition(".")
+        if base.startswith("input_hint_block."):
+            values[f"controlnet_cond_embedding.{_HINT_NAMES[int(base.split('.')[1])]}.{leaf}"] = t
+        elif base.startswith("zero_convs."):
+            values[f"controlnet_down_blocks.{base.split('.')[1]}.{leaf}"] = t
+        elif base == "middle_block_out.0":
+            values[f"controlnet_mid_block.{leaf}"] = t
+    assert set(values) == set(params), sorted(set(params) ^ set(values))[:4]
+    with torch.no_grad():
+        for name, t in values.items():
+            params[name].copy_(torch.from_numpy(t.load().astype(np.float32)))
+    return net.eval()
+
+
+@pytest.mark.slow
+def test_unet_with_controlnet_residuals_dense_and_alter_routed_against_pytorch(sd15_f16, controlnet_sd15):
+    """sd.unet(..., control_image=): the ControlNet runs on the evaluation's inputs and its residuals (times the
+    weight) go into the skip connections and the middle block. Dense: against diffusers' UNet fed diffusers'
+    ControlNet's residuals. ALTER-routed (every expert): against tests/alter_reference.py, whose k-th residual
+    joins the k-th skip entry whichever ResNet pops it, as the runtime binds them."""
+    import torch
+    from alter_reference import alter_unet_forward
+    from conftest import rel_l2, torch_reference
+    from test_alter_runtime import TIMESTEPS, _expert_masks, _expert_of, mask_file
+
+    rng = np.random.default_rng(21)
+    latent = rng.standard_normal((1, 4, 16, 16)).astype(np.float32)
+    context = rng.standard_normal((1, 77, 768)).astype(np.float32)
+    hint = (rng.random((1, 3, 128, 128)) > 0.9).astype(np.float32)   # sparse "edges"
+    scale = 0.8
+    _, rows = _expert_masks("sd1")
+    masks = mask_file("sd1", "fixture", rows)
+    times = [TIMESTEPS[0], TIMESTEPS[2], TIMESTEPS[4]]   # experts 0, 1, 2
+    with StableDiffusion(sd15_f16, threads=2, control_net=controlnet_sd15) as sd:
+        dense = sd.unet(latent, times[0], context, control_image=hint, controlnet_conditioning_scale=scale)
+        with pytest.raises(ValueError, match="shape"):
+            sd.unet(latent, times[0], context, control_image=hint[:, :, :64])
+    with StableDiffusion(sd15_f16, threads=2, control_net=controlnet_sd15, alter_masks=masks) as sd:
+        routed = {t: sd.unet(latent, t, context, control_image=hint, controlnet_conditioning_scale=scale)
+                  for t in times}
+    unet = torch_reference("sd1", "unet")
+    net = _torch_controlnet(unet)
+    x, c, h = torch.from_numpy(latent), torch.from_numpy(context), torch.from_numpy(hint)
+    with torch.no_grad():
+        def residuals(t):
+            down, mid = net(x, torch.tensor([t]), encoder_hidden_states=c, controlnet_cond=h,
+                            conditioning_scale=scale, return_dict=False)
+            return list(down), mid
+
+        down, mid = residuals(times[0])
+        ref = unet(x, torch.tensor([times[0]]), encoder_hidden_states=c, down_block_additional_residuals=down,
+                   mid_block_additional_residual=mid).sample.numpy()
+        plain = unet(x, torch.tensor([times[0]]), encoder_hidden_states=c).sample.numpy()
+        n_units = len(rows[0])
+        own = alter_unet_forward(unet, x, torch.tensor([times[0]]), c, [True] * n_units, control=(down, mid))
+        assert rel_l2(own.numpy(), ref) < 1e-5   # the reference's residual path is diffusers'
+        dense_err = rel_l2(dense, ref)
+        print(f"dense UNet + ControlNet: rel. L2 {dense_err:.2e} against diffusers")
+        assert dense_err <= 3e-3 and rel_l2(plain, ref) > 20 * dense_err   # the residuals count
+        for t in times:
+            keep = [bool(k) for k in rows[_expert_of(t)]]
+            control = residuals(t)
+            want = alter_unet_forward(unet, x, torch.tensor([t]), c, keep, "reference", control=control).numpy()
+            err = rel_l2(routed[t], want)
+            print(f"t={t}: ALTER expert {_expert_of(t)} + ControlNet rel. L2 {err:.2e} against the reference")
+            assert err <= max(3e-3, 1.25 * dense_err), (t, err)
+            unrouted = alter_unet_forward(unet, x, torch.tensor([t]), c, [True] * n_units, control=control)
+            assert rel_l2(want, unrouted.numpy()) > 20 * err   # the routing counts

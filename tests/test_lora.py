@@ -131,6 +131,41 @@ def test_peft_text_encoder_tensors_are_named_in_a_warning(tmp_path, caplog):
     assert "leaves out its 144 text-encoder tensors" in caplog.text
 
 
+@pytest.mark.slow
+def test_convert_makes_peft_text_encoder_tensors_apply(sd15_f16, tmp_path):
+    """`pysdcpp convert` of a PEFT LoRA with text-encoder tensors: kohya's names for exactly the tensors the kohya
+    writer gives the same matrices (the fixture's two formats hold equal weights at alpha = rank), and the image
+    the kohya file makes, bit for bit, with every tensor applied (the PEFT file's text-encoder part applies none)."""
+    from click.testing import CliRunner
+    from safetensors.numpy import load_file
+
+    from pysdcpp.cli import main
+
+    peft = synthetic.write_lora(tmp_path / "peft.safetensors", fmt="peft", rank=2, seed=7)
+    kohya = synthetic.write_lora(tmp_path / "kohya.safetensors", fmt="kohya", rank=2, seed=7)
+    out = tmp_path / "converted.safetensors"
+    res = CliRunner().invoke(main, ["convert", str(peft), "-o", str(out)])
+    assert res.exit_code == 0 and "144 text-encoder tensors renamed" in res.output, res.output
+    got, want = load_file(str(out)), load_file(str(kohya))
+    te = {k: v for k, v in got.items() if k.startswith("lora_te_")}
+    assert set(te) == {k for k in want if k.startswith("lora_te_") and not k.endswith(".alpha")}
+    for k, v in te.items():
+        np.testing.assert_array_equal(v, want[k])
+    unet_names = {k for k in load_file(str(peft)) if k.startswith("unet.")}
+    assert {k for k in got if not k.startswith("lora_te_")} == unet_names   # the UNet's kept as they are
+    res = CliRunner().invoke(main, ["convert", str(peft), "-o", str(out)])
+    assert res.exit_code == 1 and "exists" in res.output
+    images, logs = {}, {}
+    with StableDiffusion(sd15_f16, backend="upstream", threads=2, lora_apply_mode="at_runtime") as sd:
+        for name, path in (("converted", out), ("kohya", kohya), ("peft", peft)):
+            with sd.native.capture() as log:
+                images[name] = np.asarray(sd.generate(PROMPT, loras={path: 1.0}, **SETTINGS)[0])
+            logs[name] = _APPLIED.findall("\n".join(log))
+    np.testing.assert_array_equal(images["converted"], images["kohya"])
+    assert logs["converted"] and all(a == b for a, b in logs["converted"]), logs["converted"]
+    assert not np.array_equal(images["converted"], images["peft"])   # the text encoder's LoRA now counts
+
+
 def test_prompt_tags_as_sd_cli_reads_them(lora_dir):
     text, found = prompt_loras("a <lora:style:0.5>cat <lora:style:.25x> <lora:detail.safetensors:-1e-1>", lora_dir)
     assert text == "a cat  "

@@ -106,7 +106,7 @@ def read_prompt_file(path: str | os.PathLike) -> list[tuple[int, dict]]:
 
 # GenerationParams fields added after batch's first release: left out of a job's parameters (and so of its id) while
 # unset, so the ids of earlier runs still hold.
-_LATER_FIELDS = ("vae_tiling", "loras", "eta", "sigmas", "hires_fix")
+_LATER_FIELDS = ("vae_tiling", "loras", "eta", "sigmas", "hires_fix", "image_guidance_scale")
 
 
 def make_jobs(entries: list[tuple[int, dict]], defaults: dict, run: RunConfig, model_file: ModelFile,
@@ -125,7 +125,7 @@ def make_jobs(entries: list[tuple[int, dict]], defaults: dict, run: RunConfig, m
             params = _job_params(fields, defaults, run, line)
             policy = parse_inheritance(params["inheritance"]) if params.get("inheritance") else None
             kwargs = {k: v for k, v in params.items() if k not in ("prompt", "negative_prompt", "inheritance")}
-            unsupported = sorted(set(kwargs) & {"image", "mask_image", "strength", "control_image",
+            unsupported = sorted(set(kwargs) & {"image", "mask_image", "strength", "control_image", "ref_images",
                                                 "controlnet_conditioning_scale"})
             if unsupported:
                 raise ValueError(f"{', '.join(unsupported)}: batch runs text-to-image only")

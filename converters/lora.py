@@ -1,0 +1,122 @@
+"""LoRA files for stable-diffusion.cpp: diffusers/PEFT text-encoder tensors renamed to kohya's `lora_te*` names
+(the pinned upstream matches none of `text_encoder.*` on the UNet families and logs them unused), everything else
+kept; the tensor bytes copied as they are (any dtype, bf16 included), the file written atomically.
+
+    text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight
+        -> lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight    (SDXL: lora_te1_, lora_te2_)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConversionError
+
+# PEFT/diffusers endings and kohya's (what stable-diffusion.cpp reads for a LoRA's down/up matrices and alpha)
+_ENDINGS = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight",
+            ".lora_A.default.weight": ".lora_down.weight", ".lora_B.default.weight": ".lora_up.weight",
+            ".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight",
+            ".lora_down.weight": ".lora_down.weight", ".lora_up.weight": ".lora_up.weight", ".alpha": ".alpha"}
+_TEXT_PREFIXES = ("text_encoder_2.", "text_encoder.")
+_HEADER_LIMIT = 100 << 20
+
+
+@dataclass
+class LoraReport:
+    output: Path
+    n_tensors: int
+    renamed: dict[str, str] = field(default_factory=dict)   # old name -> kohya name
+
+    def as_dict(self) -> dict:
+        return {"output": str(self.output), "tensors": self.n_tensors, "renamed": len(self.renamed)}
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(the safetensors JSON header, the byte offset where the tensor data starts), or ConversionError."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ConversionError(f"{path}: not a safetensors file (shorter than its header length)")
+            n = struct.unpack("<Q", raw)[0]
+            if not 2 <= n <= _HEADER_LIMIT:
+                raise ConversionError(f"{path}: not a safetensors file (header length {n})")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:   # JSONDecodeError is a ValueError
+        raise ConversionError(f"{path}: not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: its safetensors header is not a JSON object")
+    return header, 8 + n
+
+
+def is_lora_file(path: str | os.PathLike) -> bool:
+    """True for a safetensors file whose tensors are all adapter tensors (LoRA down/up/alpha, in any naming)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".safetensors":
+        return False
+    try:
+        header, _ = read_header(path)
+    except ConversionError:
+        return False
+    names = [k for k in header if k != "__metadata__"]
+    return bool(names) and all(n.endswith(tuple(_ENDINGS)) for n in names)
+
+
+def kohya_name(name: str, two_encoders: bool) -> str | None:
+    """The kohya name of a diffusers/PEFT text-encoder LoRA tensor; None for any other tensor (kept as it is)."""
+    for i, prefix in enumerate(_TEXT_PREFIXES):
+        if name.startswith(prefix):
+            for ending, new in _ENDINGS.items():
+                if name.endswith(ending):
+                    module = name[len(prefix):-len(ending)]
+                    encoder = ("2" if i == 0 else "1") if two_encoders else ""
+                    return f"lora_te{encoder}_{module.replace('.', '_')}{new}"
+            return None
+    return None
+
+
+def convert_lora(input_path: str | os.PathLike, output_path: str | os.PathLike, *, overwrite: bool = False
+                 ) -> LoraReport:
+    """Write `input_path`'s LoRA with its text-encoder tensors in kohya's names to `output_path` (.safetensors)."""
+    src, out = Path(input_path), Path(output_path)
+    if not src.is_file():
+        raise ConversionError(f"{src}: no such file")
+    if out.suffix != ".safetensors":
+        raise ConversionError(f"a LoRA converts to a .safetensors file, not {out.name}")
+    if out.exists() and out.resolve() == src.resolve():
+        raise ConversionError("the output path is the input LoRA; refusing to overwrite it")
+    if not out.parent.is_dir():
+        raise ConversionError(f"{out.parent}: output folder does not exist")
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if not is_lora_file(src):
+        raise ConversionError(f"{src}: not a LoRA file (every tensor a lora_A/lora_B, lora_down/lora_up or alpha)")
+    header, start = read_header(src)
+    names = [k for k in header if k != "__metadata__"]
+    two = any(n.startswith(_TEXT_PREFIXES[0]) for n in names)
+    renamed = {n: k for n in names if (k := kohya_name(n, two)) is not None}
+    final = [renamed.get(n, n) for n in names]
+    if len(set(final)) != len(final):
+        raise ConversionError(f"{src}: its text-encoder tensors would take names it already holds")
+    new_header = {renamed.get(k, k): v for k, v in header.items()}
+    meta = dict(new_header.get("__metadata__") or {})
+    meta["pysdcpp.lora_renamed"] = str(len(renamed))
+    new_header["__metadata__"] = meta
+    blob = json.dumps(new_header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)   # the data stays 8-byte aligned, as safetensors writers keep it
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        with open(src, "rb") as f, open(tmp, "wb") as g:
+            g.write(struct.pack("<Q", len(blob)))
+            g.write(blob)
+            f.seek(start)
+            while chunk := f.read(16 << 20):
+                g.write(chunk)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return LoraReport(out, len(names), renamed)
