@@ -111,10 +111,36 @@ def controlnet_sd15() -> Path:
 
 # ---- the PyTorch originals ---------------------------------------------------------------------------
 
-def torch_reference(family: str, component: str, variant: str = "base"):
+# The SD1.x and SD2.x UNet originals take ~20 s each to build (random weights, then copies): built once per run and
+# shared by the modules that compare against them (7 GB together), let go before the modules that need the memory.
+_SHARED_TORCH: dict[tuple[str, str, str], object] = {}
+_SHARED_KEYS = {("sd1", "unet", "base"), ("sd2", "unet", "base")}
+_NEEDS_MEMORY = {"test_peers", "test_sdxl", "test_variants"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_shared_torch_references(request):
+    if request.module.__name__.rpartition(".")[2] in _NEEDS_MEMORY and _SHARED_TORCH:
+        _SHARED_TORCH.clear()
+        gc.collect()
+    yield
+
+
+def torch_reference(family: str, component: str, variant: str = "base", shared: bool = True):
     """diffusers' / transformers' module of a component (unet, vae, text_encoder, text_encoder_2) with the fixture's
     weights (F16 values in float32: exactly what the GGUF holds), built in memory one parameter at a time (peak
-    memory: the module itself, 10 GB for SDXL's UNet)."""
+    memory: the module itself, 10 GB for SDXL's UNet). The SD1.x/SD2.x UNets are shared within a run (callers
+    must not change them; shared=False builds a private one)."""
+    key = (family, component, variant)
+    if shared and key in _SHARED_TORCH:
+        return _SHARED_TORCH[key]
+    module = _build_torch_reference(family, component, variant)
+    if shared and key in _SHARED_KEYS:
+        _SHARED_TORCH[key] = module
+    return module
+
+
+def _build_torch_reference(family: str, component: str, variant: str):
     import torch
 
     cfg = synthetic.model_configs(family, variant=variant)[component]

@@ -128,7 +128,7 @@ def _sequence(family: str, steps: int):
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def pair(request):
     family = request.param
-    unet = torch_reference(family, "unet")
+    unet = torch_reference(family, "unet", shared=False)   # DeepCache's helper rewraps its blocks
     sd = StableDiffusion(model_gguf(family), threads=2)
     yield family, sd, unet
     sd.close()

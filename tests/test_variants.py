@@ -1,6 +1,6 @@
 """The UNet variants stable-diffusion.cpp builds, at full size in the native library: each converted from a diffusers
-folder (SD1.x/SD2.x), written from the synthetic weights (the distilled SDXL UNets) or, for SDXL inpaint and
-pix2pix, loaded as the SDXL fixture with a UNet file over it; detected as its upstream version, and one UNet
+folder (the SD1.x/SD2.x tiny and SDXS UNets), written from the synthetic weights (the distilled SDXL UNets) or,
+for the inpaint and pix2pix variants, loaded as the family's fixture with a UNet file over it; detected as its upstream version, and one UNet
 evaluation against diffusers' original with the same weights (the SDXS ones, which decode with a tiny autoencoder,
 one decode too). The files live in the test's temporary folder and go with it (pyproject's tmp_path retention)."""
 
@@ -26,8 +26,8 @@ LATENT = 16
 # SD1.x/SD2.x variants go the user's way (diffusers folder -> pysdcpp convert). The SDXL ones are written straight
 # from the synthetic weights with their text encoders quantized to q4_0 (the UNet evaluation takes its context as
 # input): a full-size SDXL folder beside the SDXL fixture would not fit the fixture budget.
-FOLDER_VARIANTS = [("sd1", "inpaint"), ("sd1", "pix2pix"), ("sd1", "tiny"), ("sd1", "sdxs"), ("sd2", "inpaint"),
-                   ("sd2", "tiny"), ("sd2", "sdxs")]
+# (Their variant folders at reduced size convert in test_families; a full-size folder converts in test_converters.)
+FOLDER_VARIANTS = [("sd1", "tiny"), ("sd1", "sdxs"), ("sd2", "tiny"), ("sd2", "sdxs")]
 VAE_TOL = 1e-3    # the tiny autoencoder's decode (SDXS), F16 weights, against diffusers' AutoencoderTiny
 DIRECT_VARIANTS = [("sdxl", "vega", "f16"), ("sdxl", "ssd-1b", "q8_0")]
 # SDXL's fixture (6.9 GB) leaves 3.1 GB of SDXL's 10 GB test budget. A file written here holds its text encoders at
@@ -37,10 +37,11 @@ DIRECT_VARIANTS = [("sdxl", "vega", "f16"), ("sdxl", "ssd-1b", "q8_0")]
 # rounded weights alone move diffusers' own output by 6.5%): hence the wider bound, measured 2026-12-01 (Zen 4,
 # 2 threads): SSD-1B 2.1e-2 (a full SDXL UNet at q8_0 measured 3.1e-2 and 4.1e-2 as inpaint and pix2pix).
 UNET_Q8_TOL = 5.5e-2
-# SDXL inpaint and pix2pix (5.1 GB UNets) differ from the fixture's UNet in conv_in alone (the synthetic weights are
+# The inpaint and pix2pix UNets differ from their family's fixture UNet in conv_in alone (the synthetic weights are
 # seeded by name): their file holds that tensor and goes over the fixture as a separate UNet file (upstream's
 # --diffusion-model), which the native loader and our checks see as the whole variant.
-OVER_THE_FIXTURE = ["inpaint", "pix2pix"]
+OVER_THE_FIXTURE = [("sd1", "inpaint"), ("sd1", "pix2pix"), ("sd2", "inpaint"), ("sdxl", "inpaint"),
+                    ("sdxl", "pix2pix")]
 
 
 def _inputs(family: str, in_channels: int) -> dict[str, np.ndarray]:
@@ -122,10 +123,10 @@ def test_distilled_sdxl_unet(family, variant, unet_type, tmp_path):
     _check(out, family, variant, q8_0=unet_type == "q8_0")
 
 
-@pytest.mark.parametrize("variant", OVER_THE_FIXTURE)
-def test_sdxl_variant_as_a_unet_file_over_the_fixture(variant, tmp_path):
-    conv_in = [t for t in synthetic.map_unet(synthetic.synthetic_sources("sdxl", FIXTURE_SEED, variant=variant)["unet"])
+@pytest.mark.parametrize("family,variant", OVER_THE_FIXTURE)
+def test_variant_as_a_unet_file_over_the_fixture(family, variant, tmp_path):
+    conv_in = [t for t in synthetic.map_unet(synthetic.synthetic_sources(family, FIXTURE_SEED, variant=variant)["unet"])
                if t.name == UNET_PREFIX + "input_blocks.0.0.weight"]
     unet = tmp_path / "conv_in.gguf"
     gguf_out.write_gguf(unet, conv_in, "f16", {})
-    _check(model_gguf("sdxl"), "sdxl", variant, unet=unet)
+    _check(model_gguf(family), family, variant, unet=unet)
