@@ -23,8 +23,10 @@ def compute(family: str, inputs: dict[str, np.ndarray], variant: str = "base") -
     unet_q8_0 (any value): the UNet's weights rounded as a q8_0 file holds them (see _round_q8_0), which adds
     unet_q8_0_counts (tensors, elements rounded). deepcache_* (latents (S, 1, C, h, w), timesteps (S,), context,
     y, branches, interval) -> deepcache (branches, S, 1, C', h, w): the sequence of evaluations under the DeepCache
-    package's own helper, once per branch."""
-    from conftest import synthetic, torch_reference
+    package's own helper, once per branch. conv_in_variants (names of variants that differ from `variant` in conv_in
+    alone: inpaint, pix2pix) with latent.NAME, context.NAME (+ y.NAME) and timesteps -> unet.NAME: the UNet with that
+    variant's conv_in in place of its own, one UNet built for all of them."""
+    from conftest import FIXTURE_SEED, synthetic, torch_reference
 
     out: dict[str, np.ndarray] = {}
     torch.set_num_threads(2)
@@ -49,7 +51,7 @@ def compute(family: str, inputs: dict[str, np.ndarray], variant: str = "base") -
                     out["pooled"] = result.text_embeds.numpy()
                 del module, result
                 gc.collect()
-        if "latent" in inputs or "alter_keep" in inputs:
+        if "latent" in inputs or "alter_keep" in inputs or "conv_in_variants" in inputs:
             unet = torch_reference(family, "unet", variant)
             if "unet_q8_0" in inputs:
                 out["unet_q8_0_counts"] = _round_q8_0(unet)
@@ -64,6 +66,28 @@ def compute(family: str, inputs: dict[str, np.ndarray], variant: str = "base") -
             if "latent" in inputs:
                 out["unet"] = unet(torch.from_numpy(inputs["latent"]), torch.from_numpy(inputs["timesteps"]),
                                    encoder_hidden_states=torch.from_numpy(inputs["context"]), **kwargs).sample.numpy()
+            for name in inputs.get("conv_in_variants", []):
+                name = str(name)
+                sources = {t.name: t for t in synthetic.synthetic_sources(family, FIXTURE_SEED, variant=name)["unet"]}
+                weight = torch.from_numpy(sources["conv_in.weight"].load().astype(np.float32))
+                conv = torch.nn.Conv2d(weight.shape[1], weight.shape[0], 3, padding=1)
+                conv.weight.copy_(weight)
+                conv.bias.copy_(torch.from_numpy(sources["conv_in.bias"].load().astype(np.float32)))
+                own, unet.conv_in = unet.conv_in, conv
+                own_time_proj, extra = unet.add_time_proj if hasattr(unet, "add_time_proj") else None, {}
+                if f"y.{name}" in inputs:   # as for "y" above
+                    y = torch.from_numpy(inputs[f"y.{name}"])
+                    unet.add_time_proj = _Fixed(y[:, 1280:].reshape(-1, unet.config.addition_time_embed_dim))
+                    extra["added_cond_kwargs"] = {"text_embeds": y[:, :1280], "time_ids": torch.zeros(len(y), 6)}
+                try:
+                    out[f"unet.{name}"] = unet(torch.from_numpy(inputs[f"latent.{name}"]),
+                                               torch.from_numpy(inputs["timesteps"]),
+                                               encoder_hidden_states=torch.from_numpy(inputs[f"context.{name}"]),
+                                               **extra).sample.numpy()
+                finally:
+                    unet.conv_in = own
+                    if own_time_proj is not None:
+                        unet.add_time_proj = own_time_proj
             if "deepcache_latents" in inputs:
                 out["deepcache"] = _deepcache(unet, inputs)
             if "alter_keep" in inputs:
