@@ -14,6 +14,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pysdcpp.format.checkpoint_io import safetensors_header
+
 from .errors import ConversionError
 
 # PEFT/diffusers endings and kohya's (what stable-diffusion.cpp reads for a LoRA's down/up matrices and alpha)
@@ -22,7 +24,6 @@ _ENDINGS = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.w
             ".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight",
             ".lora_down.weight": ".lora_down.weight", ".lora_up.weight": ".lora_up.weight", ".alpha": ".alpha"}
 _TEXT_PREFIXES = ("text_encoder_2.", "text_encoder.")
-_HEADER_LIMIT = 100 << 20
 
 
 @dataclass
@@ -35,32 +36,14 @@ class LoraReport:
         return {"output": str(self.output), "tensors": self.n_tensors, "renamed": len(self.renamed)}
 
 
-def read_header(path: Path) -> tuple[dict, int]:
-    """(the safetensors JSON header, the byte offset where the tensor data starts), or ConversionError."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ConversionError(f"{path}: not a safetensors file (shorter than its header length)")
-            n = struct.unpack("<Q", raw)[0]
-            if not 2 <= n <= _HEADER_LIMIT:
-                raise ConversionError(f"{path}: not a safetensors file (header length {n})")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:   # JSONDecodeError is a ValueError
-        raise ConversionError(f"{path}: not a readable safetensors file ({e})") from None
-    if not isinstance(header, dict):
-        raise ConversionError(f"{path}: its safetensors header is not a JSON object")
-    return header, 8 + n
-
-
 def is_lora_file(path: str | os.PathLike) -> bool:
     """True for a safetensors file whose tensors are all adapter tensors (LoRA down/up/alpha, in any naming)."""
     path = Path(path)
     if not path.is_file() or path.suffix != ".safetensors":
         return False
     try:
-        header, _ = read_header(path)
-    except ConversionError:
+        header, _ = safetensors_header(path)
+    except (ConversionError, OSError):
         return False
     names = [k for k in header if k != "__metadata__"]
     return bool(names) and all(n.endswith(tuple(_ENDINGS)) for n in names)
@@ -95,7 +78,7 @@ def convert_lora(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         raise ConversionError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     if not is_lora_file(src):
         raise ConversionError(f"{src}: not a LoRA file (every tensor a lora_A/lora_B, lora_down/lora_up or alpha)")
-    header, start = read_header(src)
+    header, start = safetensors_header(src)
     names = [k for k in header if k != "__metadata__"]
     two = any(n.startswith(_TEXT_PREFIXES[0]) for n in names)
     renamed = {n: k for n in names if (k := kohya_name(n, two)) is not None}

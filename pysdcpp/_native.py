@@ -164,12 +164,7 @@ class NativeLibrary:
         if fn is None or frame_count < 1:
             return
         try:
-            from PIL import Image
-
-            f = frames[0]
-            w, h, c = int(f.width), int(f.height), int(f.channel)
-            data = bytes(self.ffi.buffer(f.data, w * h * c))
-            fn(int(step), Image.frombytes({1: "L", 3: "RGB", 4: "RGBA"}[c], (w, h), data), bool(is_noisy))
+            fn(int(step), copy_image(self.ffi, frames[0]), bool(is_noisy))
         except BaseException as e:  # never let an exception cross into C
             if self._armed:
                 self._request_stop(e)
@@ -255,6 +250,18 @@ class NativeLibrary:
 
 
 _libc = None
+
+
+def copy_image(ffi, img):
+    """A PIL copy of a library image (sd_image_t: 8-bit, 1, 3 or 4 channels); its buffer stays the library's."""
+    import numpy as np
+    from PIL import Image
+
+    w, h, c = int(img.width), int(img.height), int(img.channel)
+    arr = np.frombuffer(ffi.buffer(img.data, w * h * c), dtype=np.uint8).reshape(h, w, c).copy()
+    if c == 1:
+        return Image.fromarray(arr[:, :, 0], "L")
+    return Image.fromarray(arr, "RGB" if c == 3 else "RGBA")
 
 
 def libc():

@@ -21,7 +21,7 @@ from .errors import GenerationError, ModelLoadError, PySDCppError
 from .format.families import context_width, default_image_size, y_width
 from .format.names import FAMILIES, PREDICTIONS, SKIP_SEMANTICS
 from .format.sampling import generation_defaults
-from .images import GenerationImages, checked_images
+from .images import GenerationImages, check_control_scale, checked_images
 from .modelfile import ModelFile, read_control_net, read_model_file, read_tiny_autoencoder, with_unet
 
 StepCallback = Callable[[int, int, float], None]
@@ -679,7 +679,7 @@ class StableDiffusion(NativeHandle):
                 upscaled = None
                 if self._upscaler is not None:
                     images = [self._upscale(img) for img in images]
-                    upscaled = (Path(self._upscaler.model).stem, self._upscaler.factor, self.upscale_repeats)
+                    upscaled = (self._upscaler.model.stem, self._upscaler.factor, self.upscale_repeats)
                 alter_steps = self._alter_report(step_marks, p) if self.alter is not None else []
                 inherited = self._inheritance_report(native_plan, p.height, p.width) if native_plan else []
                 skipped = None
@@ -901,8 +901,7 @@ class StableDiffusion(NativeHandle):
         """A component call's ControlNet hint as (n, 3, height, width) float32 in 0..1, checked."""
         if self.control_net is None:
             raise ValueError("control_image needs a ControlNet: StableDiffusion(..., control_net=...)")
-        if (isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not np.isfinite(scale)):
-            raise ValueError(f"controlnet_conditioning_scale must be a finite number, got {scale!r}")
+        check_control_scale(scale)
         if isinstance(control_image, np.ndarray) and control_image.ndim == 4:
             h = np.ascontiguousarray(control_image, dtype=np.float32)
             if h.shape[1:] != (3, height, width) or h.shape[0] not in (1, n):
@@ -1009,14 +1008,10 @@ def take_image(ffi, img) -> Image.Image | None:
     if img.data == ffi.NULL:
         return None
     try:
-        w, h, c = int(img.width), int(img.height), int(img.channel)
-        arr = np.frombuffer(ffi.buffer(img.data, w * h * c), dtype=np.uint8).reshape(h, w, c).copy()
+        return _native.copy_image(ffi, img)
     finally:
         _native.libc().free(img.data)
         img.data = ffi.NULL
-    if c == 1:
-        return Image.fromarray(arr[:, :, 0], "L")
-    return Image.fromarray(arr, "RGB" if c == 3 else "RGBA")
 
 
 def _take_images(ffi, out, count: int) -> list[Image.Image]:

@@ -234,14 +234,12 @@ def generate(model, demo, prompt, prompts_file, negative_prompt, width, height, 
     if not output.parent.exists():
         _fail(f"output folder {output.parent} does not exist")
     paths = _output_paths(output, len(prompts) if prompts_file is not None else 0, batch_size)
+    written = [p for group in paths for p in group]   # what the run writes, every path checked before the load
     if preview_mode is not None:
         preview_path = preview_path or output.with_suffix(".preview.png")
         if preview_path.suffix.lower() != ".png" or not preview_path.parent.is_dir():
             _fail(f"--preview-path must be a .png path in an existing folder, got {preview_path}")
-        paths_checked = [*(p for group in paths for p in group), preview_path]
-    else:
-        paths_checked = [p for group in paths for p in group]
-    existing = [p for p in paths_checked if p.exists()]
+    existing = [p for p in written + ([preview_path] if preview_mode else []) if p.exists()]
     if existing and not overwrite:
         _fail(f"{existing[0]} exists; pass --overwrite to replace it")
     try:
@@ -271,8 +269,10 @@ def generate(model, demo, prompt, prompts_file, negative_prompt, width, height, 
                                      sigmas=sigmas, hires_fix=hires_fix, ref_images=list(ref_images) or None,
                                      image_guidance_scale=image_guidance_scale,
                                      controlnet_conditioning_scale=control_strength)
-        for other in prompts[1:]:   # each prompt's own LoRA tags
-            checked_generation(header, backend, other, negative_prompt, loras=loras, lora_dir=lora_dir)
+        from .lora import prompt_loras
+
+        for other in prompts[1:]:   # each prompt's own LoRA tags (the rest of its parameters are the first's)
+            prompt_loras(other, lora_dir)
         if taesd_preview_only and taesd is None:
             raise ValueError("--taesd-preview-only needs --taesd")
         if preview_mode == "tae" and taesd is None:
@@ -346,8 +346,7 @@ def generate(model, demo, prompt, prompts_file, negative_prompt, width, height, 
     except KeyboardInterrupt:
         click.echo("cancelled: no image written", err=True)
         sys.exit(130)
-    paths = [p for group in paths for p in group]
-    summary = {"images": [str(p) for p in paths], "model": str(model), "backend": backend,
+    summary = {"images": [str(p) for p in written], "model": str(model), "backend": backend,
                "conv": sd.conv, "attention": sd.attention, "linear": sd.linear, "threads": sd.threads,
                "alter_steps": [s.as_dict() for s in result.alter_steps],
                "inherited": [e.as_dict() for e in result.inherited],
@@ -356,7 +355,7 @@ def generate(model, demo, prompt, prompts_file, negative_prompt, width, height, 
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
-        for p in paths:
+        for p in written:
             click.echo(f"wrote {p}")
         click.echo(f"{backend}, {sd.threads} threads: load {load_s:.1f} s, generate {seconds:.1f} s",
                    err=True)

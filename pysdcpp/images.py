@@ -108,6 +108,13 @@ class GenerationImages:
             g.ref_images, g.ref_images_count = refs, len(self.ref_images)
 
 
+def check_control_scale(value) -> float:
+    """controlnet_conditioning_scale as a float, or ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not np.isfinite(value):
+        raise ValueError(f"controlnet_conditioning_scale must be a finite number, got {value!r}")
+    return float(value)
+
+
 def checked_images(image, mask_image, strength, width: int | None, height: int | None, multiple: int,
                    control_image=None, control_scale=1.0, ref_images=None):
     """(GenerationImages, width, height): the inputs read and sized; width and height filled from the image (or the
@@ -117,9 +124,7 @@ def checked_images(image, mask_image, strength, width: int | None, height: int |
         raise ValueError("mask_image needs an image to inpaint (image=...)")
     if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) or not 0 < strength <= 1:
         raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
-    if (isinstance(control_scale, bool) or not isinstance(control_scale, (int, float, np.floating))
-            or not np.isfinite(control_scale)):
-        raise ValueError(f"controlnet_conditioning_scale must be a finite number, got {control_scale!r}")
+    control_scale = check_control_scale(control_scale)
     init = read_image(image, "image") if image is not None else None
     control = read_image(control_image, "control_image") if control_image is not None else None
     if ref_images is None:

@@ -55,14 +55,7 @@ def compute(family: str, inputs: dict[str, np.ndarray], variant: str = "base") -
             unet = torch_reference(family, "unet", variant)
             if "unet_q8_0" in inputs:
                 out["unet_q8_0_counts"] = _round_q8_0(unet)
-            kwargs = {}
-            if "latent" in inputs and "y" in inputs:
-                # diffusers builds y as [text_embeds, add_time_proj(time_ids)]; to feed a given y through its own
-                # forward, add_time_proj hands back y's tail (the size embeddings) for dummy time ids
-                y = torch.from_numpy(inputs["y"])
-                width = unet.config.addition_time_embed_dim
-                unet.add_time_proj = _Fixed(y[:, 1280:].reshape(-1, width))
-                kwargs["added_cond_kwargs"] = {"text_embeds": y[:, :1280], "time_ids": torch.zeros(len(y), 6)}
+            kwargs = _feed_y(unet, inputs["y"]) if "latent" in inputs and "y" in inputs else {}
             if "latent" in inputs:
                 out["unet"] = unet(torch.from_numpy(inputs["latent"]), torch.from_numpy(inputs["timesteps"]),
                                    encoder_hidden_states=torch.from_numpy(inputs["context"]), **kwargs).sample.numpy()
@@ -74,11 +67,7 @@ def compute(family: str, inputs: dict[str, np.ndarray], variant: str = "base") -
                 conv.weight.copy_(weight)
                 conv.bias.copy_(torch.from_numpy(sources["conv_in.bias"].load().astype(np.float32)))
                 own, unet.conv_in = unet.conv_in, conv
-                own_time_proj, extra = unet.add_time_proj if hasattr(unet, "add_time_proj") else None, {}
-                if f"y.{name}" in inputs:   # as for "y" above
-                    y = torch.from_numpy(inputs[f"y.{name}"])
-                    unet.add_time_proj = _Fixed(y[:, 1280:].reshape(-1, unet.config.addition_time_embed_dim))
-                    extra["added_cond_kwargs"] = {"text_embeds": y[:, :1280], "time_ids": torch.zeros(len(y), 6)}
+                extra = _feed_y(unet, inputs[f"y.{name}"]) if f"y.{name}" in inputs else {}
                 try:
                     out[f"unet.{name}"] = unet(torch.from_numpy(inputs[f"latent.{name}"]),
                                                torch.from_numpy(inputs["timesteps"]),
@@ -86,8 +75,6 @@ def compute(family: str, inputs: dict[str, np.ndarray], variant: str = "base") -
                                                **extra).sample.numpy()
                 finally:
                     unet.conv_in = own
-                    if own_time_proj is not None:
-                        unet.add_time_proj = own_time_proj
             if "deepcache_latents" in inputs:
                 out["deepcache"] = _deepcache(unet, inputs)
             if "alter_keep" in inputs:
@@ -112,6 +99,15 @@ def compute(family: str, inputs: dict[str, np.ndarray], variant: str = "base") -
     return out
 
 
+def _feed_y(unet, y: np.ndarray) -> dict:
+    """The forward's keyword arguments that feed a given SDXL y through diffusers' own forward. diffusers builds y
+    as [text_embeds, add_time_proj(time_ids)]: add_time_proj is made to hand back y's tail (the size embeddings)
+    for dummy time ids."""
+    y = torch.from_numpy(y)
+    unet.add_time_proj = _Fixed(y[:, 1280:].reshape(-1, unet.config.addition_time_embed_dim))
+    return {"added_cond_kwargs": {"text_embeds": y[:, :1280], "time_ids": torch.zeros(len(y), 6)}}
+
+
 def _deepcache(unet, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """DeepCacheSDHelper over a sequence of evaluations, on a stand-in pipeline holding the UNet and the
     sequence's timesteps (the helper finds each call's step by its timestep)."""
@@ -121,11 +117,7 @@ def _deepcache(unet, inputs: dict[str, np.ndarray]) -> np.ndarray:
 
     ts = [float(t) for t in inputs["deepcache_timesteps"]]
     c = torch.from_numpy(inputs["deepcache_context"])
-    kwargs = {}
-    if "deepcache_y" in inputs:
-        y = torch.from_numpy(inputs["deepcache_y"])
-        unet.add_time_proj = _Fixed(y[:, 1280:].reshape(-1, unet.config.addition_time_embed_dim))
-        kwargs["added_cond_kwargs"] = {"text_embeds": y[:, :1280], "time_ids": torch.zeros(len(y), 6)}
+    kwargs = _feed_y(unet, inputs["deepcache_y"]) if "deepcache_y" in inputs else {}
     pipe = types.SimpleNamespace(unet=unet, scheduler=types.SimpleNamespace(timesteps=torch.tensor(ts)))
     per_branch = []
     for branch in inputs["deepcache_branches"]:

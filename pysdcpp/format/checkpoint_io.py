@@ -85,7 +85,7 @@ def _n_elements(shape) -> int:
     return n
 
 
-def _safetensors_header(path: Path) -> tuple[dict, int]:
+def safetensors_header(path: Path) -> tuple[dict, int]:
     """(the JSON header, where the data starts) of a safetensors file, checked to be a JSON object."""
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -117,7 +117,7 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
 
 def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string entries of a safetensors file's __metadata__ (e.g. Stability's modelspec.* fields); {} if none."""
-    header, _ = _safetensors_header(Path(path))
+    header, _ = safetensors_header(Path(path))
     meta = header.get("__metadata__")
     if not isinstance(meta, dict):
         return {}
@@ -129,7 +129,7 @@ def read_safetensors(path: str | os.PathLike) -> list[TensorSource]:
     dtype, a shape and data_offsets that match it, inside the file and overlapping no other tensor's."""
     path = Path(path)
     size = path.stat().st_size
-    header, base = _safetensors_header(path)
+    header, base = safetensors_header(path)
     out = []
     spans = []
     for name, info in header.items():
