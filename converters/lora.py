@@ -8,15 +8,14 @@ kept; the tensor bytes copied as they are (any dtype, bf16 included), the file w
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pysdcpp.format.checkpoint_io import safetensors_header
 
 from .errors import ConversionError
+from .renamed_copy import check_output, write_renamed
 
 # PEFT/diffusers endings and kohya's (what stable-diffusion.cpp reads for a LoRA's down/up matrices and alpha)
 _ENDINGS = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight",
@@ -66,40 +65,12 @@ def convert_lora(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                  ) -> LoraReport:
     """Write `input_path`'s LoRA with its text-encoder tensors in kohya's names to `output_path` (.safetensors)."""
     src, out = Path(input_path), Path(output_path)
-    if not src.is_file():
-        raise ConversionError(f"{src}: no such file")
-    if out.suffix != ".safetensors":
-        raise ConversionError(f"a LoRA converts to a .safetensors file, not {out.name}")
-    if out.exists() and out.resolve() == src.resolve():
-        raise ConversionError("the output path is the input LoRA; refusing to overwrite it")
-    if not out.parent.is_dir():
-        raise ConversionError(f"{out.parent}: output folder does not exist")
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    check_output(src, out, overwrite, "LoRA")
     if not is_lora_file(src):
         raise ConversionError(f"{src}: not a LoRA file (every tensor a lora_A/lora_B, lora_down/lora_up or alpha)")
-    header, start = safetensors_header(src)
+    header, _ = safetensors_header(src)
     names = [k for k in header if k != "__metadata__"]
     two = any(n.startswith(_TEXT_PREFIXES[0]) for n in names)
     renamed = {n: k for n in names if (k := kohya_name(n, two)) is not None}
-    final = [renamed.get(n, n) for n in names]
-    if len(set(final)) != len(final):
-        raise ConversionError(f"{src}: its text-encoder tensors would take names it already holds")
-    new_header = {renamed.get(k, k): v for k, v in header.items()}
-    meta = dict(new_header.get("__metadata__") or {})
-    meta["pysdcpp.lora_renamed"] = str(len(renamed))
-    new_header["__metadata__"] = meta
-    blob = json.dumps(new_header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)   # the data stays 8-byte aligned, as safetensors writers keep it
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
-        with open(src, "rb") as f, open(tmp, "wb") as g:
-            g.write(struct.pack("<Q", len(blob)))
-            g.write(blob)
-            f.seek(start)
-            while chunk := f.read(16 << 20):
-                g.write(chunk)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return LoraReport(out, len(names), renamed)
+    n = write_renamed(src, out, renamed, {"pysdcpp.lora_renamed": str(len(renamed))})
+    return LoraReport(out, n, renamed)

@@ -9,6 +9,7 @@
 
 #include "ggml-cpu.h"
 #include "ggml.h"
+#include "gemm.h"
 #include "ggml_helpers.h"
 #include "winograd.h"
 
@@ -61,6 +62,17 @@ std::string g_error;
 
 extern "C" SD_API const char* pysdcpp_conv_last_error(void) {
     return g_error.c_str();
+}
+
+extern "C" SD_API void pysdcpp_set_gemm_tile(int tile) {
+    using pysdcpp::GemmTile;
+    pysdcpp::set_gemm_tile(tile == PYSDCPP_GEMM_TILE_NARROW ? GemmTile::narrow
+                           : tile == PYSDCPP_GEMM_TILE_WIDE ? GemmTile::wide
+                                                            : GemmTile::automatic);
+}
+
+extern "C" SD_API int pysdcpp_gemm_tile(void) {
+    return pysdcpp::gemm_tile_in_use() == pysdcpp::GemmTile::wide ? PYSDCPP_GEMM_TILE_WIDE : PYSDCPP_GEMM_TILE_NARROW;
 }
 
 extern "C" SD_API void pysdcpp_set_conv_algorithm(int algorithm) {

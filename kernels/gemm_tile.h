@@ -43,4 +43,31 @@ inline void gemm_tile(const float* A, int64_t lda, const float* B, int64_t ldb, 
     }
 }
 
+// Two panels side by side: C[R][2 * W] (row stride ldc) = (accumulate ? C : 0) + A[R][kd] * [B0 | B1], each B a
+// [kd][W] panel (W = the vector's lanes). One broadcast of A feeds both panels' FMAs: with 16-lane vectors,
+// 24 FMAs per 14 loads instead of 12 per 13. The same summation order per output as gemm_tile.
+template <class V, int R>
+inline void gemm_tile_pair(const float* A, int64_t lda, const float* B0, const float* B1, int64_t kd, float* C,
+                           int64_t ldc, bool accumulate) {
+    constexpr int W = simd::lanes<V>();
+    V acc[R][2];
+    for (int r = 0; r < R; r++) {
+        acc[r][0] = accumulate ? simd::load<V>(C + r * ldc) : V{};
+        acc[r][1] = accumulate ? simd::load<V>(C + r * ldc + W) : V{};
+    }
+#pragma GCC unroll 2
+    for (int64_t l = 0; l < kd; l++) {
+        const V b0 = simd::load<V>(B0 + l * W), b1 = simd::load<V>(B1 + l * W);
+        for (int r = 0; r < R; r++) {
+            const float a = A[r * lda + l];
+            acc[r][0] += a * b0;
+            acc[r][1] += a * b1;
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        simd::store<V>(C + r * ldc, acc[r][0]);
+        simd::store<V>(C + r * ldc + W, acc[r][1]);
+    }
+}
+
 }  // namespace pysdcpp

@@ -2,7 +2,7 @@
 // projections and feed-forward layers, a third or more of a UNet evaluation.
 //
 // ggml multiplies F16 weights by first rounding the activations to F16 and then runs tinyBLAS's dot-product tiles.
-// Here the activations stay F32 (read in place, broadcast six rows at a time) and the weights are converted to
+// Here the activations stay F32 (read in place, broadcast a tile's rows at a time) and the weights are converted to
 // F32 while being packed into the GEMM's column panels (kGemmDepth x kGemmCols floats, L2-sized blocks), each
 // column block once for all the rows its work item covers, then multiplied by 256 rows of x at a time. The
 // threads claim (column block, group of rows) items dynamically.

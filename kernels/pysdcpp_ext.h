@@ -129,6 +129,17 @@ enum pysdcpp_linear_t {
     PYSDCPP_LINEAR_FAST_SCALAR = 2
 };
 void pysdcpp_set_linear_mode(int mode);
+/* The register tile of our GEMM's vector build (Winograd's products, the 1x1 convs, the linear layers), process-wide:
+   AUTO = WIDE where the library was built for AVX-512, else NARROW; NARROW = 6 x 16 (8-lane vectors), WIDE =
+   12 x 32 (16-lane vectors; correct on any machine, fast where one register holds 16 floats). pysdcpp_gemm_tile
+   returns the tile in use (NARROW or WIDE). */
+enum pysdcpp_gemm_tile_t {
+    PYSDCPP_GEMM_TILE_AUTO   = 0,
+    PYSDCPP_GEMM_TILE_NARROW = 1,
+    PYSDCPP_GEMM_TILE_WIDE   = 2
+};
+void pysdcpp_set_gemm_tile(int tile);
+int pysdcpp_gemm_tile(void);
 int pysdcpp_linear(const float* x, int64_t rows, int64_t K, const float* w, int64_t N, const float* bias,
                    int weight_f16, int path, int n_threads, int repeat, float* y, double* seconds);
 const char* pysdcpp_linear_last_error(void);

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -162,6 +162,9 @@ def png_parameters(p: GenerationParams, model_name: str, backend: str, version: 
         fields.append(("Edit images", len(images.ref_images)))
     if p.image_guidance_scale is not None:
         fields.append(("Image CFG scale", f"{p.image_guidance_scale:g}"))
+    if images is not None and images.id_images:
+        fields += [("PhotoMaker ID images", len(images.id_images)),
+                   ("PhotoMaker style strength", f"{images.style_strength:g}")]
     if p.scheduler != "default":
         fields.append(("Schedule type", p.scheduler))
     fields += [("CFG scale", f"{p.guidance_scale:g}"), ("Seed", p.seed), ("Size", f"{p.width}x{p.height}"),
@@ -264,7 +267,7 @@ class StableDiffusion(NativeHandle):
                  control_net: str | os.PathLike | None = None,
                  lora_dir: str | os.PathLike | None = None, embeddings=None,
                  upscaler: str | os.PathLike | None = None, upscale_repeats: int = 1,
-                 lora_apply_mode: str = "auto",
+                 photo_maker: str | os.PathLike | None = None, lora_apply_mode: str = "auto",
                  prediction: str = "auto", rng: str = "cuda",
                  vae_decode_only: bool = False, conv: str = "default", winograd_cache_mb: int | None = None,
                  attention: str = "default", linear: str = "default", alter: bool | None = None,
@@ -316,6 +319,12 @@ class StableDiffusion(NativeHandle):
         vae_file = read_model_file(vae) if vae is not None else None
         taesd_file = read_tiny_autoencoder(taesd) if taesd is not None else None
         self.control_net = read_control_net(control_net) if control_net is not None else None
+        self.photo_maker = None   # a PhotoMakerFile: generations take input_id_images (pysdcpp.photomaker)
+        if photo_maker is not None:
+            from .photomaker import read_photo_maker
+
+            self.photo_maker = read_photo_maker(photo_maker, self.model_file)
+        self._photo_maker_merged = False   # the library merges PhotoMaker's LoRA at the first generation
         self.alter = self._alter_routing(backend, alter, alter_semantics, alter_masks)
         self.backend = backend
         self.native = _native.load(backend)
@@ -349,6 +358,8 @@ class StableDiffusion(NativeHandle):
         self.taesd = taesd_file.path if taesd_file is not None else None
         if self.control_net is not None:
             params.control_net_path = self._cstr(str(self.control_net.path))
+        if self.photo_maker is not None:
+            params.photo_maker_path = self._cstr(str(self.photo_maker.path))
         if self.embeddings:   # textual inversion: a prompt word equal to a name reads that file's vectors
             table = ffi.new("sd_embedding_t[]", len(self.embeddings))
             self._keep.append(table)
@@ -505,6 +516,7 @@ class StableDiffusion(NativeHandle):
                  inheritance=None, step_cache: str | None = None, vae_tiling=False,
                  vae_tile_overlap: float | None = None, loras=None, eta: float | None = None, sigmas=None,
                  hires_fix: str | None = None, ref_images=None, image_guidance_scale: float | None = None,
+                 input_id_images=None, style_strength: float | None = None,
                  callback: StepCallback | None = None, preview: PreviewCallback | None = None,
                  preview_mode: str = "proj", preview_interval: int = 1, preview_noisy: bool = False
                  ) -> list[Image.Image]:
@@ -540,7 +552,10 @@ class StableDiffusion(NativeHandle):
         ("latent:scale=2,steps=0,strength=0.7", or an ESRGAN file's path as the upscaler; pysdcpp.hires).
         Instruct-Pix2Pix models (variant pix2pix): `ref_images`, the image to edit (one, or a list), and
         `image_guidance_scale`, how closely to keep it (None: the same as guidance_scale, upstream's default,
-        which runs no separate image condition; diffusers' default is 1.5).
+        which runs no separate image condition; diffusers' default is 1.5). PhotoMaker (a context made with
+        photo_maker=, SDXL): `input_id_images`, the ID images (one, a list, or a folder read as sd-cli's
+        --pm-id-images-dir), with the prompt's trigger word after its class word ("a woman img, ..."), and
+        `style_strength`, the percentage of the steps before the ID joins (20; pysdcpp.photomaker).
 
         `preview(step, image)`: called with a preview of the latent at every `preview_interval`-th step:
         `preview_mode` "proj" (a linear map of the latent to RGB at its size, 1/8 of the image's: cheap), "vae"
@@ -560,7 +575,8 @@ class StableDiffusion(NativeHandle):
                                        inheritance=inheritance, step_cache=step_cache, vae_tiling=vae_tiling,
                                        vae_tile_overlap=vae_tile_overlap, loras=loras, eta=eta, sigmas=sigmas,
                                        hires_fix=hires_fix, ref_images=ref_images,
-                                       image_guidance_scale=image_guidance_scale, callback=callback,
+                                       image_guidance_scale=image_guidance_scale, input_id_images=input_id_images,
+                                       style_strength=style_strength, callback=callback,
                                        preview=preview, preview_mode=preview_mode,
                                        preview_interval=preview_interval, preview_noisy=preview_noisy).images
 
@@ -581,7 +597,7 @@ class StableDiffusion(NativeHandle):
             if not isinstance(preview_noisy, bool):
                 raise ValueError(f"preview_noisy must be True or False, not {preview_noisy!r}")
         checked = checked_generation(self.model_file, self.backend, prompt, negative_prompt, inheritance=inheritance,
-                                     lora_dir=self.lora_dir, **kwargs)
+                                     lora_dir=self.lora_dir, photo_maker=self.photo_maker, **kwargs)
         p, step_cache, inputs = checked.params, checked.step_cache, checked.images
         if inputs.image is not None and self.vae_decode_only:
             raise ValueError("img2img needs the VAE encoder: this context was made with vae_decode_only=True")
@@ -655,9 +671,10 @@ class StableDiffusion(NativeHandle):
                 if preview is not None:
                     self.native.set_preview(on_preview, preview_mode, preview_interval, preview_noisy)
                 self.native.take_errors()
-                if loras != self._lora_state and self.native.has_components:
-                    # In "immediately" mode the library is about to change the weights in place: filters
-                    # transformed from the old ones (component calls keep them) must go.
+                merges = self.photo_maker is not None and not self._photo_maker_merged
+                if (loras != self._lora_state or merges) and self.native.has_components:
+                    # In "immediately" mode (and PhotoMaker's LoRA always) the library is about to change the
+                    # weights in place: filters transformed from the old ones (component calls keep them) must go.
                     lib.pysdcpp_winograd_cache_clear()
                 self.native.arm_stop()
                 try:
@@ -665,6 +682,7 @@ class StableDiffusion(NativeHandle):
                         out = lib.generate_image(ctx, g)
                 finally:
                     self._lora_state = loras
+                    self._photo_maker_merged = self.photo_maker is not None
                     self.native.set_progress(None)
                     if preview is not None:
                         self.native.set_preview(None)
@@ -1090,12 +1108,14 @@ def checked_generation(model_file: ModelFile, backend: str, prompt: str, negativ
                        inheritance=None, image=None, strength: float = 0.8, mask_image=None, control_image=None,
                        controlnet_conditioning_scale: float = 1.0, ref_images=None,
                        num_images_per_prompt: int | None = None, vae_tiling=None,
-                       vae_tile_overlap: float | None = None, loras=None, lora_dir=None,
+                       vae_tile_overlap: float | None = None, loras=None, lora_dir=None, photo_maker=None,
+                       input_id_images=None, style_strength: float | None = None,
                        **kwargs) -> CheckedGeneration:
     """A generation's parameters with the model's defaults filled in (size, and a few-step model's steps, guidance
     and sampler), every one checked before anything loads: sizes, sampler, the input images, the step cache, and
-    an inheritance policy (a pysdcpp.inheritance policy) against the UNet. A seed of None or below 0 becomes a
-    random one; the step cache is in its canonical spec."""
+    an inheritance policy (a pysdcpp.inheritance policy) against the UNet, PhotoMaker's inputs against the
+    context's `photo_maker` file (pysdcpp.photomaker). A seed of None or below 0 becomes a random one; the step
+    cache is in its canonical spec."""
     side, multiple = image_size_rules(model_file)
     images, kwargs["width"], kwargs["height"] = checked_images(image, mask_image, strength, kwargs.get("width"),
                                                                kwargs.get("height"), multiple, control_image,
@@ -1141,6 +1161,11 @@ def checked_generation(model_file: ModelFile, backend: str, prompt: str, negativ
         raise ValueError("loras is given twice")
     library_prompt, applied, explicit = checked_loras(loras if loras is not None else p.loras, prompt, lora_dir)
     p.loras = explicit or None   # the prompt keeps its tags: replaying the parameters applies the same LoRAs
+    if photo_maker is not None or input_id_images is not None or style_strength is not None:
+        from .photomaker import checked_inputs
+
+        ids, strength = checked_inputs(photo_maker, library_prompt, input_id_images, style_strength, backend)
+        images = replace(images, id_images=ids, style_strength=strength)
     step_cache = None
     if p.step_cache is not None:
         from .step_cache import parse_step_cache

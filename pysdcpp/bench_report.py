@@ -237,11 +237,14 @@ def render_peers(r: dict) -> list[str]:
                 cell += f" ({ratio:.2f}x ours)"
             if "rel_l2_vs_torch" in e[t]:
                 cell += f", rel. L2 {e[t]['rel_l2_vs_torch']:.1e}"
+            if rt.startswith("pysdcpp-") and "rel_l2_vs_pysdcpp" in e[t]:
+                cell += f" ({e[t]['rel_l2_vs_pysdcpp']:.1e} vs ours)"
             cells.append(cell)
         rss = f"{e['peak_rss'] / 2**20:.0f} MB" if e.get("peak_rss") else "-"
         out.append(f"| {rt} | " + " | ".join(cells) + f" | {rss} |")
     out += ["", "(x ours): that runtime's time over pysdcpp's in the same phase; above 1, pysdcpp is faster. "
-            "rel. L2: against PyTorch's output on the same inputs. pysdcpp's time: the median over all phases.", ""]
+            "rel. L2: against PyTorch's output on the same inputs (pysdcpp's variants: also against pysdcpp's "
+            "own). pysdcpp's time: the median over all phases.", ""]
     return out
 
 

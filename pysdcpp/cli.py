@@ -106,6 +106,13 @@ class _StepBar:
 @click.option("--img-cfg-scale", "image_guidance_scale", type=float, default=None,
               help="Instruct-Pix2Pix and inpainting models: image guidance, how closely to keep the image "
                    "[the --cfg value].")
+@click.option("--photo-maker", "photo_maker", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PhotoMaker (v1) file, SDXL models: the prompt names the class word and then the trigger word "
+                   "(\"a woman img, ...\"), --pm-id-images-dir the person.")
+@click.option("--pm-id-images-dir", "pm_id_images", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="PhotoMaker: a folder of ID images (jpg/png/bmp/webp, in file-name order).")
+@click.option("--pm-style-strength", "pm_style_strength", type=float, default=None,
+              help="PhotoMaker: the percentage of the steps before the ID joins, 0-100 [20].")
 @click.option("--unet", "--diffusion-model", "unet", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A UNet file whose tensors go over the model's (an ALTER, distilled or inpainting UNet).")
 @click.option("--preview", "preview_mode", type=click.Choice(["proj", "vae", "tae"]), default=None,
@@ -181,7 +188,8 @@ class _StepBar:
 @click.option("-v", "--verbose", count=True, help="-v: library info log, -vv: debug log.")
 def generate(model, demo, prompt, prompts_file, negative_prompt, width, height, steps, guidance_scale, sampler,
              scheduler, seed, batch_size, init_image, strength, mask_image, control_net, control_image,
-             control_strength, ref_images, image_guidance_scale, unet, preview_mode, preview_path, preview_interval,
+             control_strength, ref_images, image_guidance_scale, photo_maker, pm_id_images, pm_style_strength,
+             unet, preview_mode, preview_path, preview_interval,
              taesd_preview_only, upscale_model, upscale_repeats, taesd, vae_tiling, vae_tile_size, vae_tile_overlap,
              lora_args, lora_dir, lora_apply_mode, clip_skip, eta, sigmas, hires_fix, embd_dir, threads, backend,
              prediction, conv, attention, linear, winograd_cache_mb, no_alter, alter_masks, alter_semantics, inherit,
@@ -198,6 +206,8 @@ def generate(model, demo, prompt, prompts_file, negative_prompt, width, height, 
       pysdcpp generate model.gguf -p "a red fox" --backend upstream --sampler euler --scheduler karras
       pysdcpp generate model.gguf -p "a red fox" --steps 20 --inherit deepcache:interval=3,branch=0
       pysdcpp generate pix2pix.gguf -p "make it snow" -r photo.png --img-cfg-scale 1.5 -o snow.png
+      pysdcpp generate sdxl.gguf -p "a woman img, oil painting" --photo-maker photomaker-v1.safetensors \
+          --pm-id-images-dir faces/ -W 1024 -H 1024 --cfg 5 -o portrait.png
       pysdcpp generate model.gguf --prompts-file prompts.txt --upscale-model RealESRGAN_x4plus.pth -o out.png
     """
     from .api import StableDiffusion, checked_generation, png_parameters, save_png
@@ -259,6 +269,13 @@ def generate(model, demo, prompt, prompts_file, negative_prompt, width, height, 
             raise ValueError(f"--embd-dir {embd_dir}: no such folder")
         if lora_dir is not None and not lora_dir.is_dir():
             raise ValueError(f"--lora-dir {lora_dir}: no such folder")
+        pm_file = None
+        if photo_maker is not None:
+            from .photomaker import read_photo_maker
+
+            pm_file = read_photo_maker(photo_maker, header)
+        elif pm_id_images is not None or pm_style_strength is not None:
+            raise ValueError("--pm-id-images-dir and --pm-style-strength need --photo-maker")
         checked = checked_generation(header, backend, prompts[0], negative_prompt, width=width, height=height,
                                      num_inference_steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                      scheduler=scheduler, seed=seed, batch_size=batch_size, clip_skip=clip_skip,
@@ -268,11 +285,16 @@ def generate(model, demo, prompt, prompts_file, negative_prompt, width, height, 
                                      loras=loras, lora_dir=lora_dir, control_image=control_image, eta=eta,
                                      sigmas=sigmas, hires_fix=hires_fix, ref_images=list(ref_images) or None,
                                      image_guidance_scale=image_guidance_scale,
-                                     controlnet_conditioning_scale=control_strength)
+                                     controlnet_conditioning_scale=control_strength, photo_maker=pm_file,
+                                     input_id_images=pm_id_images, style_strength=pm_style_strength)
         from .lora import prompt_loras
 
         for other in prompts[1:]:   # each prompt's own LoRA tags (the rest of its parameters are the first's)
-            prompt_loras(other, lora_dir)
+            library_prompt = prompt_loras(other, lora_dir)[0]
+            if pm_file is not None:
+                from .photomaker import check_trigger
+
+                check_trigger(library_prompt)
         if taesd_preview_only and taesd is None:
             raise ValueError("--taesd-preview-only needs --taesd")
         if preview_mode == "tae" and taesd is None:
@@ -306,7 +328,7 @@ def generate(model, demo, prompt, prompts_file, negative_prompt, width, height, 
                                  alter_masks=alter_masks, taesd=taesd, control_net=control_net, lora_dir=lora_dir,
                                  embeddings=embd_dir, taesd_preview_only=taesd_preview_only,
                                  upscaler=upscale_model, upscale_repeats=upscale_repeats,
-                                 lora_apply_mode=lora_apply_mode,
+                                 photo_maker=photo_maker, lora_apply_mode=lora_apply_mode,
                                  vae_decode_only=init_image is None and not ref_images, progress=loading)
         finally:
             loading.close()
@@ -328,6 +350,8 @@ def generate(model, demo, prompt, prompts_file, negative_prompt, width, height, 
                                                    controlnet_conditioning_scale=inputs.control_scale,
                                                    ref_images=list(inputs.ref_images) or None,
                                                    image_guidance_scale=p.image_guidance_scale,
+                                                   input_id_images=list(inputs.id_images) or None,
+                                                   style_strength=inputs.style_strength,
                                                    vae_tiling=p.vae_tiling, loras=p.loras, eta=p.eta,
                                                    sigmas=p.sigmas, hires_fix=p.hires_fix, callback=bar,
                                                    preview=_preview_writer(preview_path) if preview_mode else None,
@@ -420,13 +444,13 @@ def _lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def _demo_model(family: str = "sd1") -> Path:
+def _demo_model(family: str = "sd1", out_type: str = "f16") -> Path:
     """The synthetic model's GGUF, made (with a progress bar) the first time."""
     from .demo import synthetic_gguf
 
-    bar = _WriteBar(f"making the synthetic {family} model (once, cached)")
+    bar = _WriteBar(f"making the synthetic {family} model ({out_type}; once, cached)")
     try:
-        return synthetic_gguf(family, "f16", progress=bar)
+        return synthetic_gguf(family, out_type, progress=bar)
     finally:
         bar.close()
 
@@ -636,14 +660,25 @@ def convert(input_path, output, out_type, prediction, base, alter_masks, drop_un
       pysdcpp convert ./alter-run --base ./stable-diffusion-2-1 -o alter.gguf --drop-unused
       pysdcpp convert ./stable-diffusion-2-1 --alter-masks masks.json -o sd21-pruned.gguf
       pysdcpp convert pytorch_lora_weights.safetensors -o lora.safetensors   # a LoRA: kohya text-encoder names
+      pysdcpp convert ./sd-controlnet-canny -o canny.safetensors   # a diffusers ControlNet: cldm names
 
     A LoRA file (every tensor lora_A/lora_B, lora_down/lora_up or alpha) is written as a LoRA: its diffusers/PEFT
     text-encoder tensors renamed to kohya's lora_te* (stable-diffusion.cpp applies no text_encoder.* tensor),
-    every tensor's bytes as they are (--type does not apply).
+    every tensor's bytes as they are (--type does not apply). A diffusers ControlNet (its folder or
+    diffusion_pytorch_model.safetensors) is written in the original cldm names, the ones stable-diffusion.cpp reads
+    (bytes as they are; a .safetensors output); cldm-named ControlNets load as they are.
     """
     from ._converters import converters, submodule
     from .format.errors import FormatError
 
+    controlnet = submodule("controlnet")
+    if controlnet.weights_file(input_path) is not None:
+        try:
+            r = controlnet.convert_controlnet(input_path, output, overwrite=overwrite)
+        except FormatError as e:
+            _fail(str(e))
+        click.echo(f"wrote {r.output}: {r.family} ControlNet, {r.n_tensors} tensors in the original (cldm) names")
+        return
     lora = submodule("lora")
     if lora.is_lora_file(input_path):
         try:
@@ -795,7 +830,8 @@ def inspect(model, as_json, list_tensors, size, steps):
               help="With -m ALTER_FILE: one UNet evaluation per expert against the dense model.")
 @click.option("--peers", default=None, metavar="RUNTIMES",
               help="One UNet evaluation (batch 1, 2) and one VAE decode in other runtimes beside ours (pysdcpp, "
-                   "upstream's path): torch, torch-compile, openvino, openvino-bf16 (pip install '.[peers]'); "
+                   "upstream's path): torch, torch-compile, openvino, openvino-bf16 (pip install '.[peers]'), "
+                   "pysdcpp-q8_0 (ours on q8_0 weights); "
                    "the synthetic model of --family, --size [256], --repeat.")
 @click.option("--batch", "batch_splits", default=None, metavar="SPLITS",
               help="Images per second of `pysdcpp batch` for each split of the cores, e.g. 1x2,2x1 (workers x "
@@ -815,7 +851,7 @@ def inspect(model, as_json, list_tensors, size, steps):
 @click.option("--variants", default="upstream,accelerated", show_default=True,
               help="Comma-separated, the first is the baseline: upstream, accelerated, im2col, direct, winograd, "
                    "fast-attention, fast-linear, upstream-direct, dense (an ALTER file with routing off), deepcache (interval "
-                   "3, branch 0), deepcache-b1, deepcache-5 (interval 5), units (the default unit schedule), ucache, ucache-t4 (threshold 4), spectrum, upstream-ucache (upstream's step caches); NAME@STEPS gives a "
+                   "3, branch 0), deepcache-b1, deepcache-5 (interval 5), units (the default unit schedule), ucache, ucache-t4 (threshold 4), spectrum, upstream-ucache (upstream's step caches), narrow-gemm, wide-gemm (our GEMM's register tiles); NAME@STEPS gives a "
                    "variant its own step count (e.g. upstream@50,accelerated with --steps 20).")
 @click.option("--algorithms", default="im2col,winograd_f4,winograd_f4_fused,winograd_f2_fused,winograd_f4_ggml_gemm", show_default=True,
               help="With --layers: im2col, direct, winograd_f4, winograd_f2, winograd_f4_in_graph (the filter "
@@ -924,8 +960,9 @@ def bench(model, layers, alter_demo, experts, peers, batch_splits, attention_lay
             click.echo(f"  {'setup' if rep == 'setup' else f'repetition {rep + 1}/{repeat}'} {name}: {state}",
                        err=True)
 
+        q8 = _demo_model(family_list[0], "q8_0") if "pysdcpp-q8_0" in runtimes else None
         report = peers_bench(str(gguf), str(folder), runtimes, _default(size_arg, 256), threads, repeat,
-                             family_list[0], progress=peers_progress)
+                             family_list[0], progress=peers_progress, q8_gguf=str(q8) if q8 else None)
         click.echo(format_peers_table(report))
     elif batch_splits is not None:
         if plot_path is not None:

@@ -1,5 +1,5 @@
 """Input images of a generation (img2img's init image, an inpainting mask, a ControlNet's control image, an
-Instruct-Pix2Pix model's image to edit): read and checked before any model loads, sized to the generation, and
+Instruct-Pix2Pix model's image to edit, PhotoMaker's ID images): read and checked before any model loads, sized to the generation, and
 handed to the library as `sd_image_t`.
 
 An input is a PIL image, a numpy array (uint8, H x W, H x W x 1, 3 or 4; or float in 0..1) or a path to an image
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-MODES = {"image": "RGB", "mask_image": "L", "control_image": "RGB", "ref_images": "RGB"}
+MODES = {"image": "RGB", "mask_image": "L", "control_image": "RGB", "ref_images": "RGB", "input_id_images": "RGB"}
 
 
 def read_image(value, name: str) -> Image.Image:
@@ -82,6 +82,8 @@ class GenerationImages:
     control_scale: float = 1.0  # how strongly the ControlNet's residuals count (diffusers'
     #                             controlnet_conditioning_scale, sd-cli's --control-strength)
     ref_images: tuple = ()  # Instruct-Pix2Pix: the image to edit (upstream's ref_images; sd-cli's -r)
+    id_images: tuple = ()  # PhotoMaker's ID images, at their own sizes (pysdcpp.photomaker)
+    style_strength: float | None = None  # PhotoMaker: % of the steps before the ID joins (None: no PhotoMaker)
 
     def fill(self, ffi, g, keep: list) -> None:
         """Point the fields of sd_img_gen_params_t `g` at these images; `keep` holds the buffers alive."""
@@ -98,14 +100,22 @@ class GenerationImages:
         g.strength = float(self.strength)
         g.control_strength = float(self.control_scale)
         if self.ref_images:
-            refs = ffi.new("sd_image_t[]", len(self.ref_images))
-            keep.append(refs)
-            for ref, img in zip(refs, self.ref_images):
-                arr = np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
-                keep.append(arr)
-                ref.width, ref.height, ref.channel = img.width, img.height, 3
-                ref.data = ffi.cast("uint8_t*", ffi.from_buffer(arr))
-            g.ref_images, g.ref_images_count = refs, len(self.ref_images)
+            g.ref_images, g.ref_images_count = _image_table(ffi, self.ref_images, keep)
+        if self.id_images:
+            g.pm_params.id_images, g.pm_params.id_images_count = _image_table(ffi, self.id_images, keep)
+            g.pm_params.style_strength = float(self.style_strength)
+
+
+def _image_table(ffi, images, keep: list):
+    """(sd_image_t[], count) of RGB images at their own sizes; `keep` holds the buffers alive."""
+    table = ffi.new("sd_image_t[]", len(images))
+    keep.append(table)
+    for entry, img in zip(table, images):
+        arr = np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+        keep.append(arr)
+        entry.width, entry.height, entry.channel = img.width, img.height, 3
+        entry.data = ffi.cast("uint8_t*", ffi.from_buffer(arr))
+    return table, len(images)
 
 
 def check_control_scale(value) -> float:

@@ -124,6 +124,37 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int, *, varia
     return out, secs.tolist(), int(nbytes[0])
 
 
+# Register tiles of our GEMM's vector build: names of pysdcpp_ext.h's enum pysdcpp_gemm_tile_t values.
+GEMM_TILES = {"auto": "PYSDCPP_GEMM_TILE_AUTO", "narrow": "PYSDCPP_GEMM_TILE_NARROW", "wide": "PYSDCPP_GEMM_TILE_WIDE"}
+
+
+def gemm_tile_in_use() -> str:
+    """The register tile the accelerated library's GEMM runs (every Winograd product, 1x1 conv and linear layer):
+    "narrow" (6 x 16, 8-lane vectors) or "wide" (12 x 32, 16-lane: the default of AVX-512 builds)."""
+    lib = _native.load("accelerated")
+    return "wide" if lib.lib.pysdcpp_gemm_tile() == lib.lib.PYSDCPP_GEMM_TILE_WIDE else "narrow"
+
+
+class gemm_tile:
+    """`with gemm_tile("narrow"):` runs the block with that GEMM tile (process-wide), then restores the automatic
+    choice. Both tiles sum every output in the same order: their results are equal; only speed differs."""
+
+    def __init__(self, tile: str):
+        if tile not in GEMM_TILES:
+            raise ValueError(f"tile must be one of {', '.join(GEMM_TILES)}, not {tile!r}")
+        self.tile = tile
+        self.lib = _native.load("accelerated")
+
+    def __enter__(self):
+        with self.lib.lock:
+            self.lib.lib.pysdcpp_set_gemm_tile(getattr(self.lib.lib, GEMM_TILES[self.tile]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self.lib.lock:
+            self.lib.lib.pysdcpp_set_gemm_tile(self.lib.lib.PYSDCPP_GEMM_TILE_AUTO)
+
+
 # Per-call linear-layer paths: names of pysdcpp_ext.h's enum pysdcpp_linear_t values.
 LINEAR_PATHS = {"upstream": "PYSDCPP_LINEAR_UPSTREAM", "fast": "PYSDCPP_LINEAR_FAST",
                 "fast_scalar": "PYSDCPP_LINEAR_FAST_SCALAR"}

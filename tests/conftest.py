@@ -290,6 +290,14 @@ def module_tmp(tmp_path_factory):
     shutil.rmtree(folder, ignore_errors=True)
 
 
+# One SDXL UNet evaluation at 128 px against diffusers' float32 original with the same F16 weights: the runtime's
+# F16 roundings of activations add up over SDXL's 70 transformer blocks. Measured 2026-12-02 on a 2-core Intel Xeon
+# (Sapphire Rapids class, AVX-512 with FP16): upstream's own path (every acceleration off) 1.75-1.89e-3 and ours
+# 1.44-1.84e-3 on the dense model, ALTER-routed experts and DeepCache steps up to 2.43e-3; the Zen 4 class EPYC of
+# earlier runs stayed under 2e-3. The SD1.x/SD2.x bound stays 2e-3 (test_components).
+SDXL_UNET_TOL = 3e-3
+
+
 def psnr(a, b) -> float:
     """PSNR in dB of two 8-bit images (PIL or arrays); inf when identical."""
     import math

@@ -102,17 +102,11 @@ _HINT_NAMES = {0: "conv_in", 2: "blocks.0", 4: "blocks.1", 6: "blocks.2", 8: "bl
                12: "blocks.5", 14: "conv_out"}
 
 
-def _torch_controlnet(unet):
-    """diffusers' ControlNetModel for the fixture's UNet config with the ControlNet file's weights: the cldm names
-    mapped by hand here (the time embedding, input and middle blocks are the synthetic UNet's of the ControlNet's
-    seed, in diffusers names)."""
-    import torch
-    from diffusers import ControlNetModel
-
+def _diffusers_sources() -> dict:
+    """The fixture ControlNet in diffusers' ControlNetModel names: the cldm names mapped by hand here (the time
+    embedding, input and middle blocks are the synthetic UNet's of the ControlNet's seed, in diffusers names)."""
     from pysdcpp.converters import synthetic
 
-    net = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
-    params = dict(net.named_parameters())
     values = {}
     for t in synthetic.synthetic_sources("sd1", CONTROLNET_SEED)["unet"]:
         if t.name.startswith(("time_embedding.", "conv_in.", "down_blocks.", "mid_block.")):
@@ -126,6 +120,17 @@ def _torch_controlnet(unet):
             values[f"controlnet_down_blocks.{base.split('.')[1]}.{leaf}"] = t
         elif base == "middle_block_out.0":
             values[f"controlnet_mid_block.{leaf}"] = t
+    return values
+
+
+def _torch_controlnet(unet):
+    """diffusers' ControlNetModel for the fixture's UNet config with the ControlNet file's weights."""
+    import torch
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    params = dict(net.named_parameters())
+    values = _diffusers_sources()
     assert set(values) == set(params), sorted(set(params) ^ set(values))[:4]
     with torch.no_grad():
         for name, t in values.items():
@@ -187,3 +192,64 @@ def test_unet_with_controlnet_residuals_dense_and_alter_routed_against_pytorch(s
             assert err <= max(3e-3, 1.25 * dense_err), (t, err)
             unrouted = alter_unet_forward(unet, x, torch.tensor([t]), c, [True] * n_units, control=control)
             assert rel_l2(want, unrouted.numpy()) > 20 * err   # the routing counts
+
+
+@pytest.mark.slow
+def test_a_diffusers_controlnet_converts_to_the_cldm_fixture(controlnet_sd15, tmp_path):
+    """`pysdcpp convert` of the fixture in diffusers' names (exactly ControlNetModel's parameters) writes the
+    fixture's cldm names and bytes back, every tensor; the CLI refuses an existing output and keeps it."""
+    import torch
+    from click.testing import CliRunner
+    from diffusers import ControlNetModel
+    from safetensors.numpy import load_file, save_file
+
+    from pysdcpp.cli import main
+    from pysdcpp.format.families import UNET_CONFIGS
+
+    sources = _diffusers_sources()
+    with torch.device("meta"):
+        names = set(ControlNetModel.from_config(UNET_CONFIGS["sd1"]).state_dict())
+    assert set(sources) == names, sorted(set(sources) ^ names)[:4]
+    folder = tmp_path / "sd-controlnet"
+    folder.mkdir()
+    save_file({n: t.load() for n, t in sources.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+    out = tmp_path / "converted.safetensors"
+    res = CliRunner().invoke(main, ["convert", str(folder), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "sd1 ControlNet" in res.output
+    converted, fixture = load_file(str(out)), load_file(str(controlnet_sd15))
+    assert set(converted) == set(fixture), sorted(set(converted) ^ set(fixture))[:4]
+    for name, value in fixture.items():
+        assert converted[name].dtype == value.dtype and np.array_equal(converted[name], value), name
+    before = out.read_bytes()[:4096]
+    res = CliRunner().invoke(main, ["convert", str(folder), "-o", str(out)])
+    assert res.exit_code != 0 and "exists" in res.output and out.read_bytes()[:4096] == before
+
+
+def test_controlnet_convert_refuses_what_it_cannot_map(tmp_path):
+    from safetensors.numpy import save_file
+
+    from pysdcpp.converters.controlnet import cldm_name, convert_controlnet, weights_file
+    from pysdcpp.converters.sd_layout import unet_name_map
+    from pysdcpp.format.errors import FormatError
+    from pysdcpp.format.families import UNET_CONFIGS
+
+    names = unet_name_map(UNET_CONFIGS["sd1"])
+    assert cldm_name("controlnet_cond_embedding.blocks.5.bias", names) == "control_model.input_hint_block.12.bias"
+    assert cldm_name("down_blocks.3.resnets.1.conv2.weight", names) == \
+        "control_model.input_blocks.11.0.out_layers.3.weight"
+    for bad in ("controlnet_cond_embedding.blocks.6.weight", "controlnet_down_blocks.x.weight", "up_blocks.0.x"):
+        with pytest.raises(FormatError, match="unexpected"):
+            cldm_name(bad, names)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x.weight": np.zeros((2, 2), np.float16)}, str(plain))
+    assert weights_file(plain) is None and weights_file(tmp_path) is None
+    with pytest.raises(FormatError, match="not a diffusers ControlNet"):
+        convert_controlnet(plain, tmp_path / "out.safetensors")
+    odd = tmp_path / "odd.safetensors"
+    save_file({"controlnet_cond_embedding.conv_in.weight": np.zeros((16, 3, 3, 3), np.float16),
+               "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight": np.zeros((4, 512), np.float16)},
+              str(odd))
+    with pytest.raises(FormatError, match="512 wide"):
+        convert_controlnet(odd, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

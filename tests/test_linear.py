@@ -86,3 +86,25 @@ def test_unet_fast_linear_against_pytorch(family):
     assert err["fast"] <= 2e-3 and err["upstream"] <= 2e-3, err
     assert err["fast"] <= 1.05 * err["upstream"], err
     assert not np.array_equal(out["fast"], out["upstream"])  # the hook really changed the path
+
+
+def test_the_gemm_tiles_give_equal_results():
+    """The narrow (6 x 16, 8-lane) and wide (12 x 32, 16-lane) register tiles sum every output in the same order:
+    equal results on every machine (the wide one runs as two AVX registers per vector where AVX-512 is missing),
+    each within its bound against float64; the automatic choice is one of them and comes back after the block."""
+    from pysdcpp.layers import gemm_tile, gemm_tile_in_use
+
+    auto = gemm_tile_in_use()
+    assert auto in ("narrow", "wide")
+    x, w, b = _problem((1100, 520, 130), seed=3)   # partial panels, row counts that no tile divides
+    out = {}
+    for tile in ("narrow", "wide"):
+        with gemm_tile(tile):
+            assert gemm_tile_in_use() == tile
+            out[tile], _ = linear(x, w, b, threads=2)
+    assert gemm_tile_in_use() == auto
+    assert np.array_equal(out["narrow"], out["wide"])
+    ref = x.astype(np.float64) @ w.astype(np.float16).astype(np.float64).T + b
+    assert np.abs(out["wide"] - ref).max() / np.abs(ref).max() <= BOUNDS["fast"]
+    with pytest.raises(ValueError, match="tile must be"):
+        gemm_tile("huge")

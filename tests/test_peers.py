@@ -50,3 +50,14 @@ def test_peers_agree_with_pytorch(sd15_f16, module_tmp):
     from pysdcpp.bench_report import render
 
     assert "### Peer runtimes, 128 px" in render([report])
+
+
+def test_a_runtime_that_cannot_start_is_reported_and_the_others_run(tmp_path):
+    # pysdcpp-q8_0 without its q8_0 file, and a torch peer on a folder that is not there: each fails in its own
+    # worker at setup; the report names why and carries no times for them.
+    report = peers_bench(str(tmp_path / "m.gguf"), str(tmp_path / "folder"), ["pysdcpp-q8_0", "torch"], size=64,
+                         repeat=1, tasks=("vae",), timeout=120)
+    s = report["summary"]
+    assert "q8_0 GGUF" in s["pysdcpp-q8_0"]["error"] and "vae" not in s["pysdcpp-q8_0"]
+    assert s["torch"]["error"] and "vae" not in s["torch"]
+    assert "FAILED" in format_peers_table(report)

@@ -267,3 +267,16 @@ def test_chunked_vae_decode_batch2(small_chunks):
         small_chunks(128, 128, 1)
         chunked = sd.decode(latent)
     assert rel_l2(chunked, default) <= 1e-6
+
+
+@pytest.mark.parametrize("algorithm", ["winograd_f4", "winograd_f2", "winograd_f4_fused"])
+def test_the_gemm_tiles_give_equal_convolutions(algorithm):
+    """Winograd's products through the narrow and the wide GEMM tiles: equal outputs (the same summation order)."""
+    from pysdcpp.layers import gemm_tile
+
+    x, w, b, pad = _problem((2, 300, 26, 30, 147, 1), seed=9)
+    out = {}
+    for tile in ("narrow", "wide"):
+        with gemm_tile(tile):
+            out[tile], _ = conv2d_3x3(x, w, b, pad=pad, algorithm=algorithm, threads=2)
+    assert np.array_equal(out["narrow"], out["wide"])

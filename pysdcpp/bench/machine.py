@@ -43,9 +43,18 @@ def footer(report: dict, what: str) -> str:
 
 
 def build_info() -> dict:
+    """The libraries' build flags, and the GEMM register tile the accelerated one runs (layers.gemm_tile_in_use)."""
     from .. import _native
+    from ..errors import PySDCppError
 
-    return _native.build_info()
+    info = dict(_native.build_info())
+    try:
+        from ..layers import gemm_tile_in_use
+
+        info["gemm_tile"] = gemm_tile_in_use()
+    except (PySDCppError, OSError, AttributeError):   # no accelerated library, or one from before the tiles
+        pass
+    return info
 
 
 def utc_now() -> str:

@@ -35,6 +35,9 @@ VARIANTS: dict[str, dict] = {
     "ucache-t4": {"backend": "accelerated", "step_cache": "ucache:threshold=4"},
     "spectrum": {"backend": "accelerated", "step_cache": "spectrum"},
     "upstream-ucache": {"backend": "upstream", "conv": "im2col", "step_cache": "ucache"},
+    # our GEMM's register tiles (pysdcpp.layers.gemm_tile; the default is wide on AVX-512 builds, else narrow)
+    "narrow-gemm": {"backend": "accelerated", "gemm_tile": "narrow"},
+    "wide-gemm": {"backend": "accelerated", "gemm_tile": "wide"},
 }
 
 
@@ -88,6 +91,10 @@ def _worker(variant: dict, model: str, params: dict, threads: int, queue) -> Non
             params = dict(params, inheritance=parse_inheritance(variant.pop("inheritance")))
         if "step_cache" in variant:
             params = dict(params, step_cache=variant.pop("step_cache"))
+        if "gemm_tile" in variant:   # process-wide; this worker's process runs this variant alone
+            from ..layers import gemm_tile
+
+            gemm_tile(variant.pop("gemm_tile")).__enter__()
         t0 = time.perf_counter()
         with StableDiffusion(model, threads=threads, **variant) as sd:
             load = time.perf_counter() - t0

@@ -16,6 +16,8 @@ from .machine import build_info, footer, machine_info, peak_rss, utc_now
 RUNTIMES = {
     "pysdcpp": "the accelerated library, its defaults (component API)",
     "upstream": "the accelerated library with every acceleration off: upstream's path, bit for bit",
+    "pysdcpp-q8_0": "the accelerated library, its defaults, on the same model with q8_0 weights (ggml's int8 dot "
+                    "products where the layers take them)",
     "torch": "PyTorch + diffusers, fp32, inference_mode, channels_last, SDPA",
     "torch-compile": "as torch, the UNet and decoder under torch.compile (compile time not counted)",
     "openvino": "OpenVINO, fp32 inference precision, static shapes, LATENCY hint",
@@ -141,12 +143,16 @@ class _OpenVINO:
 
 
 def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int, family: str,
-            tasks: tuple[str, ...]) -> None:
+            tasks: tuple[str, ...], q8_gguf: str | None) -> None:
     """A runtime in its own process: builds it, then runs what the driver asks, one task at a time."""
     try:
         t0 = time.perf_counter()
         if runtime in ("pysdcpp", "upstream"):
             rt = _Ours(gguf, threads, runtime == "pysdcpp")
+        elif runtime == "pysdcpp-q8_0":
+            if q8_gguf is None:
+                raise ValueError("pysdcpp-q8_0 needs the model's q8_0 GGUF (q8_gguf=)")
+            rt = _Ours(q8_gguf, threads, True)
         elif runtime in ("torch", "torch-compile"):
             rt = _Torch(folder, threads, runtime == "torch-compile")
         elif runtime in ("openvino", "openvino-bf16"):
@@ -172,8 +178,10 @@ def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int,
 
 
 def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, threads: int = 2, repeat: int = 3,
-                family: str = "sd1", tasks: tuple[str, ...] = TASKS, timeout: float = 3600.0, progress=None) -> dict:
-    """Every runtime on the same inputs; `folder`: the same model as a diffusers folder (the peers load it)."""
+                family: str = "sd1", tasks: tuple[str, ...] = TASKS, timeout: float = 3600.0, progress=None,
+                q8_gguf: str | None = None) -> dict:
+    """Every runtime on the same inputs; `folder`: the same model as a diffusers folder (the peers load it);
+    `q8_gguf`: the same model with q8_0 weights (for pysdcpp-q8_0)."""
     import multiprocessing as mp
 
     bad = [r for r in runtimes if r not in RUNTIMES]
@@ -205,7 +213,7 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
 
     def start(rt):
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=_worker, args=(child, rt, gguf, folder, threads, size, family, tuple(tasks)),
+        p = ctx.Process(target=_worker, args=(child, rt, gguf, folder, threads, size, family, tuple(tasks), q8_gguf),
                         daemon=True)
         p.start()
         child.close()
@@ -275,9 +283,10 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
                 if ours:   # this runtime over pysdcpp, both measured in this runtime's phase
                     e[task]["pysdcpp_median_same_phase"] = statistics.median(ours)
                     e[task]["vs_pysdcpp"] = e[task]["median"] / statistics.median(ours)
-                if task in ref and rt != "torch" and task in outputs[rt]:
-                    a, b = outputs[rt][task].astype(np.float64), ref[task].astype(np.float64)
-                    e[task]["rel_l2_vs_torch"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+                for name, against in (("torch", ref), ("pysdcpp", outputs.get("pysdcpp", {}))):
+                    if task in against and rt != name and task in outputs[rt]:
+                        a, b = outputs[rt][task].astype(np.float64), against[task].astype(np.float64)
+                        e[task][f"rel_l2_vs_{name}"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
         summary[rt] = e
     return {"kind": "peers", "model": gguf, "family": family, "size": size, "threads": threads, "repeat": repeat,
             "tasks": list(tasks), "runtimes": {rt: RUNTIMES[rt] for rt in runtimes}, "date": utc_now(),
