@@ -1,6 +1,6 @@
 """Input images of a generation (img2img's init image, an inpainting mask, a ControlNet's control image, an
-Instruct-Pix2Pix model's image to edit, PhotoMaker's ID images): read and checked before any model loads, sized to the generation, and
-handed to the library as `sd_image_t`.
+Instruct-Pix2Pix model's image to edit, PhotoMaker's ID images): read and checked before any model loads, sized to
+the generation, and handed to the library as `sd_image_t`.
 
 An input is a PIL image, a numpy array (uint8, H x W, H x W x 1, 3 or 4; or float in 0..1) or a path to an image
 file. The init image is used as RGB (alpha dropped), the mask as 8-bit grey: white is repainted, black kept (as in

@@ -135,24 +135,31 @@ def gemm_tile_in_use() -> str:
     return "wide" if lib.lib.pysdcpp_gemm_tile() == lib.lib.PYSDCPP_GEMM_TILE_WIDE else "narrow"
 
 
+def set_gemm_tile(tile: str) -> None:
+    """Run the accelerated library's GEMM with this tile ("auto", "narrow", "wide"), process-wide. Both tiles sum
+    every output in the same order: their results are equal; only speed differs."""
+    if tile not in GEMM_TILES:
+        raise ValueError(f"tile must be one of {', '.join(GEMM_TILES)}, not {tile!r}")
+    lib = _native.load("accelerated")
+    with lib.lock:
+        lib.lib.pysdcpp_set_gemm_tile(getattr(lib.lib, GEMM_TILES[tile]))
+
+
 class gemm_tile:
-    """`with gemm_tile("narrow"):` runs the block with that GEMM tile (process-wide), then restores the automatic
-    choice. Both tiles sum every output in the same order: their results are equal; only speed differs."""
+    """`with gemm_tile("narrow"):` runs the block with that GEMM tile (set_gemm_tile), then restores the automatic
+    choice."""
 
     def __init__(self, tile: str):
         if tile not in GEMM_TILES:
             raise ValueError(f"tile must be one of {', '.join(GEMM_TILES)}, not {tile!r}")
         self.tile = tile
-        self.lib = _native.load("accelerated")
 
     def __enter__(self):
-        with self.lib.lock:
-            self.lib.lib.pysdcpp_set_gemm_tile(getattr(self.lib.lib, GEMM_TILES[self.tile]))
+        set_gemm_tile(self.tile)
         return self
 
     def __exit__(self, *exc) -> None:
-        with self.lib.lock:
-            self.lib.lib.pysdcpp_set_gemm_tile(self.lib.lib.PYSDCPP_GEMM_TILE_AUTO)
+        set_gemm_tile("auto")
 
 
 # Per-call linear-layer paths: names of pysdcpp_ext.h's enum pysdcpp_linear_t values.

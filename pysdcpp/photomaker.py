@@ -36,7 +36,7 @@ DEFAULT_STYLE_STRENGTH = 20.0
 @dataclass(frozen=True)
 class PhotoMakerFile:
     path: Path
-    version: int
+    version: int   # 1: v2 files are refused so far
     lora_tensors: int   # LoRA tensors on the UNet (down and up matrices)
 
 
@@ -49,8 +49,7 @@ def read_photo_maker(path: str | os.PathLike, model: ModelFile) -> PhotoMakerFil
     shapes = {t.name: tensor_shape(t.shape, mf.format == "gguf") for t in mf.tensors}
     if "vision_model.visual_projection.weight" in shapes:   # the other spelling the library accepts
         shapes.setdefault("visual_projection.weight", shapes["vision_model.visual_projection.weight"])
-    version = 2 if any(n.startswith(V2_PREFIX) for n in shapes) else 1
-    if version == 2:
+    if any(n.startswith(V2_PREFIX) for n in shapes):
         raise ValueError(f"{mf.path}: a PhotoMaker v2 file (qformer_perceiver.*): pysdcpp runs PhotoMaker v1 only "
                          "so far (v2 also needs insightface ID embeddings)")
     if "v2" in str(mf.path):
@@ -69,7 +68,7 @@ def read_photo_maker(path: str | os.PathLike, model: ModelFile) -> PhotoMakerFil
         n, got, want = wrong[0]
         raise ModelLoadError(f"{mf.path}: PhotoMaker tensor {n} has shape {tuple(got)}, not {want}")
     lora = sum(1 for n in shapes if n.startswith(LORA_PREFIX))
-    return PhotoMakerFile(mf.path, version, lora)
+    return PhotoMakerFile(mf.path, 1, lora)
 
 
 def id_images_from_folder(folder: Path) -> list[Path]:

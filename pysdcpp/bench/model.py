@@ -92,9 +92,9 @@ def _worker(variant: dict, model: str, params: dict, threads: int, queue) -> Non
         if "step_cache" in variant:
             params = dict(params, step_cache=variant.pop("step_cache"))
         if "gemm_tile" in variant:   # process-wide; this worker's process runs this variant alone
-            from ..layers import gemm_tile
+            from ..layers import set_gemm_tile
 
-            gemm_tile(variant.pop("gemm_tile")).__enter__()
+            set_gemm_tile(variant.pop("gemm_tile"))
         t0 = time.perf_counter()
         with StableDiffusion(model, threads=threads, **variant) as sd:
             load = time.perf_counter() - t0
