@@ -2,6 +2,7 @@
 #include "attention.h"
 #include "gemm_tile.h"
 #include "simd.h"
+#include "profile.h"
 
 #include <algorithm>
 #include <atomic>
@@ -336,12 +337,14 @@ ggml_tensor* attention(ggml_context* ctx, ggml_tensor* q, ggml_tensor* k, ggml_t
     }
     const Geometry g      = Geometry::make(q->ne[0], n_head, q->ne[1], k->ne[1], q->ne[2]);
     ggml_tensor* kv[2]    = {k, v};
-    ggml_tensor* packed   = ggml_custom_4d(ctx, GGML_TYPE_F32, g.block_floats(), g.n_kb, g.H, g.N, kv, 2, pack_node,
-                                           GGML_N_TASKS_MAX, (void*)(intptr_t)n_head);
+    ggml_tensor* packed   = labelled(ggml_custom_4d(ctx, GGML_TYPE_F32, g.block_floats(), g.n_kb, g.H, g.N, kv, 2,
+                                                    pack_node, GGML_N_TASKS_MAX, (void*)(intptr_t)n_head),
+                                     "attention.pack");
     ggml_tensor* args[3]  = {q, packed, k};  // k only for its length
     ggml_custom_op_t fn   = variant == AttentionVariant::fused_scalar ? fused_node<float> : fused_node<v8f>;
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0], q->ne[1], q->ne[2], 1, args, 3, fn, GGML_N_TASKS_MAX,
-                          (void*)(intptr_t)n_head);
+    return labelled(ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0], q->ne[1], q->ne[2], 1, args, 3, fn, GGML_N_TASKS_MAX,
+                                   (void*)(intptr_t)n_head),
+                    "attention.fused");
 }
 
 AttentionVariant attention_choose(int64_t d_head, int64_t L_q, int64_t L_k) {

@@ -13,6 +13,7 @@
 #include "simd.h"
 #include "winograd.h"
 #include "work_items.h"
+#include "profile.h"
 
 extern "C" {
 #include "stable-diffusion.h"
@@ -131,8 +132,10 @@ void group_norm_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
 ggml_tensor* group_norm_affine(ggml_context* ctx, ggml_tensor* x, int groups, float eps, ggml_tensor* gamma,
                                ggml_tensor* beta, bool vector) {
     ggml_tensor* args[3] = {x, gamma, beta};
-    ggml_tensor* y       = ggml_custom_4d(ctx, GGML_TYPE_F32, x->ne[0], x->ne[1], x->ne[2], x->ne[3], args, 3,
-                                          group_norm_node, GGML_N_TASKS_MAX, (void*)(vector ? &kVector : &kScalar));
+    ggml_tensor* y       = labelled(ggml_custom_4d(ctx, GGML_TYPE_F32, x->ne[0], x->ne[1], x->ne[2], x->ne[3], args, 3,
+                                                   group_norm_node, GGML_N_TASKS_MAX,
+                                                   (void*)(vector ? &kVector : &kScalar)),
+                                    "group_norm");
     std::memcpy((char*)y->op_params + kParamsOffset, &groups, sizeof(int32_t));
     std::memcpy((char*)y->op_params + kParamsOffset + sizeof(int32_t), &eps, sizeof(float));
     return y;

@@ -1,6 +1,7 @@
 // Feature inheritance state, the per-unit decisions the patched UNet asks for, and the two graph ops that move a
 // unit's contribution into and out of its cache (see inherit.h).
 #include "inherit.h"
+#include "profile.h"
 
 #include <algorithm>
 #include <cstring>
@@ -217,8 +218,9 @@ ggml_tensor* inherit_load(ggml_context* ctx, const std::string& unit) {
         std::lock_guard<std::mutex> lock(g_mutex);
         e = &g_cache.at(Key(g_slot, t_part, unit));
     }
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, e->ne[0], e->ne[1], e->ne[2], e->ne[3], nullptr, 0, load_node,
-                          GGML_N_TASKS_MAX, const_cast<Entry*>(e));
+    return labelled(ggml_custom_4d(ctx, GGML_TYPE_F32, e->ne[0], e->ne[1], e->ne[2], e->ne[3], nullptr, 0, load_node,
+                                   GGML_N_TASKS_MAX, const_cast<Entry*>(e)),
+                    "inherit.load");
 }
 
 ggml_tensor* inherit_store(ggml_context* ctx, const std::string& unit, ggml_tensor* value, ggml_tensor* minus) {
@@ -239,8 +241,9 @@ ggml_tensor* inherit_store(ggml_context* ctx, const std::string& unit, ggml_tens
         e->valid    = false;
     }
     ggml_tensor* args[2] = {value, minus};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, value->ne[0], value->ne[1], value->ne[2], value->ne[3], args,
-                          minus != nullptr ? 2 : 1, store_node, GGML_N_TASKS_MAX, e);
+    return labelled(ggml_custom_4d(ctx, GGML_TYPE_F32, value->ne[0], value->ne[1], value->ne[2], value->ne[3], args,
+                                   minus != nullptr ? 2 : 1, store_node, GGML_N_TASKS_MAX, e),
+                    "inherit.store");
 }
 
 std::vector<InheritRecord> inherit_history() {

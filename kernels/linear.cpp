@@ -15,6 +15,7 @@
 #include "work_items.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
+#include "profile.h"
 
 extern "C" {
 #include "stable-diffusion.h"
@@ -105,8 +106,10 @@ void set_linear_mode(LinearMode mode) {
 
 ggml_tensor* linear(ggml_context* ctx, ggml_tensor* x, ggml_tensor* w, ggml_tensor* b, bool vector) {
     ggml_tensor* args[3] = {x, w, b};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], x->ne[1], x->ne[2], x->ne[3], args, b != nullptr ? 3 : 2,
-                          linear_node, GGML_N_TASKS_MAX, (void*)(vector ? &kVector : &kScalar));
+    return labelled(ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], x->ne[1], x->ne[2], x->ne[3], args,
+                                   b != nullptr ? 3 : 2, linear_node, GGML_N_TASKS_MAX,
+                                   (void*)(vector ? &kVector : &kScalar)),
+                    "linear");
 }
 
 }  // namespace pysdcpp

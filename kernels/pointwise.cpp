@@ -13,6 +13,7 @@
 #include "ggml_helpers.h"
 #include "work_items.h"
 #include "ggml-cpu.h"
+#include "profile.h"
 
 extern "C" {
 #include "stable-diffusion.h"
@@ -83,8 +84,10 @@ void pointwise_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
 
 ggml_tensor* conv2d_1x1(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, ggml_tensor* bias, bool vector) {
     ggml_tensor* args[3] = {x, w, bias};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, x->ne[0], x->ne[1], w->ne[3], x->ne[3], args, bias != nullptr ? 3 : 2,
-                          pointwise_node, GGML_N_TASKS_MAX, (void*)(vector ? &kVector : &kScalar));
+    return labelled(ggml_custom_4d(ctx, GGML_TYPE_F32, x->ne[0], x->ne[1], w->ne[3], x->ne[3], args,
+                                   bias != nullptr ? 3 : 2, pointwise_node, GGML_N_TASKS_MAX,
+                                   (void*)(vector ? &kVector : &kScalar)),
+                    "conv1x1");
 }
 
 bool pointwise_eligible(const ggml_tensor* w, const ggml_tensor* x, int s0, int s1, int p0, int p1, int d0, int d1) {

@@ -203,6 +203,16 @@ void pysdcpp_inherit_history_clear(void);
 void pysdcpp_cancel(int on);
 int pysdcpp_cancel_requested(void);
 
+/* A profile of every graph the CPU backend computes between start and stop (patch 0012's hook): thread 0's wall
+   time of each node, from its start to the barrier after it, summed per kind. A kind is ggml's op (the unary or
+   GLU function for those), MUL_MAT with its weight type and ", im2col" where it is a conv's product; our nodes by
+   their label (winograd.gemm, linear, attention.fused, ...). pysdcpp_profile_stop returns the number of kinds;
+   pysdcpp_profile_kind(i, ...) writes the i-th kind's name (NUL-terminated, cut to capacity), its node count and
+   nanoseconds, and returns 0 (1 for an i out of range). */
+void pysdcpp_profile_start(void);
+int pysdcpp_profile_stop(void);
+int pysdcpp_profile_kind(int i, char* name, int capacity, int64_t* count, int64_t* ns);
+
 #ifdef __cplusplus
 }
 #endif

@@ -15,6 +15,7 @@
 #include "winograd_cache.h"
 #include "winograd_transforms.h"
 #include "work_items.h"
+#include "profile.h"
 
 namespace pysdcpp {
 
@@ -235,8 +236,9 @@ ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, 
         // transform (which needs only the weights) would run at the start of the graph and every in-graph U of
         // the model would be alive at once; after x, it runs just before its layer and is freed right after.
         ggml_tensor* wargs[2] = {w, x};
-        U = ggml_custom_4d(ctx, GGML_TYPE_F32, u0, u1, P, 1, wargs, 2, filter_node, GGML_N_TASKS_MAX,
-                           packed ? (void*)&kPackedU : nullptr);
+        U = labelled(ggml_custom_4d(ctx, GGML_TYPE_F32, u0, u1, P, 1, wargs, 2, filter_node, GGML_N_TASKS_MAX,
+                                    packed ? (void*)&kPackedU : nullptr),
+                     "winograd.filters");
     }
     // The tiles go through in chunks whose V and M together stay under kChunkBytes: the working memory of a big
     // map (the VAE's last blocks: 2 x 302 MB at 512 px in one piece) shrinks to one chunk's, at no cost in speed
@@ -252,8 +254,9 @@ ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, 
         const int64_t t1      = std::min(g.T, t0 + chunk);
         const ChunkArgs* args = intern_chunk(pad, t0, t1);
         ggml_tensor* xargs[1] = {x};
-        ggml_tensor* V = ggml_custom_4d(ctx, GGML_TYPE_F32, g.C, t1 - t0, P, 1, xargs, 1, input_chunk_node,
-                                        GGML_N_TASKS_MAX, (void*)args);
+        ggml_tensor* V = labelled(ggml_custom_4d(ctx, GGML_TYPE_F32, g.C, t1 - t0, P, 1, xargs, 1, input_chunk_node,
+                                                 GGML_N_TASKS_MAX, (void*)args),
+                                  "winograd.input");
         // F32 x F32. Ours reads the packed U as it is; ggml's GEMM (kept as a measured alternative) packs nothing
         // either, with tinyBLAS's 4x3 dot-product tiles. (An F16 U would make ggml round V to F16 too, and
         // F(4x4)'s output transform amplifies those roundings to ~4e-3 normalised error; measured, see
@@ -262,12 +265,14 @@ ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, 
         const void* build = gemm == WinogradGemm::own_scalar ? &kGemmScalar : &kGemmVector;
         if (fused) {
             ggml_tensor* gargs[2] = {w, V};
-            Mt = ggml_custom_4d(ctx, GGML_TYPE_F32, g.K, t1 - t0, P, 1, gargs, 2, fused_gemm_node,
-                                GGML_N_TASKS_MAX, (void*)build);
+            Mt = labelled(ggml_custom_4d(ctx, GGML_TYPE_F32, g.K, t1 - t0, P, 1, gargs, 2, fused_gemm_node,
+                                         GGML_N_TASKS_MAX, (void*)build),
+                          "winograd.fused_gemm");
         } else if (packed) {
             ggml_tensor* gargs[2] = {U, V};
-            Mt = ggml_custom_4d(ctx, GGML_TYPE_F32, g.K, t1 - t0, P, 1, gargs, 2, gemm_node, GGML_N_TASKS_MAX,
-                                (void*)build);
+            Mt = labelled(ggml_custom_4d(ctx, GGML_TYPE_F32, g.K, t1 - t0, P, 1, gargs, 2, gemm_node,
+                                         GGML_N_TASKS_MAX, (void*)build),
+                          "winograd.gemm");
         } else {
             Mt = ggml_mul_mat(ctx, U, V);
         }
@@ -275,10 +280,12 @@ ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, 
         const int n_margs     = bias != nullptr ? 2 : 1;
         if (y == nullptr) {
             // First chunk: a fresh output tensor (the other chunks' tiles are written by the nodes after it).
-            y = ggml_custom_4d(ctx, GGML_TYPE_F32, g.OW, g.OH, g.K, g.N, margs, n_margs, output_first_node,
-                               GGML_N_TASKS_MAX, (void*)args);
+            y = labelled(ggml_custom_4d(ctx, GGML_TYPE_F32, g.OW, g.OH, g.K, g.N, margs, n_margs, output_first_node,
+                                        GGML_N_TASKS_MAX, (void*)args),
+                         "winograd.output");
         } else {
-            y = ggml_custom_inplace(ctx, y, margs, n_margs, output_next_node, GGML_N_TASKS_MAX, (void*)args);
+            y = labelled(ggml_custom_inplace(ctx, y, margs, n_margs, output_next_node, GGML_N_TASKS_MAX, (void*)args),
+                         "winograd.output");
         }
     }
     return y;

@@ -245,6 +245,36 @@ def render_peers(r: dict) -> list[str]:
     out += ["", "(x ours): that runtime's time over pysdcpp's in the same phase; above 1, pysdcpp is faster. "
             "rel. L2: against PyTorch's output on the same inputs (pysdcpp's variants: also against pysdcpp's "
             "own). pysdcpp's time: the median over all phases.", ""]
+    return out + render_peer_profiles(r, names)
+
+
+def render_peer_profiles(r: dict, names: dict) -> list[str]:
+    """`--profile`: per task, each profiled runtime's seconds per op class."""
+    from .profile import OP_CLASSES
+
+    prof = r.get("profile") or {}
+    out = []
+    for t in r["tasks"]:
+        rts = [rt for rt in prof if t in prof[rt]]
+        if not rts:
+            continue
+        ours = prof.get("pysdcpp", {}).get(t)
+        out += [f"Where the time goes, {names.get(t, t)} ({r['size']} px, one profiled run after the timed ones):",
+                "", "| op class | " + " | ".join(rts) + " |", "|---" * (len(rts) + 1) + "|"]
+        for cls in (*OP_CLASSES, "total"):
+            cells = []
+            for rt in rts:
+                p = prof[rt][t]
+                sec = p["profiled_seconds"] if cls == "total" else p["classes"][cls]
+                o = None if ours is None or rt == "pysdcpp" else (
+                    ours["profiled_seconds"] if cls == "total" else ours["classes"][cls])
+                cells.append(f"{sec:.3f} s" + (f" ({sec / o:.2f}x ours)" if o and o > 5e-4 else ""))
+            out.append(f"| {cls} | " + " | ".join(cells) + " |")
+        out.append("")
+    if out:
+        out += ["Ours and upstream's path: the accelerated library's node profiler (each node's wall time to the "
+                "barrier after it); OpenVINO: its per-node performance counters (a model compiled with them on); "
+                "PyTorch: torch.profiler's self CPU time per op.", ""]
     return out
 
 

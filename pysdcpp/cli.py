@@ -833,6 +833,10 @@ def inspect(model, as_json, list_tensors, size, steps):
                    "upstream's path): torch, torch-compile, openvino, openvino-bf16 (pip install '.[peers]'), "
                    "pysdcpp-q8_0 (ours on q8_0 weights); "
                    "the synthetic model of --family, --size [256], --repeat.")
+@click.option("--profile", "profile_peers", is_flag=True,
+              help="With --peers: then one more run per task and runtime, its time by op class (3x3 and 1x1 convs, "
+                   "linear layers, attention, norms, element-wise, data movement): ours from the library's node "
+                   "profiler, OpenVINO's performance counters, PyTorch's profiler.")
 @click.option("--batch", "batch_splits", default=None, metavar="SPLITS",
               help="Images per second of `pysdcpp batch` for each split of the cores, e.g. 1x2,2x1 (workers x "
                    "threads; --steps, --size, --repeat apply; 6 jobs).")
@@ -870,7 +874,7 @@ def inspect(model, as_json, list_tensors, size, steps):
               help="Write the full report (machine, build, every timing) here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a chart (PNG) here; needs matplotlib (pip install 'pysdcpp[plot]').")
-def bench(model, layers, alter_demo, experts, peers, batch_splits, attention_layers, linear_layers, size, steps,
+def bench(model, layers, alter_demo, experts, peers, profile_peers, batch_splits, attention_layers, linear_layers, size, steps,
           guidance_scale, threads, repeat, variants, algorithms, paths, only, families, timeout, json_path, plot_path):
     """Latency, memory and fidelity against upstream stable-diffusion.cpp, measured in the same run.
 
@@ -889,6 +893,7 @@ def bench(model, layers, alter_demo, experts, peers, batch_splits, attention_lay
       pysdcpp bench -m alter.gguf --experts --size 512
       pysdcpp bench --batch 1x2,2x1 --size 256 --steps 10 --json batch-256.json
       pysdcpp bench --peers torch,openvino --size 512 --json peers-512.json
+      pysdcpp bench --peers openvino --profile           # where each runtime's time goes, by op class
     """
     from .bench import (VARIANTS, batch_bench, format_batch_table, parse_splits, attention_bench, expert_bench, format_attention_table, format_expert_table,
                         format_layer_table, format_linear_table, format_model_table, layer_bench, linear_bench,
@@ -896,6 +901,8 @@ def bench(model, layers, alter_demo, experts, peers, batch_splits, attention_lay
     from .errors import PySDCppError
     from .layers import ATTENTION_VARIANTS, CONV_VARIANTS
 
+    if profile_peers and peers is None:
+        _fail("--profile goes with --peers (e.g. --peers openvino --profile)")
     if plot_path is not None and plot_path.suffix.lower() != ".png":
         _fail(f"--plot writes a PNG: give a .png path, not {plot_path}")
     if repeat < 1 or threads < 1 or steps < 1:
@@ -957,13 +964,18 @@ def bench(model, layers, alter_demo, experts, peers, batch_splits, attention_lay
         def peers_progress(rep, name, msg):
             state = ("FAILED: " + msg["error"]) if not msg.get("ok") else (
                 f"set up in {msg['setup_seconds']:.1f} s" if rep == "setup" else f"{msg['seconds']:.2f} s")
-            click.echo(f"  {'setup' if rep == 'setup' else f'repetition {rep + 1}/{repeat}'} {name}: {state}",
-                       err=True)
+            what = rep if isinstance(rep, str) else f"repetition {rep + 1}/{repeat}"
+            click.echo(f"  {what} {name}: {state}", err=True)
 
         q8 = _demo_model(family_list[0], "q8_0") if "pysdcpp-q8_0" in runtimes else None
         report = peers_bench(str(gguf), str(folder), runtimes, _default(size_arg, 256), threads, repeat,
-                             family_list[0], progress=peers_progress, q8_gguf=str(q8) if q8 else None)
+                             family_list[0], progress=peers_progress, q8_gguf=str(q8) if q8 else None,
+                             profile=profile_peers)
         click.echo(format_peers_table(report))
+        if profile_peers:
+            from .bench.peer_profiles import format_profile_table
+
+            click.echo(format_profile_table(report))
     elif batch_splits is not None:
         if plot_path is not None:
             _fail("--plot draws model and --layers reports; the --batch report is a table")

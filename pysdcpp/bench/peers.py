@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from . import peer_profiles
 from .machine import build_info, footer, machine_info, peak_rss, utc_now
 
 # name: what runs (docs/benchmarks.md lists each runtime's configuration)
@@ -52,6 +53,9 @@ class _Ours:
         n = 1 if task == "unet-b1" else 2
         return self.sd.unet(x["latent"][:n], _TIMESTEP, x["context"][:n])
 
+    def profile(self, task: str, x: dict) -> dict:
+        return peer_profiles.profile_ours(lambda: self.run(task, x))
+
 
 class _Torch:
     def __init__(self, folder: str, threads: int, compiled: bool):
@@ -82,11 +86,15 @@ class _Torch:
             return self.unet_fn(lat, torch.tensor([_TIMESTEP] * n), encoder_hidden_states=torch.from_numpy(
                 x["context"][:n])).sample.float().numpy()
 
+    def profile(self, task: str, x: dict) -> dict:
+        return peer_profiles.profile_torch(lambda: self.run(task, x))
+
 
 class _OpenVINO:
     """Each task converted from the diffusers module with its exact input shapes (static), compiled once."""
 
-    def __init__(self, folder: str, threads: int, precision: str, size: int, family: str, tasks: tuple[str, ...]):
+    def __init__(self, folder: str, threads: int, precision: str, size: int, family: str, tasks: tuple[str, ...],
+                 keep_models: bool = False):
         import openvino as ov
         import torch
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -96,6 +104,7 @@ class _OpenVINO:
             raise RuntimeError("this CPU has no bf16 support in OpenVINO (OPTIMIZATION_CAPABILITIES)")
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
                   "INFERENCE_PRECISION_HINT": precision}
+        self.config, self.models = config, {}
         unet = UNet2DConditionModel.from_pretrained(f"{folder}/unet", torch_dtype=torch.float32).eval()
         vae = AutoencoderKL.from_pretrained(f"{folder}/vae", torch_dtype=torch.float32).eval()
         self.scale = float(vae.config.scaling_factor)
@@ -130,20 +139,33 @@ class _OpenVINO:
                     model = ov.convert_model(UNet(unet), example_input=example)
                 model.reshape({port: ov.PartialShape(list(t.shape)) for port, t in zip(model.inputs, example)})
                 self.compiled[task] = self.core.compile_model(model, "CPU", config)
+                if keep_models:   # for profile(): several GB more, so only when asked
+                    self.models[task] = model
                 del model
         del unet, vae
 
-    def run(self, task: str, x: dict) -> np.ndarray:
+    def _args(self, task: str, x: dict) -> list:
         if task == "vae":
-            args = [x["vae_latent"] / self.scale]
-        else:
-            n = 1 if task == "unet-b1" else 2
-            args = [x["latent"][:n], np.full((n,), _TIMESTEP, np.float32), x["context"][:n]]
-        return np.asarray(self.compiled[task](args)[0], dtype=np.float32)
+            return [x["vae_latent"] / self.scale]
+        n = 1 if task == "unet-b1" else 2
+        return [x["latent"][:n], np.full((n,), _TIMESTEP, np.float32), x["context"][:n]]
+
+    def run(self, task: str, x: dict) -> np.ndarray:
+        return np.asarray(self.compiled[task](self._args(task, x))[0], dtype=np.float32)
+
+    def profile(self, task: str, x: dict) -> dict:
+        """The task's model compiled anew with the performance counters on (the timed one has them off), in place
+        of the timed one (OpenVINO holds several GB per compiled UNet at 512 px)."""
+        self.compiled[task] = None
+        compiled = self.core.compile_model(self.models[task], "CPU", {**self.config, "PERF_COUNT": True})
+        try:
+            return peer_profiles.profile_openvino(compiled, self._args(task, x))
+        finally:
+            del compiled
 
 
 def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int, family: str,
-            tasks: tuple[str, ...], q8_gguf: str | None) -> None:
+            tasks: tuple[str, ...], q8_gguf: str | None, profile: bool = False) -> None:
     """A runtime in its own process: builds it, then runs what the driver asks, one task at a time."""
     try:
         t0 = time.perf_counter()
@@ -156,13 +178,17 @@ def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int,
         elif runtime in ("torch", "torch-compile"):
             rt = _Torch(folder, threads, runtime == "torch-compile")
         elif runtime in ("openvino", "openvino-bf16"):
-            rt = _OpenVINO(folder, threads, "bf16" if runtime.endswith("bf16") else "f32", size, family, tasks)
+            rt = _OpenVINO(folder, threads, "bf16" if runtime.endswith("bf16") else "f32", size, family, tasks,
+                           keep_models=profile)
         else:
             raise ValueError(f"unknown runtime {runtime!r}")
         x = inputs(family, size)
         conn.send({"ok": True, "setup_seconds": time.perf_counter() - t0})
         warm = set()
         while (msg := conn.recv()) is not None:
+            if isinstance(msg, tuple):   # ("profile", task), after the timed runs
+                conn.send({"ok": True, "profile": rt.profile(msg[1], x)})
+                continue
             if msg not in warm:  # one untimed call first: allocations, one-off transforms, compilation
                 rt.run(msg, x)
                 warm.add(msg)
@@ -179,9 +205,10 @@ def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int,
 
 def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, threads: int = 2, repeat: int = 3,
                 family: str = "sd1", tasks: tuple[str, ...] = TASKS, timeout: float = 3600.0, progress=None,
-                q8_gguf: str | None = None) -> dict:
+                q8_gguf: str | None = None, profile: bool = False) -> dict:
     """Every runtime on the same inputs; `folder`: the same model as a diffusers folder (the peers load it);
-    `q8_gguf`: the same model with q8_0 weights (for pysdcpp-q8_0)."""
+    `q8_gguf`: the same model with q8_0 weights (for pysdcpp-q8_0); `profile`: after each runtime's timed runs,
+    one more run per task profiled by op class (report["profile"]; peer_profiles)."""
     import multiprocessing as mp
 
     bad = [r for r in runtimes if r not in RUNTIMES]
@@ -198,6 +225,7 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
     ours_times = {rt: {t: [] for t in tasks} for rt in runtimes}   # pysdcpp's, in that runtime's phase
     outputs: dict[str, dict[str, np.ndarray]] = {rt: {} for rt in runtimes}
     peak = {}
+    profiles: dict[str, dict] = {}
 
     def ask(conn, p, msg, wait):
         """Send `msg`, return the worker's answer; a worker that died (the OOM killer, a crash) is an error."""
@@ -213,8 +241,8 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
 
     def start(rt):
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=_worker, args=(child, rt, gguf, folder, threads, size, family, tuple(tasks), q8_gguf),
-                        daemon=True)
+        p = ctx.Process(target=_worker, args=(child, rt, gguf, folder, threads, size, family, tuple(tasks), q8_gguf,
+                                              profile), daemon=True)
         p.start()
         child.close()
         workers[rt] = (p, parent)
@@ -260,6 +288,17 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
                         outputs[rt].setdefault(task, msg["output"])
                         if progress:
                             progress(rep, f"{rt} {task}", msg)
+            for rt in [r for r in ("pysdcpp", phase) if profile and r in workers and r not in errors]:
+                for task in [t for t in tasks if t not in profiles.get(rt, {})]:
+                    p, conn = workers[rt]
+                    msg = ask(conn, p, ("profile", task), timeout)
+                    if msg["ok"]:
+                        profiles.setdefault(rt, {})[task] = msg["profile"]
+                    else:
+                        errors[rt] = msg["error"]
+                        break
+                    if progress:
+                        progress("profile", f"{rt} {task}", {"ok": True, "seconds": msg["profile"]["seconds"]})
             if phase is not None:
                 stop(phase)
         if "pysdcpp" in workers:
@@ -288,9 +327,12 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
                         a, b = outputs[rt][task].astype(np.float64), against[task].astype(np.float64)
                         e[task][f"rel_l2_vs_{name}"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
         summary[rt] = e
-    return {"kind": "peers", "model": gguf, "family": family, "size": size, "threads": threads, "repeat": repeat,
-            "tasks": list(tasks), "runtimes": {rt: RUNTIMES[rt] for rt in runtimes}, "date": utc_now(),
-            "machine": machine_info(), "build": build_info(), "summary": summary, "versions": _versions()}
+    report = {"kind": "peers", "model": gguf, "family": family, "size": size, "threads": threads, "repeat": repeat,
+              "tasks": list(tasks), "runtimes": {rt: RUNTIMES[rt] for rt in runtimes}, "date": utc_now(),
+              "machine": machine_info(), "build": build_info(), "summary": summary, "versions": _versions()}
+    if profile:
+        report["profile"] = profiles
+    return report
 
 
 def _versions() -> dict:
