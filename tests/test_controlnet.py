@@ -14,7 +14,7 @@ from PIL import Image
 from pysdcpp import ModelLoadError, StableDiffusion
 
 SETTINGS = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", width=64, height=64,
-                num_inference_steps=2, guidance_scale=7.0, sampler="euler", seed=55)
+                num_inference_steps=2, guidance_scale=1.0, sampler="euler", seed=55)
 SCALES = (0.9, 1.5)
 
 

@@ -14,7 +14,7 @@ from pysdcpp.api import checked_generation, png_parameters
 from pysdcpp.images import read_image
 from pysdcpp.modelfile import read_model_file
 
-SETTINGS = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", num_inference_steps=6, guidance_scale=7.0,
+SETTINGS = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", num_inference_steps=6, guidance_scale=1.0,
                 sampler="euler", seed=777)
 SIZE = 64   # 8x8 latent pixels: every UNet level, and room for a mask with a far region beside it
 CASES = {"img2img": dict(strength=0.6), "inpaint": dict(strength=0.75, mask=True), "img2img-full": dict(strength=1.0)}

@@ -19,7 +19,7 @@ from pysdcpp.converters import synthetic
 from pysdcpp.lora import prompt_loras
 from pysdcpp.modelfile import read_model_file
 
-SETTINGS = dict(negative_prompt="blurry", width=64, height=64, num_inference_steps=2, guidance_scale=7.0,
+SETTINGS = dict(negative_prompt="blurry", width=64, height=64, num_inference_steps=2, guidance_scale=1.0,
                 sampler="euler", seed=31)   # small: the LoRA applies the same at any size
 PROMPT = "a lighthouse at dusk"
 # name: prompt tags (sd-cli reads the same); the files are in the fixture's LoRA folder

@@ -21,7 +21,7 @@ from pysdcpp.format.photomaker import id_encoder_shapes
 from pysdcpp.photomaker import check_trigger, checked_inputs, id_images_from_folder, read_photo_maker
 
 SIZE = 64
-SETTINGS = dict(prompt="a photo of a woman img, oil painting", negative_prompt="", num_inference_steps=4,
+SETTINGS = dict(prompt="a photo of a woman img, oil painting", negative_prompt="", num_inference_steps=3,
                 guidance_scale=5.0, sampler="euler", seed=17, width=SIZE, height=SIZE)
 SDXL = types.SimpleNamespace(family="sdxl")
 
@@ -82,10 +82,10 @@ def _cli(folders, photomaker, tmp_path, folder: str, *extra: str) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["two", "other"])
-def test_upstream_is_sd_cli(runs, case, folders, photomaker, tmp_path):
-    cli = _cli(folders, photomaker, tmp_path, CASES[case][0])
-    np.testing.assert_array_equal(cli, np.asarray(runs["upstream", case].images[0]))
+def test_upstream_is_sd_cli(runs, folders, photomaker, tmp_path):
+    # one ID-image folder: another one goes through the same code (the CLI test below draws with a third setting)
+    cli = _cli(folders, photomaker, tmp_path, "two")
+    np.testing.assert_array_equal(cli, np.asarray(runs["upstream", "two"].images[0]))
 
 
 @pytest.mark.slow
@@ -95,7 +95,7 @@ def test_upstream_ignores_its_style_strength(runs, folders, photomaker, tmp_path
     cli = _cli(folders, photomaker, tmp_path, "two", "--pm-style-strength", "60")
     np.testing.assert_array_equal(cli, np.asarray(runs["upstream", "two"].images[0]))
     assert "start_merge_step: 0" in " ".join(runs["upstream", "two", "log"])
-    assert "start_merge_step: 2" in " ".join(runs["accelerated", "two-style-60", "log"])   # int(60% of 4 steps)
+    assert "start_merge_step: 1" in " ".join(runs["accelerated", "two-style-60", "log"])   # int(60% of 3 steps)
     with pytest.raises(ValueError, match="accelerated"):
         checked_inputs(read_photo_maker(photomaker, SDXL), "a woman img", _face(1), 60, backend="upstream")
 
@@ -230,7 +230,8 @@ def test_the_cli_draws_the_api_image_and_refuses_before_loading(runs, photomaker
     from pysdcpp.cli import main
 
     out = tmp_path / "pm.png"
-    base = ["generate", "-p", SETTINGS["prompt"], "-W", str(SIZE), "-H", str(SIZE), "--steps", "4", "--cfg", "5",
+    base = ["generate", "-p", SETTINGS["prompt"], "-W", str(SIZE), "-H", str(SIZE),
+            "--steps", str(SETTINGS["num_inference_steps"]), "--cfg", "5",
             "--sampler", "euler", "--seed", "17", "-t", "2", "-o", str(out)]
     sdxl = str(model_gguf("sdxl"))
     res = CliRunner().invoke(main, [base[0], sdxl, *base[1:], "--photo-maker",

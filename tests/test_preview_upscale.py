@@ -20,7 +20,7 @@ from pysdcpp.upscaler import Upscaler
 pytestmark = pytest.mark.slow
 SIZE = 64
 STEPS = 3
-SETTINGS = dict(prompt="a lighthouse at dusk", negative_prompt="", num_inference_steps=STEPS, guidance_scale=7.0,
+SETTINGS = dict(prompt="a lighthouse at dusk", negative_prompt="", num_inference_steps=STEPS, guidance_scale=1.0,
                 sampler="euler", seed=11, width=SIZE, height=SIZE)
 
 

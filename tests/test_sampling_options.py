@@ -15,7 +15,7 @@ from pysdcpp import StableDiffusion
 from pysdcpp.api import checked_generation, png_parameters
 from pysdcpp.modelfile import read_model_file
 
-SETTINGS = dict(negative_prompt="blurry", width=64, height=64, num_inference_steps=4, guidance_scale=7.0,
+SETTINGS = dict(negative_prompt="blurry", width=64, height=64, num_inference_steps=4, guidance_scale=1.0,
                 seed=808)
 SIGMAS = (14.6, 6.0, 2.0, 0.5, 0.0)
 CASES = {   # name: (prompt, generate options, sd-cli arguments)
