@@ -27,6 +27,18 @@ std::mutex g_mutex;
 std::map<std::string, Total> g_totals;
 std::vector<std::pair<std::string, Total>> g_result;
 
+// Each labelled node's function -> its label: upstream's graph code renames some nodes after we build them (the
+// UNet's first and last convs become "bench-start" / "bench-end", a graph's last node its result name), and the
+// function still says which of ours it is. ggml_custom_4d writes the function first in op_params.
+std::mutex g_labels_mutex;
+std::map<ggml_custom_op_t, std::string> g_labels;
+
+ggml_custom_op_t custom_fun(const ggml_tensor* node) {
+    ggml_custom_op_t fun = nullptr;
+    std::memcpy(&fun, node->op_params, sizeof(fun));
+    return fun;
+}
+
 const ggml_tensor* viewed(const ggml_tensor* t) {
     while (t != nullptr && t->view_src != nullptr) {
         t = t->view_src;
@@ -46,6 +58,13 @@ std::string kind_of(const ggml_tensor* node) {
     const size_t n = std::strlen(pysdcpp::kLabelPrefix);
     if (node->op == GGML_OP_CUSTOM && std::strncmp(node->name, pysdcpp::kLabelPrefix, n) == 0) {
         return node->name + n;
+    }
+    if (node->op == GGML_OP_CUSTOM) {
+        std::lock_guard<std::mutex> lock(g_labels_mutex);
+        const auto it = g_labels.find(custom_fun(node));
+        if (it != g_labels.end()) {
+            return it->second;
+        }
     }
     std::string kind = ggml_op_desc(node);
     if (node->op == GGML_OP_IM2COL) {
@@ -82,6 +101,10 @@ namespace pysdcpp {
 
 ggml_tensor* labelled(ggml_tensor* node, const char* label) {
     ggml_format_name(node, "%s%s", kLabelPrefix, label);
+    if (node->op == GGML_OP_CUSTOM) {
+        std::lock_guard<std::mutex> lock(g_labels_mutex);
+        g_labels.emplace(custom_fun(node), label);
+    }
     return node;
 }
 

@@ -95,6 +95,7 @@ def _check_profiles(report, gguf):
     assert any(k.endswith("im2col 3x3") for k in kinds) and not any(k.startswith("winograd.") for k in kinds)
     ours = report["profile"]["pysdcpp"]["unet-b1"]["kinds"]
     assert {"conv1x1", "attention.fused", "group_norm"} <= set(ours), sorted(ours)
+    assert "CUSTOM" not in ours, sorted(ours)   # every node of ours by its label, renamed ones too (conv_in/out)
     assert {"winograd.gemm", "winograd.fused_gemm"} & set(ours), sorted(ours)
     # 128 px: no layer has 512 rows (tokens x batch), so every linear layer keeps ggml's F16 path
     assert "linear" not in ours and "MUL_MAT f16 weights" in ours, sorted(ours)
