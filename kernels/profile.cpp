@@ -56,7 +56,10 @@ std::string im2col_size(const ggml_tensor* t) {
 
 std::string kind_of(const ggml_tensor* node) {
     const size_t n = std::strlen(pysdcpp::kLabelPrefix);
-    if (node->op == GGML_OP_CUSTOM && std::strncmp(node->name, pysdcpp::kLabelPrefix, n) == 0) {
+    // our custom nodes, and the one ggml op we label (Winograd's product through ggml's GEMM); other ops copy a
+    // source's name into theirs ("... (cont)"), so a label is not taken from them
+    if ((node->op == GGML_OP_CUSTOM || node->op == GGML_OP_MUL_MAT) &&
+        std::strncmp(node->name, pysdcpp::kLabelPrefix, n) == 0) {
         return node->name + n;
     }
     if (node->op == GGML_OP_CUSTOM) {
@@ -103,7 +106,7 @@ ggml_tensor* labelled(ggml_tensor* node, const char* label) {
     ggml_format_name(node, "%s%s", kLabelPrefix, label);
     if (node->op == GGML_OP_CUSTOM) {
         std::lock_guard<std::mutex> lock(g_labels_mutex);
-        g_labels.emplace(custom_fun(node), label);
+        g_labels.try_emplace(custom_fun(node), label);
     }
     return node;
 }

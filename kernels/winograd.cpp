@@ -274,7 +274,7 @@ ggml_tensor* winograd_conv2d(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, 
                                          GGML_N_TASKS_MAX, (void*)build),
                           "winograd.gemm");
         } else {
-            Mt = ggml_mul_mat(ctx, U, V);
+            Mt = labelled(ggml_mul_mat(ctx, U, V), "winograd.gemm_ggml");
         }
         ggml_tensor* margs[2] = {Mt, bias};
         const int n_margs     = bias != nullptr ? 2 : 1;

@@ -874,8 +874,9 @@ def inspect(model, as_json, list_tensors, size, steps):
               help="Write the full report (machine, build, every timing) here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a chart (PNG) here; needs matplotlib (pip install 'pysdcpp[plot]').")
-def bench(model, layers, alter_demo, experts, peers, profile_peers, batch_splits, attention_layers, linear_layers, size, steps,
-          guidance_scale, threads, repeat, variants, algorithms, paths, only, families, timeout, json_path, plot_path):
+def bench(model, layers, alter_demo, experts, peers, profile_peers, batch_splits, attention_layers, linear_layers,
+          size, steps, guidance_scale, threads, repeat, variants, algorithms, paths, only, families, timeout, json_path,
+          plot_path):
     """Latency, memory and fidelity against upstream stable-diffusion.cpp, measured in the same run.
 
     Each variant's generation runs in its own worker process (peak RSS per variant; a crash or timeout is

@@ -186,8 +186,11 @@ def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int,
         conn.send({"ok": True, "setup_seconds": time.perf_counter() - t0})
         warm = set()
         while (msg := conn.recv()) is not None:
-            if isinstance(msg, tuple):   # ("profile", task), after the timed runs
-                conn.send({"ok": True, "profile": rt.profile(msg[1], x)})
+            if isinstance(msg, tuple):   # ("profile", task), after the timed runs; a failure costs only the profile
+                try:
+                    conn.send({"ok": True, "profile": rt.profile(msg[1], x)})
+                except Exception as e:
+                    conn.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
                 continue
             if msg not in warm:  # one untimed call first: allocations, one-off transforms, compilation
                 rt.run(msg, x)
@@ -226,6 +229,7 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
     outputs: dict[str, dict[str, np.ndarray]] = {rt: {} for rt in runtimes}
     peak = {}
     profiles: dict[str, dict] = {}
+    profile_errors: dict[str, dict[str, str]] = {}
 
     def ask(conn, p, msg, wait):
         """Send `msg`, return the worker's answer; a worker that died (the OOM killer, a crash) is an error."""
@@ -294,11 +298,11 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
                     msg = ask(conn, p, ("profile", task), timeout)
                     if msg["ok"]:
                         profiles.setdefault(rt, {})[task] = msg["profile"]
-                    else:
-                        errors[rt] = msg["error"]
-                        break
+                        msg = {"ok": True, "seconds": msg["profile"]["seconds"]}
+                    else:   # the timings stand; the profile is reported missing
+                        profile_errors.setdefault(rt, {})[task] = msg["error"]
                     if progress:
-                        progress("profile", f"{rt} {task}", {"ok": True, "seconds": msg["profile"]["seconds"]})
+                        progress("profile", f"{rt} {task}", msg)
             if phase is not None:
                 stop(phase)
         if "pysdcpp" in workers:
@@ -332,6 +336,8 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
               "machine": machine_info(), "build": build_info(), "summary": summary, "versions": _versions()}
     if profile:
         report["profile"] = profiles
+        if profile_errors:
+            report["profile_errors"] = profile_errors
     return report
 
 
