@@ -274,7 +274,7 @@ def render_peer_profiles(r: dict, names: dict) -> list[str]:
     if out:
         out += ["Ours and upstream's path: the accelerated library's node profiler (each node's wall time to the "
                 "barrier after it); OpenVINO: its per-node performance counters (a model compiled with them on; "
-                "they add up to 1.03-1.17x its wall time); "
+                "they add up to 1.03-1.36x its wall time); "
                 "PyTorch: torch.profiler's self CPU time per op.", ""]
     return out
 

@@ -152,5 +152,5 @@ def format_profile_table(report: dict) -> str:
     if lines:
         lines.append("profiled run (one, after the timed ones): seconds per op class; (x): that runtime's over "
                      "pysdcpp's, above 1 means pysdcpp is faster; sum: of the classes (OpenVINO's counters add up "
-                     "to 1.03-1.17x its wall time)")
+                     "to 1.03-1.36x its wall time)")
     return "\n".join(lines)
