@@ -118,6 +118,11 @@ int pysdcpp_group_norm(const float* x, int64_t N, int64_t C, int64_t H, int64_t 
                        const float* gamma, const float* beta, int path, int n_threads, int repeat, float* y,
                        double* seconds);
 const char* pysdcpp_group_norm_last_error(void);
+/* One GEGLU (kernels/geglu.h; the linear-layer mode FAST routes the UNets' feed-forward gates there):
+   p [rows][2D] (value, then gate), y [rows][D] = value * gelu(gate), GELU's tanh form. */
+int pysdcpp_geglu(const float* p, int64_t rows, int64_t D, int path, int n_threads, int repeat, float* y,
+                  double* seconds);
+const char* pysdcpp_geglu_last_error(void);
 
 /* Linear layers: the context-wide choice (pysdcpp_set_linear_mode: UPSTREAM = ggml's mul_mat, FAST = our GEMM
    with F32 activations, kernels/linear.h) and the explicit per-call paths of pysdcpp_linear (FAST_SCALAR: our

@@ -4,6 +4,7 @@
 // portable scalar build of the same algorithm.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -34,6 +35,40 @@ inline void store(float* p, V v) {
 template <class V>
 inline V splat(float x) {
     return V{} + x;
+}
+
+// 2^x for x <= 0 (softmax arguments after the running maximum is subtracted, GELU's sigmoid).
+template <class V>
+inline V exp2_neg(V x);
+
+template <>
+inline float exp2_neg<float>(float x) {
+    return std::exp2(x);
+}
+
+// 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2; 2^f by its Taylor series to degree 6 in f (relative error below
+// 1.3e-7 on |f| <= 1/2). The rounding adds and subtracts 1.5 * 2^23, which leaves n in the low mantissa bits.
+// Arguments below -126 give 2^-126 (~1e-38), not 0: harmless here.
+template <>
+inline v8f exp2_neg<v8f>(v8f x) {
+    const v8f lo    = splat<v8f>(-126.0f);
+    const v8f magic = splat<v8f>(12582912.0f);
+    x               = x < lo ? lo : x;
+    const v8f t     = x + magic;
+    const v8f f     = x - (t - magic);
+    v8f p           = splat<v8f>(1.5403530393381606e-4f);  // ln2^6 / 720
+    p               = p * f + 1.3333558146428443e-3f;      // ln2^5 / 120
+    p               = p * f + 9.6181291076284772e-3f;      // ln2^4 / 24
+    p               = p * f + 5.5504108664821580e-2f;      // ln2^3 / 6
+    p               = p * f + 0.24022650695910071f;        // ln2^2 / 2
+    p               = p * f + 0.69314718055994531f;        // ln2
+    p               = p * f + 1.0f;
+    v8i bits;
+    std::memcpy(&bits, &t, sizeof(bits));
+    bits = (bits + (127 - 0x4B400000)) << 23;  // low bits of t hold n + 0x4B400000 (the magic's bit pattern)
+    v8f scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
 }
 
 }  // namespace simd

@@ -261,3 +261,26 @@ def group_norm(x: np.ndarray, groups: int, gamma: np.ndarray, beta: np.ndarray, 
         ffi.from_buffer("float[]", b), getattr(lib.lib, KERNEL_PATHS[path]), int(threads), int(repeat),
         ffi.from_buffer("float[]", y), ffi.from_buffer("double[]", secs))
     return y, secs.tolist()
+
+
+def geglu(p: np.ndarray, *, path: str = "fast", threads: int = 1,
+          repeat: int = 1) -> tuple[np.ndarray, list[float]]:
+    """GEGLU's gate on a feed-forward projection p (..., 2D): value * gelu(gate) with value = p[..., :D], gate =
+    p[..., D:] and GELU's tanh form (path "upstream": ggml's ops as upstream's graph builds them). Returns (y (...,
+    D), seconds per repetition)."""
+    _check_path(path)
+    p = np.ascontiguousarray(p, dtype=np.float32)
+    if p.ndim < 1 or p.size == 0 or p.shape[-1] % 2:
+        raise ValueError(f"need p (..., 2D) with an even last axis; got {p.shape}")
+    if threads < 1 or repeat < 1:
+        raise ValueError("threads and repeat must be at least 1")
+    d = p.shape[-1] // 2
+    rows = p.size // p.shape[-1]
+    lib = _native.load("accelerated")
+    ffi = lib.ffi
+    y = np.empty(p.shape[:-1] + (d,), dtype=np.float32)
+    secs = np.zeros(repeat, dtype=np.float64)
+    _run(lib, "pysdcpp_geglu", "pysdcpp_geglu_last_error", ffi.from_buffer("float[]", p), rows, d,
+        getattr(lib.lib, KERNEL_PATHS[path]), int(threads), int(repeat), ffi.from_buffer("float[]", y),
+        ffi.from_buffer("double[]", secs))
+    return y, secs.tolist()

@@ -20,7 +20,7 @@ _OUR_KINDS = (
     ("linear layers", r"^linear$|^MUL_MAT(_ID)? \w+ weights$"),
     ("attention", r"^attention\.|^SOFT_MAX|^FLASH_ATTN|^MUL_MAT \w+ activations$"),
     ("norms", r"^group_norm$|^(GROUP_|RMS_)?NORM$"),
-    ("element-wise", r"^(ADD|ADD1|SUB|MUL|DIV|SCALE|SQR|SQRT|EXP|LOG|SIN|COS|CLAMP|ARANGE|TIMESTEP_EMBEDDING)$|"
+    ("element-wise", r"^geglu$|^(ADD|ADD1|SUB|MUL|DIV|SCALE|SQR|SQRT|EXP|LOG|SIN|COS|CLAMP|ARANGE|TIMESTEP_EMBEDDING)$|"
                      r"^(SILU|GELU|GELU_QUICK|GELU_ERF|TANH|SIGMOID|RELU|SWIGLU|GEGLU|GEGLU_ERF|GEGLU_QUICK|REGLU)$"),
     ("data movement", r"^(CPY|CONT|DUP|CONCAT|UPSCALE|PAD|GET_ROWS|TRANSPOSE|PERMUTE|VIEW|RESHAPE|REPEAT)$|"
                       r"^inherit\.|^IM2COL"),

@@ -88,8 +88,10 @@ def _check_profiles(report):
                     assert p["classes"][cls] > 0, (rt, cls, p["classes"])
     kinds = report["profile"]["upstream"]["unet-b1"]["kinds"]
     assert any(k.endswith("im2col 3x3") for k in kinds) and not any(k.startswith("winograd.") for k in kinds)
+    assert "GELU" in kinds and "geglu" not in kinds, sorted(kinds)
     ours = report["profile"]["pysdcpp"]["unet-b1"]["kinds"]
-    assert {"conv1x1", "attention.fused", "group_norm"} <= set(ours), sorted(ours)
+    assert {"conv1x1", "attention.fused", "group_norm", "geglu"} <= set(ours), sorted(ours)
+    assert "GELU" not in ours, sorted(ours)   # every feed-forward gate through the fused node
     assert "CUSTOM" not in ours, sorted(ours)   # every node of ours by its label, renamed ones too (conv_in/out)
     # Winograd's products through ggml's GEMM (the VAE's 3-channel last conv) by their label, as 3x3 convs
     vae = report["profile"]["pysdcpp"]["vae"]["kinds"]

@@ -1,0 +1,154 @@
+// The fused GEGLU node (see geglu.h), and the harness that runs one on host arrays.
+#include "geglu.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "ggml_helpers.h"
+#include "linear.h"
+#include "profile.h"
+#include "simd.h"
+#include "work_items.h"
+
+extern "C" {
+#include "stable-diffusion.h"
+#include "pysdcpp_ext.h"
+}
+
+namespace pysdcpp {
+
+namespace {
+
+using simd::v8f;
+
+const bool kVector = true, kScalar = false;  // node userdata: the SIMD or the portable scalar build
+
+constexpr float kTanhScale = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kCubic     = 0.044715f;
+constexpr float kLog2e     = 1.4426950408889634f;
+constexpr int64_t kItemElements = 16384;           // outputs per work item (64 KB written, 128 KB read)
+
+// value * gelu(gate) = value * gate * sigmoid(z), z = 2 sqrt(2/pi) (gate + 0.044715 gate^3): with e = exp(-|z|)
+// in (0, 1], sigmoid(z) = 1 / (1 + e) for z >= 0 and e / (1 + e) below (no overflow either way).
+template <class V>
+inline V geglu_of(V value, V gate) {
+    const V z   = (2.0f * kTanhScale) * (gate + kCubic * gate * gate * gate);
+    const V neg = z < 0.0f ? z : -z;  // -|z|
+    const V e   = simd::exp2_neg<V>(neg * kLog2e);
+    const V num = z < 0.0f ? e : simd::splat<V>(1.0f);
+    return value * gate * num / (1.0f + e);
+}
+
+template <>
+inline float geglu_of<float>(float value, float gate) {
+    const float z = (2.0f * kTanhScale) * (gate + kCubic * gate * gate * gate);
+    const float e = simd::exp2_neg<float>(-std::abs(z) * kLog2e);
+    return value * gate * (z < 0.0f ? e : 1.0f) / (1.0f + e);
+}
+
+template <class V>
+void geglu_row(const float* p, float* y, int64_t D) {
+    constexpr int L = simd::lanes<V>();
+    int64_t j       = 0;
+    for (; j + L <= D; j += L) {
+        simd::store<V>(y + j, geglu_of<V>(simd::load<V>(p + j), simd::load<V>(p + D + j)));
+    }
+    for (; j < D; j++) {
+        y[j] = geglu_of<float>(p[j], p[D + j]);
+    }
+}
+
+// dst y [D, rows...]; src[0] = p [2D, rows...]. Items: runs of whole rows, ~kItemElements outputs each.
+void geglu_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
+    (void)ith;
+    const bool vector  = *(const bool*)userdata;
+    const int64_t D    = dst->ne[0];
+    const int64_t rows = ggml_nrows(dst);
+    const int64_t per  = std::max<int64_t>(1, kItemElements / D);
+    const float* P     = (const float*)dst->src[0]->data;
+    float* Y           = (float*)dst->data;
+    WorkItems items(dst, nth, (rows + per - 1) / per);
+    for (int64_t item; (item = items.next()) >= 0;) {
+        const int64_t r1 = std::min(rows, (item + 1) * per);
+        for (int64_t r = item * per; r < r1; r++) {
+            if (vector) {
+                geglu_row<v8f>(P + r * 2 * D, Y + r * D, D);
+            } else {
+                geglu_row<float>(P + r * 2 * D, Y + r * D, D);
+            }
+        }
+    }
+}
+
+}  // namespace
+
+ggml_tensor* geglu(ggml_context* ctx, ggml_tensor* p, bool vector) {
+    ggml_tensor* args[1] = {p};
+    return labelled(ggml_custom_4d(ctx, GGML_TYPE_F32, p->ne[0] / 2, p->ne[1], p->ne[2], p->ne[3], args, 1,
+                                   geglu_node, GGML_N_TASKS_MAX, (void*)(vector ? &kVector : &kScalar)),
+                    "geglu");
+}
+
+}  // namespace pysdcpp
+
+ggml_tensor* pysdcpp_geglu_hook(ggml_context* ctx, ggml_tensor* p) {
+    using namespace pysdcpp;
+    if (linear_mode() != LinearMode::fast) {
+        return nullptr;
+    }
+    const bool eligible = p->type == GGML_TYPE_F32 && ggml_is_contiguous(p) && p->ne[0] % 2 == 0;
+    return eligible ? geglu(ctx, p) : nullptr;
+}
+
+// ---- harness: one GEGLU on host arrays (kernel tests, benchmarks) --------------------------------------------
+
+namespace {
+std::string g_geglu_error;
+}
+
+extern "C" SD_API const char* pysdcpp_geglu_last_error(void) {
+    return g_geglu_error.c_str();
+}
+
+extern "C" SD_API int pysdcpp_geglu(const float* p, int64_t rows, int64_t D, int path, int n_threads, int repeat,
+                                    float* y, double* seconds) {
+    using namespace pysdcpp;
+    if (rows < 1 || D < 1 || n_threads < 1 || repeat < 1 || path < PYSDCPP_PATH_UPSTREAM ||
+        path > PYSDCPP_PATH_FAST_SCALAR) {
+        g_geglu_error = "invalid GEGLU arguments";
+        return 1;
+    }
+    try {
+        const size_t bytes = 2 * sizeof(float) * (size_t)(rows * D * 5) + (16 << 20);
+        HarnessContext harness(bytes, "GEGLU");
+        ggml_context* ctx = harness.get();
+        if (ctx == nullptr) {
+            g_geglu_error = harness.error();
+            return 1;
+        }
+        ggml_tensor* tp  = host_tensor(ctx, p, false, 2 * D, rows);
+        ggml_tensor* out = nullptr;
+        if (path == PYSDCPP_PATH_UPSTREAM) {  // what upstream's GEGLU builds after its projection
+            ggml_tensor* value = ggml_view_2d(ctx, tp, D, rows, tp->nb[1], 0);
+            ggml_tensor* gate  = ggml_cont(ctx, ggml_view_2d(ctx, tp, D, rows, tp->nb[1], D * sizeof(float)));
+            out                = ggml_mul(ctx, value, ggml_gelu_inplace(ctx, gate));
+        } else {
+            out = geglu(ctx, tp, path == PYSDCPP_PATH_FAST);
+        }
+        ggml_cgraph* gf = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gf, out);
+        if (!compute_timed(ctx, gf, n_threads, repeat, seconds, std::chrono::steady_clock::now())) {
+            g_geglu_error = "graph compute failed";
+            return 1;
+        }
+        std::memcpy(y, out->data, sizeof(float) * (size_t)(rows * D));
+        return 0;
+    } catch (const std::exception& e) {
+        g_geglu_error = e.what();
+        return 1;
+    }
+}
