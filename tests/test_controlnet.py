@@ -150,9 +150,9 @@ def test_unet_with_controlnet_residuals_dense_and_alter_routed_against_pytorch(s
     from test_alter_runtime import TIMESTEPS, _expert_masks, _expert_of, mask_file
 
     rng = np.random.default_rng(21)
-    latent = rng.standard_normal((1, 4, 16, 16)).astype(np.float32)
+    latent = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)   # 64 px: every level of the UNet (8, 4, 2, 1)
     context = rng.standard_normal((1, 77, 768)).astype(np.float32)
-    hint = (rng.random((1, 3, 128, 128)) > 0.9).astype(np.float32)   # sparse "edges"
+    hint = (rng.random((1, 3, 64, 64)) > 0.9).astype(np.float32)   # sparse "edges"
     scale = 0.8
     _, rows = _expert_masks("sd1")
     masks = mask_file("sd1", "fixture", rows)
@@ -160,7 +160,7 @@ def test_unet_with_controlnet_residuals_dense_and_alter_routed_against_pytorch(s
     with StableDiffusion(sd15_f16, threads=2, control_net=controlnet_sd15) as sd:
         dense = sd.unet(latent, times[0], context, control_image=hint, controlnet_conditioning_scale=scale)
         with pytest.raises(ValueError, match="shape"):
-            sd.unet(latent, times[0], context, control_image=hint[:, :, :64])
+            sd.unet(latent, times[0], context, control_image=hint[:, :, :32])
     with StableDiffusion(sd15_f16, threads=2, control_net=controlnet_sd15, alter_masks=masks) as sd:
         routed = {t: sd.unet(latent, t, context, control_image=hint, controlnet_conditioning_scale=scale)
                   for t in times}

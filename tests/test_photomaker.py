@@ -21,8 +21,9 @@ from pysdcpp.format.photomaker import id_encoder_shapes
 from pysdcpp.photomaker import check_trigger, checked_inputs, id_images_from_folder, read_photo_maker
 
 SIZE = 64
+# No guidance (one UNet evaluation per step): the ID embedding conditions the prompt, which guidance only scales.
 SETTINGS = dict(prompt="a photo of a woman img, oil painting", negative_prompt="", num_inference_steps=3,
-                guidance_scale=5.0, sampler="euler", seed=17, width=SIZE, height=SIZE)
+                guidance_scale=1.0, sampler="euler", seed=17, width=SIZE, height=SIZE)
 SDXL = types.SimpleNamespace(family="sdxl")
 
 
@@ -42,7 +43,7 @@ def photomaker():
 @pytest.fixture(scope="module")
 def folders(module_tmp):
     out = {}
-    for name, seeds in (("two", (1, 2)), ("one", (1,)), ("other", (5,))):
+    for name, seeds in (("two", (1, 2)), ("one", (1,))):
         folder = module_tmp / name
         folder.mkdir()
         for i, seed in enumerate(seeds):
@@ -53,9 +54,9 @@ def folders(module_tmp):
 
 # case: (ID image folder, style strength); the upstream library runs the default strength only (the pinned upstream
 # merges the ID at the step the previous generation's strength gives; patch 0011 fixes that in the accelerated one)
-CASES = {"two": ("two", None), "one": ("one", None), "other": ("other", None), "two-style-60": ("two", 60.0),
+CASES = {"two": ("two", None), "one": ("one", None), "two-style-60": ("two", 60.0),
          "one-style-100": ("one", 100.0), "two-style-100": ("two", 100.0)}
-UPSTREAM_CASES = ("two", "one", "other")
+UPSTREAM_CASES = ("two", "one")
 ACCELERATED_CASES = ("two", "two-style-60", "one-style-100", "two-style-100")
 
 
@@ -82,16 +83,12 @@ def _cli(folders, photomaker, tmp_path, folder: str, *extra: str) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_upstream_is_sd_cli(runs, folders, photomaker, tmp_path):
-    # one ID-image folder: another one goes through the same code (the CLI test below draws with a third setting)
-    cli = _cli(folders, photomaker, tmp_path, "two")
-    np.testing.assert_array_equal(cli, np.asarray(runs["upstream", "two"].images[0]))
-
-
-@pytest.mark.slow
-def test_upstream_ignores_its_style_strength(runs, folders, photomaker, tmp_path):
-    """sd-cli --pm-style-strength 60 draws the default (20) image: the pinned upstream builds its sample plan before
-    the generation sets the strength. Hence the upstream library refuses other strengths (patch 0011 fixes it)."""
+def test_upstream_is_sd_cli_which_ignores_its_style_strength(runs, folders, photomaker, tmp_path):
+    """sd-cli --pm-style-strength 60 draws the upstream library's image at the default strength (20), bit for
+    bit: the library is sd-cli, and the pinned upstream builds its sample plan before the generation sets the
+    strength (at 60 the ID would join at step 1, at 20 at step 0: different images, as the accelerated library's
+    show below). Hence the upstream library refuses other strengths (patch 0011 fixes it). One ID-image folder:
+    another goes through the same code (the CLI test below draws with a third setting)."""
     cli = _cli(folders, photomaker, tmp_path, "two", "--pm-style-strength", "60")
     np.testing.assert_array_equal(cli, np.asarray(runs["upstream", "two"].images[0]))
     assert "start_merge_step: 0" in " ".join(runs["upstream", "two", "log"])
@@ -102,17 +99,17 @@ def test_upstream_ignores_its_style_strength(runs, folders, photomaker, tmp_path
 
 @pytest.mark.slow
 def test_the_id_images_and_the_style_strength_change_the_image(runs):
-    """The number of ID images, the style strength and PhotoMaker itself each move the image; another ID image
-    changes it too, if little: a random-weight ViT-L/14 maps different images to nearly one embedding (deep random
-    transformers collapse their inputs), measured 0.06 levels on average, 1 at most (at 4 steps). At strength 100
-    the ID never joins (every step runs on the prompt without it): the images do not depend on the ID images."""
+    """The number of ID images, the style strength and PhotoMaker itself each move the image. (Another ID image
+    of the same count moves it little: a random-weight ViT-L/14 maps different images to nearly one embedding, deep
+    random transformers collapse their inputs; measured 0.06 levels on average at 4 steps, too little to assert
+    on.) At strength 100 the ID never joins (every step runs on the prompt without it): the images do not depend
+    on the ID images."""
     def img(backend, case):
         return np.asarray(runs[backend, case].images[0], np.int16)
 
     for backend, a, b in (("upstream", "one", "two"), ("upstream", "one", "txt2img"),
                           ("accelerated", "two", "two-style-60"), ("accelerated", "two", "two-style-100")):
         assert np.abs(img(backend, a) - img(backend, b)).mean() > 2, (backend, a, b)
-    assert np.abs(img("upstream", "one") - img("upstream", "other")).max() >= 1
     np.testing.assert_array_equal(img("accelerated", "one-style-100"), img("accelerated", "two-style-100"))
 
 
@@ -231,7 +228,7 @@ def test_the_cli_draws_the_api_image_and_refuses_before_loading(runs, photomaker
 
     out = tmp_path / "pm.png"
     base = ["generate", "-p", SETTINGS["prompt"], "-W", str(SIZE), "-H", str(SIZE),
-            "--steps", str(SETTINGS["num_inference_steps"]), "--cfg", "5",
+            "--steps", str(SETTINGS["num_inference_steps"]), "--cfg", str(SETTINGS["guidance_scale"]),
             "--sampler", "euler", "--seed", "17", "-t", "2", "-o", str(out)]
     sdxl = str(model_gguf("sdxl"))
     res = CliRunner().invoke(main, [base[0], sdxl, *base[1:], "--photo-maker",
