@@ -29,25 +29,12 @@ const bool kVector = true, kScalar = false;  // node userdata: the SIMD or the p
 
 constexpr float kTanhScale = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kCubic     = 0.044715f;
-constexpr float kLog2e     = 1.4426950408889634f;
 constexpr int64_t kItemElements = 16384;           // outputs per work item (64 KB written, 128 KB read)
 
-// value * gelu(gate) = value * gate * sigmoid(z), z = 2 sqrt(2/pi) (gate + 0.044715 gate^3): with e = exp(-|z|)
-// in (0, 1], sigmoid(z) = 1 / (1 + e) for z >= 0 and e / (1 + e) below (no overflow either way).
+// value * gelu(gate) = value * gate * sigmoid(2 sqrt(2/pi) (gate + 0.044715 gate^3))
 template <class V>
 inline V geglu_of(V value, V gate) {
-    const V z   = (2.0f * kTanhScale) * (gate + kCubic * gate * gate * gate);
-    const V neg = z < 0.0f ? z : -z;  // -|z|
-    const V e   = simd::exp2_neg<V>(neg * kLog2e);
-    const V num = z < 0.0f ? e : simd::splat<V>(1.0f);
-    return value * gate * num / (1.0f + e);
-}
-
-template <>
-inline float geglu_of<float>(float value, float gate) {
-    const float z = (2.0f * kTanhScale) * (gate + kCubic * gate * gate * gate);
-    const float e = simd::exp2_neg<float>(-std::abs(z) * kLog2e);
-    return value * gate * (z < 0.0f ? e : 1.0f) / (1.0f + e);
+    return value * gate * simd::sigmoid<V>((2.0f * kTanhScale) * (gate + kCubic * gate * gate * gate));
 }
 
 template <class V>

@@ -24,6 +24,13 @@ inline bool f32_values(const ggml_tensor* t, int64_t n) {
            host_weights(t);
 }
 
+// The function of a ggml_custom_4d node (written first in its op_params), or garbage for other ops.
+inline ggml_custom_op_t custom_fun(const ggml_tensor* node) {
+    ggml_custom_op_t fun = nullptr;
+    std::memcpy(&fun, node->op_params, sizeof(fun));
+    return fun;
+}
+
 // A bias our nodes can add themselves: a plain F32 vector of n values (anything else keeps upstream's ggml_add).
 inline bool fusable_bias(const ggml_tensor* b, int64_t n) {
     return f32_values(b, n) && b->ne[0] == n;

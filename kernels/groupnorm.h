@@ -15,13 +15,24 @@
 
 namespace pysdcpp {
 
-// x [W, H, C, N] F32 contiguous, gamma and beta F32 with C values each; C divisible by groups.
+// x [W, H, C, N] F32 contiguous, gamma and beta F32 with C values each; C divisible by groups. offset: F32 [1, 1, C,
+// N] added to x before the normalisation (a ResNet's time embedding), or nullptr; silu: SiLU of the result.
 ggml_tensor* group_norm_affine(ggml_context* ctx, ggml_tensor* x, int groups, float eps, ggml_tensor* gamma,
-                               ggml_tensor* beta, bool vector = true);
+                               ggml_tensor* beta, bool vector = true, ggml_tensor* offset = nullptr,
+                               bool silu = false);
+
+// Makes y, a node group_norm_affine built, apply SiLU to its result; false (y unchanged) for any other tensor or a
+// node that already does.
+bool fuse_silu(ggml_tensor* y);
 
 }  // namespace pysdcpp
 
 // The hook patch 0007 calls from ggml_ext_group_norm: the fused node, or nullptr to keep upstream's three ops
-// (when the conv algorithm keeps upstream's path, or for tensors the node does not take).
+// (when the conv algorithm keeps upstream's path, or for tensors the node does not take). An x that is h plus a
+// per-(image, channel) vector (the ResNets' time embedding) is taken as the two, the add done in the node.
 ggml_tensor* pysdcpp_group_norm_hook(ggml_context* ctx, ggml_tensor* x, ggml_tensor* gamma, ggml_tensor* beta,
                                      int groups, float eps);
+
+// The hook patch 0014 calls where upstream's ResNets and output heads apply SiLU to a group norm's result: SiLU
+// folded into our group-norm node when x is one (nothing else reads the norm's output there), else ggml's SiLU.
+ggml_tensor* pysdcpp_silu_hook(ggml_context* ctx, ggml_tensor* x);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "ggml.h"
+#include "ggml_helpers.h"
 #include "profile.h"
 
 extern "C" {
@@ -32,12 +33,6 @@ std::vector<std::pair<std::string, Total>> g_result;
 // function still says which of ours it is. ggml_custom_4d writes the function first in op_params.
 std::mutex g_labels_mutex;
 std::map<ggml_custom_op_t, std::string> g_labels;
-
-ggml_custom_op_t custom_fun(const ggml_tensor* node) {
-    ggml_custom_op_t fun = nullptr;
-    std::memcpy(&fun, node->op_params, sizeof(fun));
-    return fun;
-}
 
 const ggml_tensor* viewed(const ggml_tensor* t) {
     while (t != nullptr && t->view_src != nullptr) {
@@ -64,7 +59,7 @@ std::string kind_of(const ggml_tensor* node) {
     }
     if (node->op == GGML_OP_CUSTOM) {
         std::lock_guard<std::mutex> lock(g_labels_mutex);
-        const auto it = g_labels.find(custom_fun(node));
+        const auto it = g_labels.find(pysdcpp::custom_fun(node));
         if (it != g_labels.end()) {
             return it->second;
         }

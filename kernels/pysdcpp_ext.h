@@ -113,10 +113,11 @@ int pysdcpp_conv2d_1x1(const float* x, int64_t N, int64_t C, int64_t H, int64_t 
                        double* seconds);
 const char* pysdcpp_conv1x1_last_error(void);
 /* One group normalisation with its affine step (kernels/groupnorm.h; also routed by the WINOGRAD algorithm):
-   x, y [N][C][H][W], gamma and beta [C], C divisible by groups. */
+   x, y [N][C][H][W], gamma and beta [C], C divisible by groups; offset [N][C] added to x first (a ResNet's time
+   embedding) or NULL; silu: SiLU of the result. */
 int pysdcpp_group_norm(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int groups, float eps,
-                       const float* gamma, const float* beta, int path, int n_threads, int repeat, float* y,
-                       double* seconds);
+                       const float* gamma, const float* beta, const float* offset, int silu, int path, int n_threads,
+                       int repeat, float* y, double* seconds);
 const char* pysdcpp_group_norm_last_error(void);
 /* One GEGLU (kernels/geglu.h; the linear-layer mode FAST routes the UNets' feed-forward gates there):
    p [rows][2D] (value, then gate), y [rows][D] = value * gelu(gate), GELU's tanh form. */

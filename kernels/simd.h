@@ -71,5 +71,19 @@ inline v8f exp2_neg<v8f>(v8f x) {
     return p * scale;
 }
 
+// 1 / (1 + e^-z) by e = e^-|z| in (0, 1]: 1 / (1 + e) for z >= 0, e / (1 + e) below (no overflow either way).
+template <class V>
+inline V sigmoid(V z) {
+    constexpr float kLog2e = 1.4426950408889634f;
+    const V e = exp2_neg<V>((z < 0.0f ? z : -z) * kLog2e);
+    return (z < 0.0f ? e : splat<V>(1.0f)) / (1.0f + e);
+}
+
+template <>
+inline float sigmoid<float>(float z) {
+    const float e = exp2_neg<float>(-std::fabs(z) * 1.4426950408889634f);
+    return (z < 0.0f ? e : 1.0f) / (1.0f + e);
+}
+
 }  // namespace simd
 }  // namespace pysdcpp

@@ -234,9 +234,12 @@ def conv2d_1x1(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, 
 
 
 def group_norm(x: np.ndarray, groups: int, gamma: np.ndarray, beta: np.ndarray, *, eps: float = 1e-6,
-               path: str = "fast", threads: int = 1, repeat: int = 1) -> tuple[np.ndarray, list[float]]:
+               offset: np.ndarray | None = None, silu: bool = False, path: str = "fast", threads: int = 1,
+               repeat: int = 1) -> tuple[np.ndarray, list[float]]:
     """Group normalisation of x (N, C, H, W) over `groups` groups of channels, then y = norm * gamma + beta per
-    channel (upstream's eps is 1e-6). Returns (y, seconds per repetition)."""
+    channel (upstream's eps is 1e-6). `offset` (N, C): added to x first, as a ResNet adds its time embedding;
+    `silu`: SiLU of the result (both as upstream's ResNets build them around the norm). Returns (y, seconds per
+    repetition)."""
     _check_path(path)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 4 or x.size == 0:
@@ -248,6 +251,9 @@ def group_norm(x: np.ndarray, groups: int, gamma: np.ndarray, beta: np.ndarray, 
     b = np.ascontiguousarray(beta, dtype=np.float32)
     if g.shape != (c,) or b.shape != (c,):
         raise ValueError(f"gamma and beta must have shape ({c},); got {g.shape} and {b.shape}")
+    o = None if offset is None else np.ascontiguousarray(offset, dtype=np.float32)
+    if o is not None and o.shape != (n, c):
+        raise ValueError(f"offset must have shape ({n}, {c}); got {o.shape}")
     if not eps >= 0:
         raise ValueError(f"eps must be non-negative, got {eps!r}")
     if threads < 1 or repeat < 1:
@@ -258,8 +264,9 @@ def group_norm(x: np.ndarray, groups: int, gamma: np.ndarray, beta: np.ndarray, 
     secs = np.zeros(repeat, dtype=np.float64)
     _run(lib, "pysdcpp_group_norm", "pysdcpp_group_norm_last_error",
         ffi.from_buffer("float[]", x), n, c, h, wd, int(groups), float(eps), ffi.from_buffer("float[]", g),
-        ffi.from_buffer("float[]", b), getattr(lib.lib, KERNEL_PATHS[path]), int(threads), int(repeat),
-        ffi.from_buffer("float[]", y), ffi.from_buffer("double[]", secs))
+        ffi.from_buffer("float[]", b), ffi.NULL if o is None else ffi.from_buffer("float[]", o), int(bool(silu)),
+        getattr(lib.lib, KERNEL_PATHS[path]), int(threads), int(repeat), ffi.from_buffer("float[]", y),
+        ffi.from_buffer("double[]", secs))
     return y, secs.tolist()
 
 

@@ -1,7 +1,7 @@
 """The fused group normalisation (kernels/groupnorm.cpp) against float64: group sizes from one channel to many,
 maps from a handful of positions to 256x256, batches, inputs whose mean dwarfs their spread (the single-pass
-variance must not cancel), 1 and 2 threads, SIMD and scalar builds; ggml's three ops (upstream's graph) through
-the same harness as a control."""
+variance must not cancel), 1 and 2 threads, SIMD and scalar builds; with the ResNets' time embedding added first
+and SiLU after, both folded into the node; ggml's ops (upstream's graph) through the same harness as a control."""
 
 from __future__ import annotations
 
@@ -19,11 +19,15 @@ CASES = [  # (N, C, H, W), groups, offset of the input's mean
 ]
 
 
-def _reference(x, groups, gamma, beta, eps):
+def _reference(x, groups, gamma, beta, eps, offset=None, silu=False):
     n, c, h, w = x.shape
-    xd = x.astype(np.float64).reshape(n, groups, -1)
+    xd = x.astype(np.float64)
+    if offset is not None:
+        xd = xd + offset.astype(np.float64)[:, :, None, None]
+    xd = xd.reshape(n, groups, -1)
     norm = (xd - xd.mean(-1, keepdims=True)) / np.sqrt(xd.var(-1, keepdims=True) + eps)
-    return norm.reshape(n, c, h, w) * gamma[None, :, None, None] + beta[None, :, None, None]
+    y = norm.reshape(n, c, h, w) * gamma[None, :, None, None] + beta[None, :, None, None]
+    return y / (1.0 + np.exp(-y)) if silu else y
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-g{c[1]}")
@@ -55,8 +59,31 @@ def test_eps_is_applied():
     assert np.all(np.isfinite(y))
 
 
+@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: "x".join(map(str, c[0])) + f"-g{c[1]}")
+@pytest.mark.parametrize("path", ["fast", "fast_scalar", "upstream"])
+@pytest.mark.parametrize("with_offset", [False, True], ids=["silu", "temb-silu"])
+def test_time_embedding_and_silu_folded_in(case, path, with_offset):
+    """A ResNet's h + emb -> GroupNorm -> SiLU in one node: the per-(image, channel) offset moves each group's mean
+    and spread (offsets of the data's own scale and larger), SiLU takes both tails."""
+    shape, groups, offset = case
+    rng = np.random.default_rng(shape[1] + groups + 7)
+    x = (rng.standard_normal(shape) * 3 + offset).astype(np.float32)
+    emb = (rng.standard_normal(shape[:2]) * 4).astype(np.float32) if with_offset else None
+    gamma = (rng.standard_normal(shape[1]) * 3).astype(np.float32)
+    beta = rng.standard_normal(shape[1]).astype(np.float32)
+    y, _ = group_norm(x, groups, gamma, beta, eps=1e-6, offset=emb, silu=True, path=path, threads=2)
+    ref = _reference(x, groups, gamma, beta, 1e-6, emb, silu=True)
+    bound = 2e-6 * max(1.0, (abs(offset) + 12) / 3) * np.abs(gamma).max() + 1e-6
+    if path == "upstream":
+        bound *= 4   # ggml's SiLU: its own exp, and an F32 division
+    err = np.abs(y - ref).max()
+    assert err <= bound, f"max error {err:.2e} > {bound:.1e}"
+    assert (y < -0.2).any() and (y > 3).any()   # both tails of SiLU in play
+
+
 @pytest.mark.parametrize("bad", [
     dict(groups=3), dict(groups=0), dict(gamma=np.ones(3)), dict(eps=-1.0), dict(path="ggml"), dict(threads=0),
+    dict(offset=np.zeros((1, 3))),
 ])
 def test_bad_arguments_raise(bad):
     args = dict(x=np.zeros((1, 4, 2, 2)), groups=2, gamma=np.ones(4), beta=np.zeros(4))
