@@ -89,7 +89,7 @@ def _cli_args(case: str, files) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [c for c in CASES if not c.endswith("-other")])   # another image: the same code
 def test_upstream_is_sd_cli(runs, case, files, sd15_f16, tmp_path):
     cli = sd_cli_image(sd15_f16, SETTINGS, tmp_path, *_cli_args(case, files))
     np.testing.assert_array_equal(cli, np.asarray(runs["upstream", case].images[0]))
