@@ -124,6 +124,11 @@ const char* pysdcpp_group_norm_last_error(void);
 int pysdcpp_geglu(const float* p, int64_t rows, int64_t D, int path, int n_threads, int repeat, float* y,
                   double* seconds);
 const char* pysdcpp_geglu_last_error(void);
+/* One layer normalisation with its affine step (kernels/layernorm.h; the linear-layer mode FAST routes the
+   transformers' layer norms there): x, y [rows][C], gamma [C], beta [C] or NULL. */
+int pysdcpp_layer_norm(const float* x, int64_t rows, int64_t C, float eps, const float* gamma, const float* beta,
+                       int path, int n_threads, int repeat, float* y, double* seconds);
+const char* pysdcpp_layer_norm_last_error(void);
 
 /* Linear layers: the context-wide choice (pysdcpp_set_linear_mode: UPSTREAM = ggml's mul_mat, FAST = our GEMM
    with F32 activations, kernels/linear.h) and the explicit per-call paths of pysdcpp_linear (FAST_SCALAR: our

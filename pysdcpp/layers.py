@@ -291,3 +291,31 @@ def geglu(p: np.ndarray, *, path: str = "fast", threads: int = 1,
         getattr(lib.lib, KERNEL_PATHS[path]), int(threads), int(repeat), ffi.from_buffer("float[]", y),
         ffi.from_buffer("double[]", secs))
     return y, secs.tolist()
+
+
+def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray | None = None, *, eps: float = 1e-5,
+               path: str = "fast", threads: int = 1, repeat: int = 1) -> tuple[np.ndarray, list[float]]:
+    """Layer normalisation of x (..., C) over its last axis, then y = norm * gamma + beta (upstream's eps is
+    1e-5). Returns (y, seconds per repetition)."""
+    _check_path(path)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim < 1 or x.size == 0:
+        raise ValueError(f"need x (..., C); got {x.shape}")
+    c = x.shape[-1]
+    g = np.ascontiguousarray(gamma, dtype=np.float32)
+    b = None if beta is None else np.ascontiguousarray(beta, dtype=np.float32)
+    if g.shape != (c,) or (b is not None and b.shape != (c,)):
+        raise ValueError(f"gamma and beta must have shape ({c},); got {g.shape} and {None if b is None else b.shape}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be non-negative, got {eps!r}")
+    if threads < 1 or repeat < 1:
+        raise ValueError("threads and repeat must be at least 1")
+    lib = _native.load("accelerated")
+    ffi = lib.ffi
+    y = np.empty_like(x)
+    secs = np.zeros(repeat, dtype=np.float64)
+    _run(lib, "pysdcpp_layer_norm", "pysdcpp_layer_norm_last_error", ffi.from_buffer("float[]", x), x.size // c, c,
+        float(eps), ffi.from_buffer("float[]", g), ffi.NULL if b is None else ffi.from_buffer("float[]", b),
+        getattr(lib.lib, KERNEL_PATHS[path]), int(threads), int(repeat), ffi.from_buffer("float[]", y),
+        ffi.from_buffer("double[]", secs))
+    return y, secs.tolist()

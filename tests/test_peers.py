@@ -138,13 +138,14 @@ def test_node_profile_counts_the_graph(sd15_f16):
     # SiLU: after each ResNet's two group norms and the output head's (45), on the 22 ResNets' time embeddings and
     # in the time-embedding MLP (23); GELU: one per feed-forward (16)
     assert (k["SILU"]["nodes"], k["GELU"]["nodes"]) == (2 * 22 + 1 + 22 + 1, 16)
-    # ours: the norms' SiLU in the group-norm node, the feed-forward gate in one node
+    # ours: the norms' SiLU in the group-norm node, the feed-forward gate and each layer norm in one node
     with StableDiffusion(sd15_f16, threads=2) as sd:
         with node_profile() as ours:
             fast = sd.unet(x["latent"][:1], 500.0, x["context"][:1])
     f = ours.kinds
     assert (f["SILU"]["nodes"], f["group_norm"]["nodes"], f["geglu"]["nodes"]) == (23, 2 * 22 + 16 + 1, 16)
-    assert "GELU" not in f, sorted(f)
+    assert "GELU" not in f and "NORM" not in f, sorted(f)
+    assert k["NORM"]["nodes"] == f["layer_norm"]["nodes"] == 3 * 16   # three per transformer block
     assert float(np.abs(fast - out).max()) < 0.05 * float(np.abs(out).max())   # the same UNet
 
 
