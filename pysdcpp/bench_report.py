@@ -250,26 +250,18 @@ def render_peers(r: dict) -> list[str]:
 
 def render_peer_profiles(r: dict, names: dict) -> list[str]:
     """`--profile`: per task, each profiled runtime's seconds per op class."""
-    from .profile import OP_CLASSES
+    from .bench.peer_profiles import profile_rows
 
-    prof = r.get("profile") or {}
     out = []
     for t in r["tasks"]:
-        rts = [rt for rt in prof if t in prof[rt]]
+        rts, rows = profile_rows(r, t)
         if not rts:
             continue
-        ours = prof.get("pysdcpp", {}).get(t)
         out += [f"Where the time goes, {names.get(t, t)} ({r['size']} px, one profiled run after the timed ones):",
                 "", "| op class | " + " | ".join(rts) + " |", "|---" * (len(rts) + 1) + "|"]
-        for cls in (*OP_CLASSES, "sum"):
-            cells = []
-            for rt in rts:
-                p = prof[rt][t]
-                sec = p["profiled_seconds"] if cls == "sum" else p["classes"][cls]
-                o = None if ours is None or rt == "pysdcpp" else (
-                    ours["profiled_seconds"] if cls == "sum" else ours["classes"][cls])
-                cells.append(f"{sec:.3f} s" + (f" ({sec / o:.2f}x ours)" if o and o > 5e-4 else ""))
-            out.append(f"| {cls} | " + " | ".join(cells) + " |")
+        for cls, cells in rows:
+            out.append(f"| {cls} | " + " | ".join(f"{sec:.3f} s" + (f" ({ratio:.2f}x ours)" if ratio is not None else "")
+                                                  for sec, ratio in cells) + " |")
         out.append("")
     if out:
         out += ["Ours and upstream's path: the accelerated library's node profiler (each node's wall time to the "

@@ -44,11 +44,16 @@ _OV_TYPES = (
 )
 
 
+def conv_class(weights_shape) -> str:
+    """The class of a convolution by its weight's shape (..., kh, kw): 3x3 or 1x1 convs, else "other"."""
+    k = tuple(weights_shape[-2:]) if weights_shape is not None and len(weights_shape) >= 4 else None
+    return "3x3 convs" if k == (3, 3) else "1x1 convs" if k == (1, 1) else "other"
+
+
 def ov_class(layer_type: str, weights_shape: list | None, const_input: bool, fused: str) -> str:
     """The OP_CLASSES entry of one node of OpenVINO's runtime model."""
     if layer_type == "Convolution":
-        k = tuple(weights_shape[-2:]) if weights_shape and len(weights_shape) >= 4 else None
-        return "3x3 convs" if k == (3, 3) else "1x1 convs" if k == (1, 1) else "other"
+        return conv_class(weights_shape)
     if layer_type == "MatMul":
         return "linear layers" if const_input else "attention"
     if layer_type == "Subgraph":
@@ -99,9 +104,7 @@ _TORCH_OPS = (
 
 def torch_class(name: str, shapes: list) -> str:
     if "conv" in name:
-        w = shapes[1] if len(shapes) > 1 else []
-        k = tuple(w[-2:]) if len(w) >= 4 else None
-        return "3x3 convs" if k == (3, 3) else "1x1 convs" if k == (1, 1) else "other"
+        return conv_class(shapes[1] if len(shapes) > 1 else None)
     for cls, pattern in _TORCH_OPS:
         if re.search(pattern, name):
             return cls
@@ -125,26 +128,41 @@ def profile_torch(run) -> dict:
     return _entry(seconds, kinds, _bracketed)
 
 
+def profile_rows(report: dict, task: str) -> tuple[list[str], list[tuple[str, list[tuple[float, float | None]]]]]:
+    """One task's profile table, for every renderer: the runtimes profiled, and per op class (then "sum", of the
+    classes) each runtime's seconds with its ratio over pysdcpp's (None for pysdcpp, or where ours is under
+    0.5 ms)."""
+    profiles = report.get("profile") or {}
+    rts = [rt for rt in profiles if task in profiles[rt]]
+    ours = profiles.get("pysdcpp", {}).get(task)
+
+    def seconds(p, cls):
+        return p["profiled_seconds"] if cls == "sum" else p["classes"][cls]
+
+    rows = []
+    for cls in (*OP_CLASSES, "sum"):
+        cells = []
+        for rt in rts:
+            s = seconds(profiles[rt][task], cls)
+            o = None if ours is None or rt == "pysdcpp" else seconds(ours, cls)
+            cells.append((s, s / o if o is not None and o > 5e-4 else None))
+        rows.append((cls, cells))
+    return rts, rows
+
+
 def format_profile_table(report: dict) -> str:
     """Per task: seconds per op class in each profiled runtime, and each runtime's time over pysdcpp's."""
-    profiles = report.get("profile", {})
     lines = []
     for task in report["tasks"]:
-        rts = [rt for rt in profiles if task in profiles[rt]]
+        rts, rows = profile_rows(report, task)
         if not rts:
             continue
         head = f"{task:<16}" + "".join(f"{rt:>16}" for rt in rts)
         lines += ["", head, "-" * len(head)]
-        ours = profiles.get("pysdcpp", {}).get(task)
-        for cls in (*OP_CLASSES, "sum"):
+        for cls, cells in rows:
             row = f"{cls:<16}"
-            for rt in rts:
-                p = profiles[rt][task]
-                s = p["profiled_seconds"] if cls == "sum" else p["classes"][cls]
-                cell = f"{s:.3f}s"
-                if ours is not None and rt != "pysdcpp":
-                    o = ours["profiled_seconds"] if cls == "sum" else ours["classes"][cls]
-                    cell += f" ({s / o:.2f}x)" if o > 0.0005 else "        "
+            for rt, (s, ratio) in zip(rts, cells):
+                cell = f"{s:.3f}s" + ("" if rt == "pysdcpp" else f" ({ratio:.2f}x)" if ratio is not None else "        ")
                 row += f"{cell:>16}"
             lines.append(row)
     for rt, tasks in report.get("profile_errors", {}).items():
