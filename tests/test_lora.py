@@ -25,6 +25,7 @@ PROMPT = "a lighthouse at dusk"
 # name: prompt tags (sd-cli reads the same); the files are in the fixture's LoRA folder
 CASES = {"kohya-0.8": "<lora:style:0.8>", "peft-1": "<lora:detail:1>",
          "both": "<lora:style:0.5> <lora:detail.safetensors:-0.7>"}
+ACCELERATED_CASES = ("both",)
 _APPLIED = re.compile(r"\((\d+) / (\d+)\) LoRA tensors have been applied")
 
 
@@ -58,8 +59,12 @@ def lora_dir(module_tmp):
 def runs(sd15_f16, lora_dir):
     out = {}
     for backend in ("upstream", "accelerated"):
-        # a context per case, as sd-cli has: removing an immediately applied LoRA is not exact (F16 weights)
+        # a context per case, as sd-cli has: removing an immediately applied LoRA is not exact (F16 weights). The
+        # accelerated library draws the case with both formats at two weights (the name mappings are upstream's,
+        # checked against sd-cli case by case).
         for case, tags in {"none": "", **CASES}.items():
+            if backend == "accelerated" and case not in ("none", *ACCELERATED_CASES):
+                continue
             with StableDiffusion(sd15_f16, backend=backend, threads=2, lora_dir=lora_dir) as sd:
                 with sd.native.capture() as log:
                     out[backend, case] = sd.generate_with_info(f"{PROMPT} {tags}" if tags else PROMPT, **SETTINGS)
@@ -80,7 +85,7 @@ def test_upstream_is_sd_cli_and_every_tensor_applies(runs, case, sd15_f16, lora_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", ACCELERATED_CASES)
 def test_accelerated_within_its_txt2img_psnr(runs, case):
     assert_within_plain_psnr(case, runs["accelerated", case].images[0], runs["upstream", case].images[0],
                              runs["accelerated", "none"].images[0], runs["upstream", "none"].images[0])

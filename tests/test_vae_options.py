@@ -50,12 +50,15 @@ def _options(case: str, files) -> tuple[dict, dict]:
 
 @pytest.fixture(scope="module")
 def runs(sd15_f16, files):
+    """Every case, in one context per backend and constructor option (the tiling options are generate()'s: one
+    context draws each of them as sd-cli does afresh, which test_upstream_is_sd_cli checks)."""
     out = {}
     for backend in ("upstream", "accelerated"):
-        for case in CASES:
-            ctor, gen = _options(case, files)
-            with StableDiffusion(sd15_f16, backend=backend, threads=2, **ctor) as sd:
-                out[backend, case] = sd.generate_with_info(**dict(SETTINGS, **gen))
+        for taesd in (False, True):
+            cases = [c for c in CASES if ("taesd" in CASES[c][0]) == taesd]
+            with StableDiffusion(sd15_f16, backend=backend, threads=2, **_options(cases[0], files)[0]) as sd:
+                for case in cases:
+                    out[backend, case] = sd.generate_with_info(**dict(SETTINGS, **_options(case, files)[1]))
     return out
 
 
