@@ -126,14 +126,7 @@ extern "C" SD_API int pysdcpp_geglu(const float* p, int64_t rows, int64_t D, int
         } else {
             out = geglu(ctx, tp, path == PYSDCPP_PATH_FAST);
         }
-        ggml_cgraph* gf = ggml_new_graph(ctx);
-        ggml_build_forward_expand(gf, out);
-        if (!compute_timed(ctx, gf, n_threads, repeat, seconds, std::chrono::steady_clock::now())) {
-            g_geglu_error = "graph compute failed";
-            return 1;
-        }
-        std::memcpy(y, out->data, sizeof(float) * (size_t)(rows * D));
-        return 0;
+        return compute_into(ctx, out, n_threads, repeat, seconds, y, g_geglu_error) ? 0 : 1;
     } catch (const std::exception& e) {
         g_geglu_error = e.what();
         return 1;

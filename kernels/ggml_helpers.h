@@ -101,4 +101,18 @@ inline bool compute_timed(ggml_context* ctx, ggml_cgraph* gf, int n_threads, int
     return true;
 }
 
+// Harnesses: computes out's graph `repeat` times (compute_timed, from now) and copies its values to y; false, with
+// `error` set, if a compute failed.
+inline bool compute_into(ggml_context* ctx, ggml_tensor* out, int n_threads, int repeat, double* seconds, float* y,
+                         std::string& error) {
+    ggml_cgraph* gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, out);
+    if (!compute_timed(ctx, gf, n_threads, repeat, seconds, std::chrono::steady_clock::now())) {
+        error = "graph compute failed";
+        return false;
+    }
+    std::memcpy(y, out->data, sizeof(float) * (size_t)ggml_nelements(out));
+    return true;
+}
+
 }  // namespace pysdcpp

@@ -166,14 +166,7 @@ extern "C" SD_API int pysdcpp_layer_norm(const float* x, int64_t rows, int64_t C
         } else {
             out = layer_norm_affine(ctx, tx, eps, tg, tb, path == PYSDCPP_PATH_FAST);
         }
-        ggml_cgraph* gf = ggml_new_graph(ctx);
-        ggml_build_forward_expand(gf, out);
-        if (!compute_timed(ctx, gf, n_threads, repeat, seconds, std::chrono::steady_clock::now())) {
-            g_layer_norm_error = "graph compute failed";
-            return 1;
-        }
-        std::memcpy(y, out->data, sizeof(float) * (size_t)(rows * C));
-        return 0;
+        return compute_into(ctx, out, n_threads, repeat, seconds, y, g_layer_norm_error) ? 0 : 1;
     } catch (const std::exception& e) {
         g_layer_norm_error = e.what();
         return 1;

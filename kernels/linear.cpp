@@ -179,14 +179,7 @@ extern "C" SD_API int pysdcpp_linear(const float* x, int64_t rows, int64_t K, co
         } else {
             out = linear(ctx, tx, tw, tb, path == PYSDCPP_LINEAR_FAST);
         }
-        ggml_cgraph* gf = ggml_new_graph(ctx);
-        ggml_build_forward_expand(gf, out);
-        if (!compute_timed(ctx, gf, n_threads, repeat, seconds, std::chrono::steady_clock::now())) {
-            g_linear_error = "graph compute failed";
-            return 1;
-        }
-        std::memcpy(y, out->data, sizeof(float) * (size_t)(rows * N));
-        return 0;
+        return compute_into(ctx, out, n_threads, repeat, seconds, y, g_linear_error) ? 0 : 1;
     } catch (const std::exception& e) {
         g_linear_error = e.what();
         return 1;

@@ -139,14 +139,7 @@ extern "C" SD_API int pysdcpp_conv2d_1x1(const float* x, int64_t N, int64_t C, i
         } else {
             out = conv2d_1x1(ctx, tw, tx, tb, path == PYSDCPP_PATH_FAST);
         }
-        ggml_cgraph* gf = ggml_new_graph(ctx);
-        ggml_build_forward_expand(gf, out);
-        if (!compute_timed(ctx, gf, n_threads, repeat, seconds, std::chrono::steady_clock::now())) {
-            g_pointwise_error = "graph compute failed";
-            return 1;
-        }
-        std::memcpy(y, out->data, sizeof(float) * (size_t)(N * K * H * W));
-        return 0;
+        return compute_into(ctx, out, n_threads, repeat, seconds, y, g_pointwise_error) ? 0 : 1;
     } catch (const std::exception& e) {
         g_pointwise_error = e.what();
         return 1;

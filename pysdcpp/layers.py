@@ -34,6 +34,24 @@ def _bias(bias, n: int) -> np.ndarray | None:
     return b
 
 
+def _timed(threads: int, repeat: int):
+    """(the accelerated library, seconds per repetition) for one harness call; threads and repeat checked first."""
+    if threads < 1 or repeat < 1:
+        raise ValueError("threads and repeat must be at least 1")
+    return _native.load("accelerated"), np.zeros(repeat, dtype=np.float64)
+
+
+def _affine(c: int, gamma, beta, eps: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """A norm's per-channel scale and shift (beta may be None) as float32, checked against c channels and eps."""
+    g = np.ascontiguousarray(gamma, dtype=np.float32)
+    b = None if beta is None else np.ascontiguousarray(beta, dtype=np.float32)
+    if g.shape != (c,) or (b is not None and b.shape != (c,)):
+        raise ValueError(f"gamma and beta must have shape ({c},); got {g.shape} and {None if b is None else b.shape}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be non-negative, got {eps!r}")
+    return g, b
+
+
 def conv_plan(n: int, c: int, h: int, w: int, k: int, pad: int = 1) -> str:
     """The per-call variant (a CONV_VARIANTS name) closest to what a model context with conv="winograd" runs for
     this 3x3 conv: the accelerated library's cost model. A `winograd_f4` or `winograd_f2` layer has its filter
@@ -110,12 +128,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int, *, varia
     lk = k.shape[1]
     if n_head < 1 or c % n_head:
         raise ValueError(f"n_head must divide the channel count {c}; got {n_head}")
-    if threads < 1 or repeat < 1:
-        raise ValueError("threads and repeat must be at least 1")
-    lib = _native.load("accelerated")
+    lib, secs = _timed(threads, repeat)
     ffi = lib.ffi
     out = np.empty((n, lq, c), dtype=np.float32)
-    secs = np.zeros(repeat, dtype=np.float64)
     nbytes = ffi.new("size_t*")
     _run(lib, "pysdcpp_attention", "pysdcpp_attention_last_error",
         ffi.from_buffer("float[]", q), ffi.from_buffer("float[]", k), ffi.from_buffer("float[]", v), n, lq, lk,
@@ -180,13 +195,10 @@ def linear(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, path
         raise ValueError(f"empty operands: x {x.shape}, w {w.shape}")
     n_out, k = w.shape
     b = _bias(bias, n_out)
-    if threads < 1 or repeat < 1:
-        raise ValueError("threads and repeat must be at least 1")
     rows = x.size // k
-    lib = _native.load("accelerated")
+    lib, secs = _timed(threads, repeat)
     ffi = lib.ffi
     y = np.empty(x.shape[:-1] + (n_out,), dtype=np.float32)
-    secs = np.zeros(repeat, dtype=np.float64)
     _run(lib, "pysdcpp_linear", "pysdcpp_linear_last_error",
         ffi.from_buffer("float[]", x), rows, k, ffi.from_buffer("float[]", w), n_out,
         ffi.NULL if b is None else ffi.from_buffer("float[]", b), int(weight_f16),
@@ -219,12 +231,9 @@ def conv2d_1x1(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, 
     n, c, h, wd = x.shape
     k = w.shape[0]
     b = _bias(bias, k)
-    if threads < 1 or repeat < 1:
-        raise ValueError("threads and repeat must be at least 1")
-    lib = _native.load("accelerated")
+    lib, secs = _timed(threads, repeat)
     ffi = lib.ffi
     y = np.empty((n, k, h, wd), dtype=np.float32)
-    secs = np.zeros(repeat, dtype=np.float64)
     _run(lib, "pysdcpp_conv2d_1x1", "pysdcpp_conv1x1_last_error",
         ffi.from_buffer("float[]", x), n, c, h, wd, ffi.from_buffer("float[]", w), k,
         ffi.NULL if b is None else ffi.from_buffer("float[]", b), int(weight_f16),
@@ -247,21 +256,15 @@ def group_norm(x: np.ndarray, groups: int, gamma: np.ndarray, beta: np.ndarray, 
     n, c, h, wd = x.shape
     if not isinstance(groups, (int, np.integer)) or groups < 1 or c % groups:
         raise ValueError(f"groups must divide the channel count {c}; got {groups!r}")
-    g = np.ascontiguousarray(gamma, dtype=np.float32)
-    b = np.ascontiguousarray(beta, dtype=np.float32)
-    if g.shape != (c,) or b.shape != (c,):
-        raise ValueError(f"gamma and beta must have shape ({c},); got {g.shape} and {b.shape}")
+    if beta is None:
+        raise ValueError("group_norm needs beta")
+    g, b = _affine(c, gamma, beta, eps)
     o = None if offset is None else np.ascontiguousarray(offset, dtype=np.float32)
     if o is not None and o.shape != (n, c):
         raise ValueError(f"offset must have shape ({n}, {c}); got {o.shape}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be non-negative, got {eps!r}")
-    if threads < 1 or repeat < 1:
-        raise ValueError("threads and repeat must be at least 1")
-    lib = _native.load("accelerated")
+    lib, secs = _timed(threads, repeat)
     ffi = lib.ffi
     y = np.empty_like(x)
-    secs = np.zeros(repeat, dtype=np.float64)
     _run(lib, "pysdcpp_group_norm", "pysdcpp_group_norm_last_error",
         ffi.from_buffer("float[]", x), n, c, h, wd, int(groups), float(eps), ffi.from_buffer("float[]", g),
         ffi.from_buffer("float[]", b), ffi.NULL if o is None else ffi.from_buffer("float[]", o), int(bool(silu)),
@@ -279,14 +282,11 @@ def geglu(p: np.ndarray, *, path: str = "fast", threads: int = 1,
     p = np.ascontiguousarray(p, dtype=np.float32)
     if p.ndim < 1 or p.size == 0 or p.shape[-1] % 2:
         raise ValueError(f"need p (..., 2D) with an even last axis; got {p.shape}")
-    if threads < 1 or repeat < 1:
-        raise ValueError("threads and repeat must be at least 1")
     d = p.shape[-1] // 2
     rows = p.size // p.shape[-1]
-    lib = _native.load("accelerated")
+    lib, secs = _timed(threads, repeat)
     ffi = lib.ffi
     y = np.empty(p.shape[:-1] + (d,), dtype=np.float32)
-    secs = np.zeros(repeat, dtype=np.float64)
     _run(lib, "pysdcpp_geglu", "pysdcpp_geglu_last_error", ffi.from_buffer("float[]", p), rows, d,
         getattr(lib.lib, KERNEL_PATHS[path]), int(threads), int(repeat), ffi.from_buffer("float[]", y),
         ffi.from_buffer("double[]", secs))
@@ -302,18 +302,10 @@ def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray | None = None,
     if x.ndim < 1 or x.size == 0:
         raise ValueError(f"need x (..., C); got {x.shape}")
     c = x.shape[-1]
-    g = np.ascontiguousarray(gamma, dtype=np.float32)
-    b = None if beta is None else np.ascontiguousarray(beta, dtype=np.float32)
-    if g.shape != (c,) or (b is not None and b.shape != (c,)):
-        raise ValueError(f"gamma and beta must have shape ({c},); got {g.shape} and {None if b is None else b.shape}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be non-negative, got {eps!r}")
-    if threads < 1 or repeat < 1:
-        raise ValueError("threads and repeat must be at least 1")
-    lib = _native.load("accelerated")
+    g, b = _affine(c, gamma, beta, eps)
+    lib, secs = _timed(threads, repeat)
     ffi = lib.ffi
     y = np.empty_like(x)
-    secs = np.zeros(repeat, dtype=np.float64)
     _run(lib, "pysdcpp_layer_norm", "pysdcpp_layer_norm_last_error", ffi.from_buffer("float[]", x), x.size // c, c,
         float(eps), ffi.from_buffer("float[]", g), ffi.NULL if b is None else ffi.from_buffer("float[]", b),
         getattr(lib.lib, KERNEL_PATHS[path]), int(threads), int(repeat), ffi.from_buffer("float[]", y),
