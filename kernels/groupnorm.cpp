@@ -191,8 +191,10 @@ ggml_tensor* pysdcpp_group_norm_hook(ggml_context* ctx, ggml_tensor* x, ggml_ten
     if (!eligible) {
         return nullptr;
     }
-    // x = h + e with e [1, 1, C, N] (a ResNet's time embedding): the node reads h and e and adds e itself. The add
-    // stays in the graph only if something else reads its result.
+    // x = h + e with e [1, 1, C, N] (a ResNet's time embedding; on 1x1 maps any add of two such tensors, exact
+    // there too): the node reads h and e and adds e itself; the add stays in the graph only if something else
+    // reads its result. This assumes nothing writes h or e in place before the norm runs (an in-place add
+    // x itself is refused); upstream's UNets build no such op.
     ggml_tensor* h = x->op == GGML_OP_ADD ? x->src[0] : nullptr;
     ggml_tensor* e = x->op == GGML_OP_ADD ? x->src[1] : nullptr;
     if (h != nullptr && e != nullptr && x->view_src == nullptr && h->type == GGML_TYPE_F32 && ggml_is_contiguous(h) && ggml_are_same_shape(h, x) &&

@@ -33,34 +33,42 @@ constexpr int64_t kItemElements = 16384;  // values per work item
 constexpr size_t kEpsOffset = GGML_MAX_OP_PARAMS - sizeof(float);
 static_assert(kEpsOffset >= 3 * sizeof(void*), "ggml's custom-op fields overlap the layer-norm parameter");
 
-// Sum of (x - shift)^k for k = 1 (square = false) or 2 over n floats: float partial sums in vector lanes, added in
-// double.
+// Sums of (x - shift) and (x - shift)^2 over n floats: float partial sums in vector lanes, added in double.
 template <class V>
-double row_sum(const float* x, int64_t n, float shift, bool square) {
+void shifted_sums(const float* x, int64_t n, float shift, double& s1, double& s2) {
     constexpr int L = simd::lanes<V>();
     const V vs      = simd::splat<V>(shift);
-    V acc{};
+    V a1{}, a2{};
     int64_t i = 0;
     for (; i + L <= n; i += L) {
         const V d = simd::load<V>(x + i) - vs;
-        acc += square ? d * d : d;
+        a1 += d;
+        a2 += d * d;
     }
-    double total = 0.0;
+    s1 = s2 = 0.0;
     for (int l = 0; l < L; l++) {
-        total += ((const float*)&acc)[l];
+        s1 += ((const float*)&a1)[l];
+        s2 += ((const float*)&a2)[l];
     }
     for (; i < n; i++) {
         const float d = x[i] - shift;
-        total += square ? d * d : d;
+        s1 += d;
+        s2 += (double)d * d;
     }
-    return total;
 }
 
+// Two passes over the row (in cache): a first mean, then the sums about it, whose first moment corrects the mean
+// and the variance (the first mean's float rounding does not reach the result).
 template <class V>
 void normalise_row(const float* x, float* y, int64_t C, const float* gamma, const float* beta, float eps) {
-    constexpr int L   = simd::lanes<V>();
-    const double mean = row_sum<V>(x, C, 0.0f, false) / (double)C;
-    const double var  = row_sum<V>(x, C, (float)mean, true) / (double)C;
+    constexpr int L = simd::lanes<V>();
+    double s1 = 0.0, s2 = 0.0;
+    shifted_sums<V>(x, C, 0.0f, s1, s2);
+    const float m0 = (float)(s1 / (double)C);
+    shifted_sums<V>(x, C, m0, s1, s2);
+    const double d1   = s1 / (double)C;
+    const double mean = m0 + d1;
+    const double var  = std::max(0.0, s2 / (double)C - d1 * d1);
     const float rstd  = (float)(1.0 / std::sqrt(var + (double)eps));
     const V vm = simd::splat<V>((float)mean), vr = simd::splat<V>(rstd);
     int64_t c = 0;

@@ -4,7 +4,7 @@
 //
 // ggml builds it as ggml_norm followed by a mul and an add of [C] vectors: three passes over the transformer
 // blocks' activations (three layer norms per block). Here each run of rows is one work item: two passes over a
-// row in cache (mean, then the squared deviations) and one writing y.
+// row in cache (a mean, then the sums about it) and one writing y.
 #pragma once
 
 #include <cstdint>

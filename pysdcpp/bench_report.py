@@ -244,7 +244,8 @@ def render_peers(r: dict) -> list[str]:
         out.append(f"| {rt} | " + " | ".join(cells) + f" | {rss} |")
     out += ["", "(x ours): that runtime's time over pysdcpp's in the same phase; above 1, pysdcpp is faster. "
             "rel. L2: against PyTorch's output on the same inputs (pysdcpp's variants: also against pysdcpp's "
-            "own). pysdcpp's time: the median over all phases.", ""]
+            "own). pysdcpp's time: the median over all phases. Peak RSS: the worker process's, setup included "
+            "(OpenVINO's: converting the PyTorch model and compiling one static model per task).", ""]
     return out + render_peer_profiles(r, names)
 
 

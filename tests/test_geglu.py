@@ -49,8 +49,9 @@ def test_geglu_against_float64(case, path, threads):
 
 
 def test_geglu_tails():
-    """Far tails: gelu(g) -> g above, -> 0 (never NaN or inf) below."""
-    gate = np.array([-1e4, -200.0, -20.0, -9.0, 0.0, 9.0, 20.0, 200.0, 1e4], np.float32)
+    """Far tails: gelu(g) -> g above, -> 0 (never NaN or inf) below, also where g^3 overflows."""
+    # +-1e13: gate^3 overflows F32 (the sigmoid's argument is infinite)
+    gate = np.array([-1e13, -1e4, -200.0, -20.0, -9.0, 0.0, 9.0, 20.0, 200.0, 1e4, 1e13], np.float32)
     p = np.concatenate([np.ones_like(gate), gate])[None]
     for path in ("fast", "fast_scalar"):
         y, _ = geglu(p, path=path)

@@ -61,8 +61,9 @@ def test_eps_is_applied():
 
 @pytest.mark.parametrize("case", CASES[:4], ids=lambda c: "x".join(map(str, c[0])) + f"-g{c[1]}")
 @pytest.mark.parametrize("path", ["fast", "fast_scalar", "upstream"])
-@pytest.mark.parametrize("with_offset", [False, True], ids=["silu", "temb-silu"])
-def test_time_embedding_and_silu_folded_in(case, path, with_offset):
+@pytest.mark.parametrize("with_offset, silu", [(False, True), (True, True), (True, False)],
+                         ids=["silu", "temb-silu", "temb"])
+def test_time_embedding_and_silu_folded_in(case, path, with_offset, silu):
     """A ResNet's h + emb -> GroupNorm -> SiLU in one node: the per-(image, channel) offset moves each group's mean
     and spread (offsets of the data's own scale and larger), SiLU takes both tails."""
     shape, groups, offset = case
@@ -71,14 +72,14 @@ def test_time_embedding_and_silu_folded_in(case, path, with_offset):
     emb = (rng.standard_normal(shape[:2]) * 4).astype(np.float32) if with_offset else None
     gamma = (rng.standard_normal(shape[1]) * 3).astype(np.float32)
     beta = rng.standard_normal(shape[1]).astype(np.float32)
-    y, _ = group_norm(x, groups, gamma, beta, eps=1e-6, offset=emb, silu=True, path=path, threads=2)
-    ref = _reference(x, groups, gamma, beta, 1e-6, emb, silu=True)
+    y, _ = group_norm(x, groups, gamma, beta, eps=1e-6, offset=emb, silu=silu, path=path, threads=2)
+    ref = _reference(x, groups, gamma, beta, 1e-6, emb, silu=silu)
     bound = 2e-6 * max(1.0, (abs(offset) + 12) / 3) * np.abs(gamma).max() + 1e-6
     if path == "upstream":
         bound *= 4   # ggml's SiLU: its own exp, and an F32 division
     err = np.abs(y - ref).max()
     assert err <= bound, f"max error {err:.2e} > {bound:.1e}"
-    assert (y < -0.2).any() and (y > 3).any()   # both tails of SiLU in play
+    assert (y < -0.2).any() and (y > 3).any()   # both tails of SiLU in play (and a spread without it)
 
 
 @pytest.mark.parametrize("bad", [

@@ -96,7 +96,7 @@ class _OpenVINO:
     """Each task converted from the diffusers module with its exact input shapes (static), compiled once."""
 
     def __init__(self, folder: str, threads: int, precision: str, size: int, family: str, tasks: tuple[str, ...],
-                 keep_models: bool = False):
+                 keep_models: str | None = None):
         import openvino as ov
         import torch
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -128,7 +128,7 @@ class _OpenVINO:
                 return self.m.decode(z).sample
 
         x = inputs(family, size)
-        self.compiled, self._tmp = {}, None
+        self.compiled = {}
         with torch.no_grad():
             for task in tasks:
                 if task == "vae":
@@ -141,10 +141,8 @@ class _OpenVINO:
                     model = ov.convert_model(UNet(unet), example_input=example)
                 model.reshape({port: ov.PartialShape(list(t.shape)) for port, t in zip(model.inputs, example)})
                 self.compiled[task] = self.core.compile_model(model, "CPU", config)
-                if keep_models:   # for profile(); on disk, so the timed runs' memory is the model's alone
-                    if self._tmp is None:
-                        self._tmp = tempfile.TemporaryDirectory(prefix="pysdcpp-peers-ov-")
-                    self.models[task] = os.path.join(self._tmp.name, f"{task}.xml")
+                if keep_models:   # for profile(): on disk (the folder keep_models), not in memory
+                    self.models[task] = os.path.join(keep_models, f"{precision}-{task}.xml")
                     ov.save_model(model, self.models[task], compress_to_fp16=False)
                 del model
         del unet, vae
@@ -172,8 +170,9 @@ class _OpenVINO:
 
 
 def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int, family: str,
-            tasks: tuple[str, ...], q8_gguf: str | None, profile: bool = False) -> None:
-    """A runtime in its own process: builds it, then runs what the driver asks, one task at a time."""
+            tasks: tuple[str, ...], q8_gguf: str | None, profile: bool = False, scratch: str | None = None) -> None:
+    """A runtime in its own process: builds it, then runs what the driver asks, one task at a time. `scratch`: a
+    folder the driver removes after the run, for what profiling keeps on disk."""
     try:
         t0 = time.perf_counter()
         if runtime in ("pysdcpp", "upstream"):
@@ -186,7 +185,7 @@ def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int,
             rt = _Torch(folder, threads, runtime == "torch-compile")
         elif runtime in ("openvino", "openvino-bf16"):
             rt = _OpenVINO(folder, threads, "bf16" if runtime.endswith("bf16") else "f32", size, family, tasks,
-                           keep_models=profile)
+                           keep_models=scratch if profile else None)
         else:
             raise ValueError(f"unknown runtime {runtime!r}")
         x = inputs(family, size)
@@ -194,7 +193,7 @@ def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int,
         warm, timed_peak = set(), None
         while (msg := conn.recv()) is not None:
             if isinstance(msg, tuple):   # ("profile", task), after the timed runs; a failure costs only the profile
-                if timed_peak is None:   # the peak reported is the timed runs' (profiling recompiles, in OpenVINO)
+                if timed_peak is None:   # the peak reported: setup and timed runs, not profiling's recompiles
                     timed_peak = peak_rss()
                 try:
                     conn.send({"ok": True, "profile": rt.profile(msg[1], x)})
@@ -232,6 +231,8 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
     if bad or not tasks:
         raise ValueError(f"tasks are {', '.join(TASKS)}, got {list(tasks)}")
     ctx = mp.get_context("spawn")
+    # the workers' files (OpenVINO's models kept for --profile): removed after the run, also if a worker was killed
+    scratch = tempfile.TemporaryDirectory(prefix="pysdcpp-peers-")
     workers, setup, errors = {}, {}, {}
     times = {rt: {t: [] for t in tasks} for rt in runtimes}
     ours_times = {rt: {t: [] for t in tasks} for rt in runtimes}   # pysdcpp's, in that runtime's phase
@@ -255,7 +256,7 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
     def start(rt):
         parent, child = ctx.Pipe()
         p = ctx.Process(target=_worker, args=(child, rt, gguf, folder, threads, size, family, tuple(tasks), q8_gguf,
-                                              profile), daemon=True)
+                                              profile, scratch.name), daemon=True)
         p.start()
         child.close()
         workers[rt] = (p, parent)
@@ -316,13 +317,14 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
                 stop(phase)
         if "pysdcpp" in workers:
             stop("pysdcpp")
-    finally:   # whatever happened, no worker outlives the benchmark
+    finally:   # whatever happened, no worker outlives the benchmark, nor its files
         for p, conn in workers.values():
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
                 p.join()
             conn.close()
+        scratch.cleanup()
     ref = outputs.get("torch", {})
     summary = {}
     for rt in runtimes:
@@ -399,5 +401,5 @@ def format_peers_table(report: dict) -> str:
         lines.append(row)
     lines.append(footer(report, f"median of {report['repeat']} after a warm-up; (x): that runtime's time over "
                                 "pysdcpp's measured in turn with it, above 1 means pysdcpp is faster; then rel. L2 "
-                                "against torch's output"))
+                                "against torch's output; peak RSS: each worker's, setup included"))
     return "\n".join(lines)
