@@ -29,7 +29,6 @@ const bool kVector = true, kScalar = false;  // node userdata: the SIMD or the p
 
 constexpr float kTanhScale = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kCubic     = 0.044715f;
-constexpr int64_t kItemElements = 16384;           // outputs per work item (64 KB written, 128 KB read)
 
 // value * gelu(gate) = value * gate * sigmoid(2 sqrt(2/pi) (gate + 0.044715 gate^3))
 template <class V>
@@ -49,26 +48,20 @@ void geglu_row(const float* p, float* y, int64_t D) {
     }
 }
 
-// dst y [D, rows...]; src[0] = p [2D, rows...]. Items: runs of whole rows, ~kItemElements outputs each.
+// dst y [D, rows...]; src[0] = p [2D, rows...]. Items: runs of whole rows (for_each_row).
 void geglu_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
     (void)ith;
-    const bool vector  = *(const bool*)userdata;
-    const int64_t D    = dst->ne[0];
-    const int64_t rows = ggml_nrows(dst);
-    const int64_t per  = std::max<int64_t>(1, kItemElements / D);
-    const float* P     = (const float*)dst->src[0]->data;
-    float* Y           = (float*)dst->data;
-    WorkItems items(dst, nth, (rows + per - 1) / per);
-    for (int64_t item; (item = items.next()) >= 0;) {
-        const int64_t r1 = std::min(rows, (item + 1) * per);
-        for (int64_t r = item * per; r < r1; r++) {
-            if (vector) {
-                geglu_row<v8f>(P + r * 2 * D, Y + r * D, D);
-            } else {
-                geglu_row<float>(P + r * 2 * D, Y + r * D, D);
-            }
+    const bool vector = *(const bool*)userdata;
+    const int64_t D   = dst->ne[0];
+    const float* P    = (const float*)dst->src[0]->data;
+    float* Y          = (float*)dst->data;
+    for_each_row(dst, nth, ggml_nrows(dst), D, [&](int64_t r) {
+        if (vector) {
+            geglu_row<v8f>(P + r * 2 * D, Y + r * D, D);
+        } else {
+            geglu_row<float>(P + r * 2 * D, Y + r * D, D);
         }
-    }
+    });
 }
 
 }  // namespace

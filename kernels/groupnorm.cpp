@@ -34,36 +34,6 @@ constexpr size_t kParamsOffset = GGML_MAX_OP_PARAMS - 3 * sizeof(int32_t);
 constexpr size_t kSiluOffset   = kParamsOffset + 2 * sizeof(int32_t);
 static_assert(kParamsOffset >= 3 * sizeof(void*), "ggml's custom-op fields overlap the group-norm parameters");
 
-// Sums of (x - shift) and (x - shift)^2 over n floats: float partial sums over runs of at most 512 elements, each
-// run added into the double totals.
-template <class V>
-void shifted_sums(const float* x, int64_t n, float shift, double& s1, double& s2) {
-    constexpr int L   = simd::lanes<V>();
-    const V vshift    = simd::splat<V>(shift);
-    for (int64_t r0 = 0; r0 < n; r0 += 512) {
-        const int64_t r1 = std::min(n, r0 + 512);
-        V a1{}, a2{};
-        int64_t i = r0;
-        for (; i + L <= r1; i += L) {
-            const V d = simd::load<V>(x + i) - vshift;
-            a1 += d;
-            a2 += d * d;
-        }
-        float t1 = 0.0f, t2 = 0.0f;
-        for (int l = 0; l < L; l++) {
-            t1 += ((const float*)&a1)[l];
-            t2 += ((const float*)&a2)[l];
-        }
-        for (; i < r1; i++) {
-            const float d = x[i] - shift;
-            t1 += d;
-            t2 += d * d;
-        }
-        s1 += t1;
-        s2 += t2;
-    }
-}
-
 template <class V>
 inline V affine(V x, V a, V b, bool silu) {
     const V t = x * a + b;
@@ -99,10 +69,10 @@ void normalise_group(const float* x, const float* offset, float* y, int64_t cg, 
     const float shift = (float)(sample / (double)ns);
     double s1 = 0.0, s2 = 0.0;
     if (offset == nullptr) {
-        shifted_sums<V>(x, n, shift, s1, s2);
+        simd::shifted_sums<V>(x, n, shift, s1, s2);
     } else {
         for (int64_t c = 0; c < cg; c++) {   // x + o - shift = x - (shift - o)
-            shifted_sums<V>(x + c * P, P, shift - offset[c], s1, s2);
+            simd::shifted_sums<V>(x + c * P, P, shift - offset[c], s1, s2);
         }
     }
     const double m1   = s1 / (double)n;

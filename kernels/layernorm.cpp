@@ -27,35 +27,10 @@ using simd::v8f;
 
 const bool kVector = true, kScalar = false;  // node userdata: the SIMD or the portable scalar build
 
-constexpr int64_t kItemElements = 16384;  // values per work item
 
 // eps sits in the last 4 bytes of the node's op_params, past ggml_custom_4d's fields (24 bytes of 64).
 constexpr size_t kEpsOffset = GGML_MAX_OP_PARAMS - sizeof(float);
 static_assert(kEpsOffset >= 3 * sizeof(void*), "ggml's custom-op fields overlap the layer-norm parameter");
-
-// Sums of (x - shift) and (x - shift)^2 over n floats: float partial sums in vector lanes, added in double.
-template <class V>
-void shifted_sums(const float* x, int64_t n, float shift, double& s1, double& s2) {
-    constexpr int L = simd::lanes<V>();
-    const V vs      = simd::splat<V>(shift);
-    V a1{}, a2{};
-    int64_t i = 0;
-    for (; i + L <= n; i += L) {
-        const V d = simd::load<V>(x + i) - vs;
-        a1 += d;
-        a2 += d * d;
-    }
-    s1 = s2 = 0.0;
-    for (int l = 0; l < L; l++) {
-        s1 += ((const float*)&a1)[l];
-        s2 += ((const float*)&a2)[l];
-    }
-    for (; i < n; i++) {
-        const float d = x[i] - shift;
-        s1 += d;
-        s2 += (double)d * d;
-    }
-}
 
 // Two passes over the row (in cache): a first mean, then the sums about it, whose first moment corrects the mean
 // and the variance (the first mean's float rounding does not reach the result).
@@ -63,9 +38,10 @@ template <class V>
 void normalise_row(const float* x, float* y, int64_t C, const float* gamma, const float* beta, float eps) {
     constexpr int L = simd::lanes<V>();
     double s1 = 0.0, s2 = 0.0;
-    shifted_sums<V>(x, C, 0.0f, s1, s2);
+    simd::shifted_sums<V>(x, C, 0.0f, s1, s2);
     const float m0 = (float)(s1 / (double)C);
-    shifted_sums<V>(x, C, m0, s1, s2);
+    s1 = s2 = 0.0;
+    simd::shifted_sums<V>(x, C, m0, s1, s2);
     const double d1   = s1 / (double)C;
     const double mean = m0 + d1;
     const double var  = std::max(0.0, s2 / (double)C - d1 * d1);
@@ -84,30 +60,24 @@ void normalise_row(const float* x, float* y, int64_t C, const float* gamma, cons
     }
 }
 
-// dst y [C, rows...]; src[0] = x, src[1] = gamma, src[2] = beta or absent. Items: runs of whole rows.
+// dst y [C, rows...]; src[0] = x, src[1] = gamma, src[2] = beta or absent. Items: runs of whole rows (for_each_row).
 void layer_norm_node(ggml_tensor* dst, int ith, int nth, void* userdata) {
     (void)ith;
     const bool vector  = *(const bool*)userdata;
     float eps          = 0.0f;
     std::memcpy(&eps, (const char*)dst->op_params + kEpsOffset, sizeof(float));
     const int64_t C    = dst->ne[0];
-    const int64_t rows = ggml_nrows(dst);
-    const int64_t per  = std::max<int64_t>(1, kItemElements / C);
     const float* X     = (const float*)dst->src[0]->data;
     const float* gamma = (const float*)dst->src[1]->data;
     const float* beta  = dst->src[2] != nullptr ? (const float*)dst->src[2]->data : nullptr;
     float* Y           = (float*)dst->data;
-    WorkItems items(dst, nth, (rows + per - 1) / per);
-    for (int64_t item; (item = items.next()) >= 0;) {
-        const int64_t r1 = std::min(rows, (item + 1) * per);
-        for (int64_t r = item * per; r < r1; r++) {
-            if (vector) {
-                normalise_row<v8f>(X + r * C, Y + r * C, C, gamma, beta, eps);
-            } else {
-                normalise_row<float>(X + r * C, Y + r * C, C, gamma, beta, eps);
-            }
+    for_each_row(dst, nth, ggml_nrows(dst), C, [&](int64_t r) {
+        if (vector) {
+            normalise_row<v8f>(X + r * C, Y + r * C, C, gamma, beta, eps);
+        } else {
+            normalise_row<float>(X + r * C, Y + r * C, C, gamma, beta, eps);
         }
-    }
+    });
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 // portable scalar build of the same algorithm.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -83,6 +84,36 @@ template <>
 inline float sigmoid<float>(float z) {
     const float e = exp2_neg<float>(-std::fabs(z) * 1.4426950408889634f);
     return (z < 0.0f ? e : 1.0f) / (1.0f + e);
+}
+
+// Sums of (x - shift) and (x - shift)^2 over n floats: float partial sums over runs of at most 512 elements, each
+// run added into the double totals.
+template <class V>
+void shifted_sums(const float* x, int64_t n, float shift, double& s1, double& s2) {
+    constexpr int L   = lanes<V>();
+    const V vshift    = splat<V>(shift);
+    for (int64_t r0 = 0; r0 < n; r0 += 512) {
+        const int64_t r1 = std::min(n, r0 + 512);
+        V a1{}, a2{};
+        int64_t i = r0;
+        for (; i + L <= r1; i += L) {
+            const V d = load<V>(x + i) - vshift;
+            a1 += d;
+            a2 += d * d;
+        }
+        float t1 = 0.0f, t2 = 0.0f;
+        for (int l = 0; l < L; l++) {
+            t1 += ((const float*)&a1)[l];
+            t2 += ((const float*)&a2)[l];
+        }
+        for (; i < r1; i++) {
+            const float d = x[i] - shift;
+            t1 += d;
+            t2 += d * d;
+        }
+        s1 += t1;
+        s2 += t2;
+    }
 }
 
 }  // namespace simd

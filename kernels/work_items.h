@@ -6,6 +6,7 @@
 // nth threads, with a barrier between nodes (ggml-cpu does: n_tasks only plans the work buffer).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <map>
@@ -53,5 +54,19 @@ private:
     int64_t count_;
     Counter* counter_;
 };
+
+// A row-wise node's rows (row_len values each) in runs of about 16K values, claimed dynamically as WorkItems;
+// fn(r) for each row this thread takes.
+template <class F>
+void for_each_row(const void* node, int nth, int64_t rows, int64_t row_len, F&& fn) {
+    const int64_t per = std::max<int64_t>(1, 16384 / row_len);
+    WorkItems items(node, nth, (rows + per - 1) / per);
+    for (int64_t item; (item = items.next()) >= 0;) {
+        const int64_t r1 = std::min(rows, (item + 1) * per);
+        for (int64_t r = item * per; r < r1; r++) {
+            fn(r);
+        }
+    }
+}
 
 }  // namespace pysdcpp
