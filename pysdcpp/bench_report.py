@@ -212,10 +212,11 @@ def render_batch(r: dict) -> list[str]:
 
 
 def render_peers(r: dict) -> list[str]:
-    from .bench.peers import vs_pysdcpp
+    from .bench.peers import gen_note, vs_pysdcpp
 
     tasks = r["tasks"]
-    names = {"unet-b1": "UNet, batch 1", "unet-b2": "UNet, batch 2", "vae": "VAE decode"}
+    names = {"unet-b1": "UNet, batch 1", "unet-b2": "UNet, batch 2", "vae": "VAE decode",
+             "gen": f"generation, {r.get('gen', {}).get('steps', '?')} steps"}
     versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
     out = [f"### Peer runtimes, {r['size']} px, median of {r['repeat']}", "",
            f"Machine: {_machine(r)}. Model: `{Path(r['model']).name}` ({versions}). Each runtime in a process of "
@@ -246,6 +247,8 @@ def render_peers(r: dict) -> list[str]:
             "rel. L2: against PyTorch's output on the same inputs (pysdcpp's variants: also against pysdcpp's "
             "own). pysdcpp's time: the median over all phases. Peak RSS: the worker process's, setup included "
             "(OpenVINO's: converting the PyTorch model and compiling one static model per task).", ""]
+    if "gen" in r:
+        out += [gen_note(r["gen"]), ""]
     return out + render_peer_profiles(r, names)
 
 

@@ -832,7 +832,10 @@ def inspect(model, as_json, list_tensors, size, steps):
               help="One UNet evaluation (batch 1, 2) and one VAE decode in other runtimes beside ours (pysdcpp, "
                    "upstream's path): torch, torch-compile, openvino, openvino-bf16 (pip install '.[peers]'), "
                    "pysdcpp-q8_0 (ours on q8_0 weights); "
-                   "the synthetic model of --family, --size [256], --repeat.")
+                   "the synthetic model of --family, --size [256], --repeat, --tasks.")
+@click.option("--tasks", "peer_tasks", default="unet-b1,unet-b2,vae", show_default=True,
+              help="With --peers: comma-separated of unet-b1, unet-b2, vae, gen (a whole guided generation of "
+                   "--steps [20] Euler steps through each runtime's pipeline; SD1.x and SD2.x).")
 @click.option("--profile", "profile_peers", is_flag=True,
               help="With --peers: then one more run per task and runtime, its time by op class (3x3 and 1x1 convs, "
                    "linear layers, attention, norms, element-wise, data movement): ours from the library's node "
@@ -847,7 +850,7 @@ def inspect(model, as_json, list_tensors, size, steps):
                    "others) instead.")
 @click.option("--size", type=int, default=None,
               help="Image size [256 for a model, 512 for --layers and --linear, 512 and 768 for --attention].")
-@click.option("--steps", type=int, default=4, show_default=True, help="Sampling steps per generation.")
+@click.option("--steps", type=int, default=None, help="Sampling steps per generation [4; --peers' gen 20].")
 @click.option("--cfg", "guidance_scale", type=float, default=None,
               help="Guidance scale of the generations; 1 turns guidance off [the model's: 7, few-step models 1].")
 @click.option("-t", "--threads", type=int, default=2, show_default=True)
@@ -874,7 +877,7 @@ def inspect(model, as_json, list_tensors, size, steps):
               help="Write the full report (machine, build, every timing) here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a chart (PNG) here; needs matplotlib (pip install 'pysdcpp[plot]').")
-def bench(model, layers, alter_demo, experts, peers, profile_peers, batch_splits, attention_layers, linear_layers,
+def bench(model, layers, alter_demo, experts, peers, profile_peers, peer_tasks, batch_splits, attention_layers, linear_layers,
           size, steps, guidance_scale, threads, repeat, variants, algorithms, paths, only, families, timeout, json_path,
           plot_path):
     """Latency, memory and fidelity against upstream stable-diffusion.cpp, measured in the same run.
@@ -895,6 +898,7 @@ def bench(model, layers, alter_demo, experts, peers, profile_peers, batch_splits
       pysdcpp bench --batch 1x2,2x1 --size 256 --steps 10 --json batch-256.json
       pysdcpp bench --peers torch,openvino --size 512 --json peers-512.json
       pysdcpp bench --peers openvino --profile           # where each runtime's time goes, by op class
+      pysdcpp bench --peers torch,openvino --tasks unet-b2,gen   # and a 20-step generation in each pipeline
     """
     from .bench import (VARIANTS, batch_bench, format_batch_table, parse_splits, attention_bench, expert_bench, format_attention_table, format_expert_table,
                         format_layer_table, format_linear_table, format_model_table, layer_bench, linear_bench,
@@ -906,6 +910,9 @@ def bench(model, layers, alter_demo, experts, peers, profile_peers, batch_splits
         _fail("--profile goes with --peers (e.g. --peers openvino --profile)")
     if plot_path is not None and plot_path.suffix.lower() != ".png":
         _fail(f"--plot writes a PNG: give a .png path, not {plot_path}")
+    if peer_tasks != "unet-b1,unet-b2,vae" and peers is None:
+        _fail("--tasks goes with --peers (e.g. --peers openvino --tasks unet-b2,gen)")
+    steps_arg, steps = steps, _default(steps, 4)
     if repeat < 1 or threads < 1 or steps < 1:
         _fail("--repeat, --threads and --steps must be at least 1")
     if layers + attention_layers + linear_layers + experts + (batch_splits is not None) + (peers is not None) > 1:
@@ -948,7 +955,14 @@ def bench(model, layers, alter_demo, experts, peers, profile_peers, batch_splits
         from .bench.peers import RUNTIMES, format_peers_table, peers_bench
         from .demo import synthetic_diffusers_folder
 
+        from .bench.peers import GEN_STEPS, TASKS
+
         chosen = [r.strip() for r in peers.split(",") if r.strip()]
+        tasks = tuple(dict.fromkeys(t.strip() for t in peer_tasks.split(",") if t.strip()))
+        if not tasks or any(t not in TASKS for t in tasks):
+            _fail(f"--tasks takes {', '.join(TASKS)} (comma-separated), got {peer_tasks!r}")
+        if "gen" in tasks and family_list[0] == "sdxl":
+            _fail("--tasks gen runs SD1.x and SD2.x pipelines (SDXL's is not wired into the peers yet)")
         runtimes = list(dict.fromkeys(["pysdcpp", "upstream", *chosen]))
         bad = [r for r in runtimes if r not in RUNTIMES]
         if bad:
@@ -970,8 +984,9 @@ def bench(model, layers, alter_demo, experts, peers, profile_peers, batch_splits
 
         q8 = _demo_model(family_list[0], "q8_0") if "pysdcpp-q8_0" in runtimes else None
         report = peers_bench(str(gguf), str(folder), runtimes, _default(size_arg, 256), threads, repeat,
-                             family_list[0], progress=peers_progress, q8_gguf=str(q8) if q8 else None,
-                             profile=profile_peers)
+                             family_list[0], tasks=tasks, progress=peers_progress,
+                             q8_gguf=str(q8) if q8 else None, profile=profile_peers,
+                             steps=_default(steps_arg, GEN_STEPS))
         click.echo(format_peers_table(report))
         if profile_peers:
             from .bench.peer_profiles import format_profile_table

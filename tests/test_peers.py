@@ -16,22 +16,27 @@ VAE_TOL = 1e-3
 def test_inputs_and_bad_names():
     x = inputs("sd1", 128)
     assert x["latent"].shape == (2, 4, 16, 16) and x["context"].shape == (2, 77, 768)
-    assert x["vae_latent"].shape == (1, 4, 16, 16)
+    assert x["vae_latent"].shape == x["gen_latent"].shape == (1, 4, 16, 16)
     with pytest.raises(ValueError, match="unknown runtime 'tensorflow'"):
         peers_bench("m.gguf", "folder", ["pysdcpp", "tensorflow"])
     with pytest.raises(ValueError, match="multiple of 64"):
         peers_bench("m.gguf", "folder", ["pysdcpp"], size=100)
     with pytest.raises(ValueError, match="tasks are"):
         peers_bench("m.gguf", "folder", ["pysdcpp"], tasks=("unet-b3",))
+    with pytest.raises(ValueError, match="SDXL's two text encoders"):
+        peers_bench("m.gguf", "folder", ["pysdcpp"], family="sdxl", tasks=("gen",))
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        peers_bench("m.gguf", "folder", ["pysdcpp"], tasks=("gen",), steps=0)
     assert {"pysdcpp", "upstream", "torch", "openvino"} <= set(RUNTIMES)
 
 
 @pytest.mark.slow
 def test_peers_agree_with_pytorch(sd15_f16, module_tmp):
     folder = diffusers_folder("sd1", module_tmp)
-    # Batch 2 stays out: it adds time, not cover. Upstream's path runs for its profile.
+    # Batch 2 stays out: it adds time, not cover (the generation runs OpenVINO's at batch 2). Upstream's path runs
+    # for its profile.
     report = peers_bench(str(sd15_f16), str(folder), ["pysdcpp", "upstream", "torch", "openvino"], size=128,
-                         threads=2, repeat=1, tasks=("unet-b1", "vae"), profile=True)
+                         threads=2, repeat=1, tasks=("unet-b1", "vae", "gen"), profile=True, steps=2)
     s = report["summary"]
     assert not any(e["error"] for e in s.values()), {k: e["error"] for k, e in s.items()}
     for rt in ("pysdcpp", "openvino"):
@@ -39,6 +44,11 @@ def test_peers_agree_with_pytorch(sd15_f16, module_tmp):
         assert s[rt]["vae"]["rel_l2_vs_torch"] <= VAE_TOL, (rt, s[rt]["vae"])
         assert s[rt]["peak_rss"] > 500 << 20
     assert all(s[rt][t]["median"] > 0 for rt in s for t in report["tasks"])
+    # the generation: OpenVINO's compiled models through diffusers' pipeline steps, from the same noise as
+    # diffusers' own pipeline (measured 3.6e-6 at 64 px, 3 steps); ours draws its own noise: no agreement
+    assert s["openvino"]["gen"]["rel_l2_vs_torch"] <= VAE_TOL, s["openvino"]["gen"]
+    assert not any(k.startswith("rel_l2") for rt in ("pysdcpp", "upstream") for k in s[rt]["gen"])
+    assert report["gen"]["steps"] == 2 and "gen" not in report["profile"]["pysdcpp"]
     # each peer timed in its own phase, in turn with pysdcpp: its ratio is over pysdcpp's times of that phase
     for rt in ("torch", "openvino"):
         for t in report["tasks"]:
@@ -49,7 +59,7 @@ def test_peers_agree_with_pytorch(sd15_f16, module_tmp):
     assert all(rt in table for rt in s)
     from pysdcpp.bench_report import render
 
-    assert "### Peer runtimes, 128 px" in render([report])
+    assert "### Peer runtimes, 128 px" in render([report]) and "generation, 2 steps" in render([report])
     _check_profiles(report)
 
 

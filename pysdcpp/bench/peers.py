@@ -1,7 +1,7 @@
-"""The peer benchmark (`pysdcpp bench --peers torch,openvino`): one UNet evaluation (batch 1 and 2) and one VAE
-decode of the same synthetic model in every runtime, each runtime in a worker process of its own, timed in turn
-with pysdcpp's (which lives through the run) in a phase of its own; output agreement against PyTorch, peak RSS,
-table."""
+"""The peer benchmark (`pysdcpp bench --peers torch,openvino`): one UNet evaluation (batch 1 and 2), one VAE
+decode and a whole guided generation of the same synthetic model in every runtime, each runtime in a worker process
+of its own, timed in turn with pysdcpp's (which lives through the run) in a phase of its own; output agreement
+against PyTorch, peak RSS, table."""
 
 from __future__ import annotations
 
@@ -26,20 +26,47 @@ RUNTIMES = {
     "openvino": "OpenVINO, fp32 inference precision, static shapes, LATENCY hint",
     "openvino-bf16": "OpenVINO, bf16 inference precision (where the CPU has it), static shapes, LATENCY hint",
 }
-TASKS = ("unet-b1", "unet-b2", "vae")
+TASKS = ("unet-b1", "unet-b2", "vae", "gen")
+DEFAULT_TASKS = ("unet-b1", "unet-b2", "vae")   # "gen" on request: a whole generation is 20 UNet evaluations
+GEN_PROMPT = "a lighthouse at dusk, oil painting"   # the generation's prompt; its negative prompt is ""
+GEN_GUIDANCE = 7.0   # pysdcpp's default guidance scale
+GEN_STEPS = 20
+# whose generations start from `gen_latent` (the others draw their own noise: no output agreement for "gen")
+_SHARED_NOISE = ("torch", "torch-compile", "openvino", "openvino-bf16")
 _NOTHING = object()  # ask(): only wait for the answer
 _TIMESTEP = 500.0
 
 
 def inputs(family: str, size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """The same inputs for every runtime: latents for batch 1 and 2, a text context, a VAE latent."""
+    """The same inputs for every runtime: latents for batch 1 and 2, a text context, a VAE latent, the initial
+    noise of the peers' generations."""
     from ..format.families import CONTEXT_LENGTH, context_width
 
     rng = np.random.default_rng(seed)
     lat = rng.standard_normal((2, 4, size // 8, size // 8)).astype(np.float32)
     ctx = rng.standard_normal((2, CONTEXT_LENGTH, context_width(family))).astype(np.float32)
     z = rng.standard_normal((1, 4, size // 8, size // 8)).astype(np.float32)
-    return {"latent": lat, "context": ctx, "vae_latent": z}
+    noise = rng.standard_normal((1, 4, size // 8, size // 8)).astype(np.float32)
+    return {"latent": lat, "context": ctx, "vae_latent": z, "gen_latent": noise}
+
+
+def prompt_ids(gguf: str, threads: int) -> dict[str, np.ndarray]:
+    """The token ids of GEN_PROMPT and of the empty negative prompt, from pysdcpp's tokenizer (its ids are CLIP's
+    published ones, tests/test_components): the peers' pipelines take them through their own text encoders, so
+    every runtime encodes the same ids (our synthetic folders carry no tokenizer files)."""
+    from .. import StableDiffusion
+
+    sd = StableDiffusion(gguf, threads=threads)
+    try:
+        return {"prompt_ids": sd.tokenize(GEN_PROMPT)[None].astype(np.int64),
+                "negative_ids": sd.tokenize("")[None].astype(np.int64)}
+    finally:
+        sd.close()
+
+
+def _image(decoded: np.ndarray) -> np.ndarray:
+    """A VAE's output (1, 3, H, W) in [-1, 1] as the image a pipeline returns: (H, W, 3) in [0, 1]."""
+    return np.clip(decoded[0].transpose(1, 2, 0) / 2 + 0.5, 0.0, 1.0).astype(np.float32)
 
 
 class _Ours:
@@ -52,6 +79,11 @@ class _Ours:
     def run(self, task: str, x: dict) -> np.ndarray:
         if task == "vae":
             return self.sd.decode(x["vae_latent"])
+        if task == "gen":   # the library's own generation: text encoding, Euler's steps (two batch-1 UNet
+            size = x["latent"].shape[-1] * 8   # evaluations each, as upstream guides), decode
+            img = self.sd.generate(GEN_PROMPT, "", width=size, height=size, num_inference_steps=x["gen_steps"],
+                                   guidance_scale=GEN_GUIDANCE, sampler="euler", seed=0)[0]
+            return np.asarray(img, dtype=np.float32) / 255.0
         n = 1 if task == "unet-b1" else 2
         return self.sd.unet(x["latent"][:n], _TIMESTEP, x["context"][:n])
 
@@ -65,7 +97,7 @@ class _Torch:
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
         torch.set_num_threads(threads)
-        self.torch = torch
+        self.torch, self.folder = torch, folder
         self.unet = UNet2DConditionModel.from_pretrained(f"{folder}/unet", torch_dtype=torch.float32).eval()
         self.vae = AutoencoderKL.from_pretrained(f"{folder}/vae", torch_dtype=torch.float32).eval()
         self.unet.to(memory_format=torch.channels_last)
@@ -76,10 +108,42 @@ class _Torch:
         if compiled:
             self.unet_fn = torch.compile(self.unet)
             self.vae_fn = torch.compile(self.vae.decode)
+        self.pipe = None   # diffusers' pipeline, built at the first "gen"
+
+    def _pipeline(self):
+        """diffusers' StableDiffusionPipeline on these modules (the compiled ones for torch-compile, as diffusers'
+        docs set them), its text encoder and the folder's Euler scheduler; no tokenizer (the ids come in)."""
+        if self.pipe is None:
+            from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+            from transformers import CLIPTextModel
+
+            te = CLIPTextModel.from_pretrained(f"{self.folder}/text_encoder", torch_dtype=self.torch.float32).eval()
+            sched = EulerDiscreteScheduler.from_pretrained(f"{self.folder}/scheduler")
+            self.pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=te, tokenizer=None, unet=self.unet,
+                                                scheduler=sched, safety_checker=None, feature_extractor=None,
+                                                requires_safety_checker=False)
+            self.pipe.set_progress_bar_config(disable=True)
+            if self.unet_fn is not self.unet:
+                self.pipe.unet = self.unet_fn
+                self.pipe.vae.decode = self.vae_fn
+        return self.pipe
+
+    def _generate(self, x: dict) -> np.ndarray:
+        torch, pipe = self.torch, self._pipeline()
+        te = pipe.text_encoder
+        pe = te(torch.from_numpy(x["prompt_ids"]))[0]
+        ne = te(torch.from_numpy(x["negative_ids"]))[0]
+        size = x["latent"].shape[-1] * 8
+        out = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, height=size, width=size,
+                   num_inference_steps=x["gen_steps"], guidance_scale=GEN_GUIDANCE,
+                   latents=torch.from_numpy(x["gen_latent"]), output_type="np")
+        return np.asarray(out.images[0], dtype=np.float32)
 
     def run(self, task: str, x: dict) -> np.ndarray:
         torch = self.torch
         with torch.inference_mode():
+            if task == "gen":
+                return self._generate(x)
             if task == "vae":
                 z = torch.from_numpy(x["vae_latent"] / self.scale).to(memory_format=torch.channels_last)
                 return self.vae_fn(z).sample.float().numpy()
@@ -100,6 +164,8 @@ class _OpenVINO:
         import openvino as ov
         import torch
         from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        from ..format.families import CONTEXT_LENGTH
 
         self.core = ov.Core()
         if precision == "bf16" and "BF16" not in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
@@ -127,13 +193,34 @@ class _OpenVINO:
             def forward(self, z):
                 return self.m.decode(z).sample
 
+        class TextEncoder(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, ids):
+                return self.m(ids)[0]
+
         x = inputs(family, size)
+        models = [t for t in tasks if t != "gen"]
+        if "gen" in tasks:   # the generation's models: the text encoder, the UNet at batch 2, the decoder
+            models += [m for m in ("text", "unet-b2", "vae") if m not in models]
+            from diffusers import EulerDiscreteScheduler
+
+            self.scheduler = EulerDiscreteScheduler.from_pretrained(f"{folder}/scheduler")
         self.compiled = {}
         with torch.no_grad():
-            for task in tasks:
+            for task in models:
                 if task == "vae":
                     example = (torch.from_numpy(x["vae_latent"]),)
                     model = ov.convert_model(Decoder(vae), example_input=example)
+                elif task == "text":
+                    from transformers import CLIPTextModel
+
+                    te = CLIPTextModel.from_pretrained(f"{folder}/text_encoder", torch_dtype=torch.float32).eval()
+                    example = (torch.zeros((1, CONTEXT_LENGTH), dtype=torch.int64),)
+                    model = ov.convert_model(TextEncoder(te), example_input=example)
+                    del te
                 else:
                     n = 1 if task == "unet-b1" else 2
                     example = (torch.from_numpy(x["latent"][:n]), torch.tensor([_TIMESTEP] * n),
@@ -154,7 +241,26 @@ class _OpenVINO:
         return [x["latent"][:n], np.full((n,), _TIMESTEP, np.float32), x["context"][:n]]
 
     def run(self, task: str, x: dict) -> np.ndarray:
+        if task == "gen":
+            return self._generate(x)
         return np.asarray(self.compiled[task](self._args(task, x))[0], dtype=np.float32)
+
+    def _generate(self, x: dict) -> np.ndarray:
+        """diffusers' StableDiffusionPipeline's steps on the compiled models (what optimum-intel's
+        OVStableDiffusionPipeline runs): both prompts encoded, batch-2 UNet evaluations guided, the folder's Euler
+        scheduler, decode."""
+        import torch
+
+        text, unet, sched = self.compiled["text"], self.compiled["unet-b2"], self.scheduler
+        ctx = np.concatenate([text([x["negative_ids"]])[0], text([x["prompt_ids"]])[0]]).astype(np.float32)
+        sched.set_timesteps(x["gen_steps"])
+        lat = torch.from_numpy(x["gen_latent"]) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([lat] * 2), t).numpy()
+            eps = np.asarray(unet([inp, np.full((2,), float(t), np.float32), ctx])[0])
+            eps = eps[:1] + GEN_GUIDANCE * (eps[1:] - eps[:1])
+            lat = sched.step(torch.from_numpy(eps), t, lat).prev_sample
+        return _image(np.asarray(self.compiled["vae"]([lat.numpy() / self.scale])[0]))
 
     def profile(self, task: str, x: dict) -> dict:
         """The task's model compiled anew with the performance counters on (the timed one has them off), in place
@@ -170,9 +276,11 @@ class _OpenVINO:
 
 
 def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int, family: str,
-            tasks: tuple[str, ...], q8_gguf: str | None, profile: bool = False, scratch: str | None = None) -> None:
+            tasks: tuple[str, ...], q8_gguf: str | None, profile: bool = False, scratch: str | None = None,
+            gen: dict | None = None) -> None:
     """A runtime in its own process: builds it, then runs what the driver asks, one task at a time. `scratch`: a
-    folder the driver removes after the run, for what profiling keeps on disk."""
+    folder the driver removes after the run, for what profiling keeps on disk; `gen`: the generation's steps and
+    prompt ids."""
     try:
         t0 = time.perf_counter()
         if runtime in ("pysdcpp", "upstream"):
@@ -188,7 +296,7 @@ def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int,
                            keep_models=scratch if profile else None)
         else:
             raise ValueError(f"unknown runtime {runtime!r}")
-        x = inputs(family, size)
+        x = {**inputs(family, size), **(gen or {})}
         conn.send({"ok": True, "setup_seconds": time.perf_counter() - t0})
         warm, timed_peak = set(), None
         while (msg := conn.recv()) is not None:
@@ -200,8 +308,8 @@ def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int,
                 except Exception as e:
                     conn.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
                 continue
-            if msg not in warm:  # one untimed call first: allocations, one-off transforms, compilation
-                rt.run(msg, x)
+            if msg not in warm:  # one untimed call first: allocations, one-off transforms, compilation (a
+                rt.run(msg, {**x, "gen_steps": 1} if msg == "gen" else x)   # generation: of one step)
                 warm.add(msg)
             t1 = time.perf_counter()
             out = rt.run(msg, x)
@@ -215,11 +323,14 @@ def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int,
 
 
 def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, threads: int = 2, repeat: int = 3,
-                family: str = "sd1", tasks: tuple[str, ...] = TASKS, timeout: float = 3600.0, progress=None,
-                q8_gguf: str | None = None, profile: bool = False) -> dict:
+                family: str = "sd1", tasks: tuple[str, ...] = DEFAULT_TASKS, timeout: float = 3600.0, progress=None,
+                q8_gguf: str | None = None, profile: bool = False, steps: int = GEN_STEPS) -> dict:
     """Every runtime on the same inputs; `folder`: the same model as a diffusers folder (the peers load it);
     `q8_gguf`: the same model with q8_0 weights (for pysdcpp-q8_0); `profile`: after each runtime's timed runs,
-    one more run per task profiled by op class (report["profile"]; peer_profiles)."""
+    one more run per task profiled by op class (report["profile"]; peer_profiles; not "gen"). "gen": a guided
+    generation of `steps` Euler steps (GEN_PROMPT, guidance GEN_GUIDANCE) through each runtime's pipeline: ours,
+    diffusers' for torch, diffusers' steps on the compiled models for OpenVINO (as optimum-intel runs them); the
+    peers start from the same noise, ours from its own."""
     import multiprocessing as mp
 
     bad = [r for r in runtimes if r not in RUNTIMES]
@@ -230,6 +341,16 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
         raise ValueError(f"tasks are {', '.join(TASKS)}, got {list(tasks)}")
+    if "gen" in tasks and family == "sdxl":
+        raise ValueError("the generation task runs SD1.x and SD2.x pipelines; SDXL's two text encoders are not "
+                         "wired into it yet: leave \"gen\" out for sdxl")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    gen = None
+    if "gen" in tasks:   # before any worker: a model that does not load fails here
+        gen = {"gen_steps": int(steps)}
+        if any(rt in _SHARED_NOISE for rt in runtimes):
+            gen.update(prompt_ids(gguf, threads))
     ctx = mp.get_context("spawn")
     # the workers' files (OpenVINO's models kept for --profile): removed after the run, also if a worker was killed
     scratch = tempfile.TemporaryDirectory(prefix="pysdcpp-peers-")
@@ -256,7 +377,7 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
     def start(rt):
         parent, child = ctx.Pipe()
         p = ctx.Process(target=_worker, args=(child, rt, gguf, folder, threads, size, family, tuple(tasks), q8_gguf,
-                                              profile, scratch.name), daemon=True)
+                                              profile, scratch.name, gen), daemon=True)
         p.start()
         child.close()
         workers[rt] = (p, parent)
@@ -303,7 +424,7 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
                         if progress:
                             progress(rep, f"{rt} {task}", msg)
             for rt in [r for r in ("pysdcpp", phase) if profile and r in workers and r not in errors]:
-                for task in [t for t in tasks if t not in profiles.get(rt, {})]:
+                for task in [t for t in tasks if t != "gen" and t not in profiles.get(rt, {})]:
                     p, conn = workers[rt]
                     msg = ask(conn, p, ("profile", task), timeout)
                     if msg["ok"]:
@@ -338,12 +459,15 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
                     e[task]["pysdcpp_median_same_phase"] = statistics.median(ours)
                     e[task]["vs_pysdcpp"] = e[task]["median"] / statistics.median(ours)
                 for name, against in (("torch", ref), ("pysdcpp", outputs.get("pysdcpp", {}))):
+                    if task == "gen" and not (rt in _SHARED_NOISE and name in _SHARED_NOISE):
+                        continue   # different starting noise: no agreement to measure
                     if task in against and rt != name and task in outputs[rt]:
                         a, b = outputs[rt][task].astype(np.float64), against[task].astype(np.float64)
                         e[task][f"rel_l2_vs_{name}"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
         summary[rt] = e
     report = {"kind": "peers", "model": gguf, "family": family, "size": size, "threads": threads, "repeat": repeat,
-              "tasks": list(tasks), "runtimes": {rt: RUNTIMES[rt] for rt in runtimes}, "date": utc_now(),
+              "tasks": list(tasks), **({"gen": {"steps": steps, "guidance": GEN_GUIDANCE, "sampler": "euler",
+                                                "prompt": GEN_PROMPT}} if gen else {}), "runtimes": {rt: RUNTIMES[rt] for rt in runtimes}, "date": utc_now(),
               "machine": machine_info(), "build": build_info(), "summary": summary, "versions": _versions()}
     if profile:
         report["profile"] = profiles
@@ -374,6 +498,15 @@ def vs_pysdcpp(runtime: str, entry: dict, task: str, ours: dict) -> float | None
     return entry[task]["median"] / ours[task]["median"] if task in ours else None
 
 
+def gen_note(g: dict) -> str:
+    """What a peers report's generation column measured."""
+    return (f"Generation: \"{g['prompt']}\", negative prompt \"\", {g['steps']} Euler steps at guidance {g['guidance']}, "
+            "text encoding and decode included: pysdcpp's generate() (cond and uncond as two batch-1 UNet "
+            "evaluations per step, as upstream guides), diffusers' StableDiffusionPipeline for torch, the same "
+            "pipeline's steps on OpenVINO's compiled text encoder, batch-2 UNet and decoder (what optimum-intel "
+            "runs). The peers start from the same noise (rel. L2 between them); pysdcpp draws its own.")
+
+
 def format_peers_table(report: dict) -> str:
     tasks = report["tasks"]
     head = f"{'runtime':<15}" + "".join(f"{t:>22}" for t in tasks) + f"{'peak RSS':>10}{'setup':>9}"
@@ -402,4 +535,6 @@ def format_peers_table(report: dict) -> str:
     lines.append(footer(report, f"median of {report['repeat']} after a warm-up; (x): that runtime's time over "
                                 "pysdcpp's measured in turn with it, above 1 means pysdcpp is faster; then rel. L2 "
                                 "against torch's output; peak RSS: each worker's, setup included"))
+    if "gen" in report:
+        lines.append(gen_note(report["gen"]))
     return "\n".join(lines)
