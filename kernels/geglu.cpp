@@ -33,7 +33,7 @@ constexpr float kCubic     = 0.044715f;
 // value * gelu(gate) = value * gate * sigmoid(2 sqrt(2/pi) (gate + 0.044715 gate^3))
 template <class V>
 inline V geglu_of(V value, V gate) {
-    return value * gate * simd::sigmoid<V>((2.0f * kTanhScale) * (gate + kCubic * gate * gate * gate));
+    return value * simd::times_sigmoid<V>(gate, (2.0f * kTanhScale) * (gate + kCubic * gate * gate * gate));
 }
 
 template <class V>

@@ -37,7 +37,7 @@ static_assert(kParamsOffset >= 3 * sizeof(void*), "ggml's custom-op fields overl
 template <class V>
 inline V affine(V x, V a, V b, bool silu) {
     const V t = x * a + b;
-    return silu ? t * simd::sigmoid<V>(t) : t;
+    return silu ? simd::times_sigmoid<V>(t, t) : t;
 }
 
 template <class V>
@@ -125,7 +125,7 @@ ggml_tensor* group_norm_affine(ggml_context* ctx, ggml_tensor* x, int groups, fl
     ggml_tensor* y       = labelled(ggml_custom_4d(ctx, GGML_TYPE_F32, x->ne[0], x->ne[1], x->ne[2], x->ne[3], args,
                                                    offset != nullptr ? 4 : 3, group_norm_node, GGML_N_TASKS_MAX,
                                                    (void*)(vector ? &kVector : &kScalar)),
-                                    "group_norm");
+                                    offset != nullptr ? "group_norm.emb" : "group_norm");   // .emb: the add folded in
     const int32_t with_silu = silu ? 1 : 0;
     std::memcpy((char*)y->op_params + kParamsOffset, &groups, sizeof(int32_t));
     std::memcpy((char*)y->op_params + kParamsOffset + sizeof(int32_t), &eps, sizeof(float));

@@ -126,6 +126,11 @@ void inherit_clear() {
     g_slot = 0;
 }
 
+bool inherit_active() {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    return g_state != nullptr;
+}
+
 void inherit_drop_caches() {
     std::lock_guard<std::mutex> lock(g_mutex);
     g_cache.clear();

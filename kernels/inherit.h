@@ -32,6 +32,7 @@ struct InheritPlan {
 // a plan drops every cache. A plan holds at most one DeepCache branch: false (and nothing changed) otherwise.
 bool inherit_set(InheritPlan plan);
 void inherit_clear();
+bool inherit_active();  // a plan is set
 void inherit_drop_caches();
 size_t inherit_cache_bytes();
 

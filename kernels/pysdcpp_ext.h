@@ -204,6 +204,13 @@ size_t pysdcpp_inherit_cache_bytes(void);
 /* The step (0-based; -1 none) and slot (0 cond, 1 uncond, ...) of the next component UNet evaluation; a
    generation sets them itself, step by step. */
 void pysdcpp_inherit_set_evaluation(int step, int slot);
+/* Batched guidance (kernels/guidance.h), process-wide: a guided step of a SD1.x/SD2.x/SDXL UNet evaluates cond and
+   uncond as one batch-2 evaluation where nothing else tells them apart (no ControlNet, image condition, skip
+   layers, PhotoMaker merge, step cache or inheritance plan; conditions of the same shapes); else two batch-1
+   evaluations, as upstream. */
+void pysdcpp_set_guidance_batch(int on);
+/* How many guided steps ran batched since the last reset (process-wide). */
+int64_t pysdcpp_guidance_batched_steps(int reset);
 /* Records since the last clear, 5 ints each: step, slot, part, unit (-1: a forward begins), action (-1 with it;
    1 computed and cached, 2 inherited). Returns the record count, which may exceed capacity. */
 int pysdcpp_inherit_history(int32_t* records, int capacity);

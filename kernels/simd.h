@@ -1,7 +1,7 @@
-// The vector types our kernels are written over: 8-lane float vectors through the compiler's vector extension
-// (mapped onto AVX/AVX-512, NEON or SSE registers, whatever the build targets), 16-lane ones for the GEMM's wide
-// register tiles (one AVX-512 register; two AVX or four NEON/SSE registers elsewhere), or plain float for the
-// portable scalar build of the same algorithm.
+// The vector types our kernels are written over, and the math every kernel shares on them (2^x, the sigmoid,
+// shifted sums): 8-lane float vectors through the compiler's vector extension (mapped onto AVX/AVX-512, NEON or SSE
+// registers, whatever the build targets), 16-lane ones for the GEMM's wide register tiles (one AVX-512 register;
+// two AVX or four NEON/SSE registers elsewhere), or plain float for the portable scalar build of the same algorithm.
 #pragma once
 
 #include <algorithm>
@@ -49,11 +49,12 @@ inline float exp2_neg<float>(float x) {
 
 // 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2; 2^f by its Taylor series to degree 6 in f (relative error below
 // 1.3e-7 on |f| <= 1/2). The rounding adds and subtracts 1.5 * 2^23, which leaves n in the low mantissa bits.
-// Arguments below -126 give 2^-126 (~1e-38), not 0: harmless here.
+// Arguments below -126 (and -inf) give 0: no denormals.
 template <>
 inline v8f exp2_neg<v8f>(v8f x) {
     const v8f lo    = splat<v8f>(-126.0f);
     const v8f magic = splat<v8f>(12582912.0f);
+    const v8f x0    = x;
     x               = x < lo ? lo : x;
     const v8f t     = x + magic;
     const v8f f     = x - (t - magic);
@@ -69,21 +70,30 @@ inline v8f exp2_neg<v8f>(v8f x) {
     bits = (bits + (127 - 0x4B400000)) << 23;  // low bits of t hold n + 0x4B400000 (the magic's bit pattern)
     v8f scale;
     std::memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
+    return x0 < lo ? splat<v8f>(0.0f) : p * scale;
 }
 
-// 1 / (1 + e^-z) by e = e^-|z| in (0, 1]: 1 / (1 + e) for z >= 0, e / (1 + e) below (no overflow either way).
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 1 / (1 + e^-z) by e = e^-|z| in [0, 1]: 1 / (1 + e) for z >= 0, e / (1 + e) below (no overflow either way).
 template <class V>
 inline V sigmoid(V z) {
-    constexpr float kLog2e = 1.4426950408889634f;
     const V e = exp2_neg<V>((z < 0.0f ? z : -z) * kLog2e);
     return (z < 0.0f ? e : splat<V>(1.0f)) / (1.0f + e);
 }
 
 template <>
 inline float sigmoid<float>(float z) {
-    const float e = exp2_neg<float>(-std::fabs(z) * 1.4426950408889634f);
+    const float e = exp2_neg<float>(-std::fabs(z) * kLog2e);
     return (z < 0.0f ? e : 1.0f) / (1.0f + e);
+}
+
+// x * sigmoid(z), and 0 where the sigmoid is 0 (z far below zero): the limit SiLU and GELU have there, also for
+// x = -inf (where the product alone is -inf * 0 = NaN).
+template <class V>
+inline V times_sigmoid(V x, V z) {
+    const V s = sigmoid<V>(z);
+    return s == 0.0f ? splat<V>(0.0f) : x * s;
 }
 
 // Sums of (x - shift) and (x - shift)^2 over n floats: float partial sums over runs of at most 512 elements, each

@@ -270,8 +270,8 @@ class StableDiffusion(NativeHandle):
                  photo_maker: str | os.PathLike | None = None, lora_apply_mode: str = "auto",
                  prediction: str = "auto", rng: str = "cuda",
                  vae_decode_only: bool = False, conv: str = "default", winograd_cache_mb: int | None = None,
-                 attention: str = "default", linear: str = "default", alter: bool | None = None,
-                 alter_semantics: str = "default",
+                 attention: str = "default", linear: str = "default", batch_guidance: bool | None = None,
+                 alter: bool | None = None, alter_semantics: str = "default",
                  alter_masks: str | os.PathLike | None = None,
                  progress: Callable[[int, int, float], None] | None = None):
         self._ctx = None
@@ -282,6 +282,14 @@ class StableDiffusion(NativeHandle):
         self.conv = _kernel_choice("conv", conv, CONV_ALGORITHMS, DEFAULT_CONV, backend)
         self.attention = _kernel_choice("attention", attention, ATTENTION_PATHS, DEFAULT_ATTENTION, backend)
         self.linear = _kernel_choice("linear", linear, LINEAR_PATHS, DEFAULT_LINEAR, backend)
+        # a guided step's cond and uncond as one batch-2 UNet evaluation (the accelerated library's default)
+        if batch_guidance not in (None, True, False):
+            raise ValueError(f"batch_guidance must be True, False or None (the library's default), not "
+                             f"{batch_guidance!r}")
+        if batch_guidance and backend != "accelerated":
+            raise ValueError("batch_guidance=True needs the accelerated library (upstream evaluates cond and uncond "
+                             "one after the other)")
+        self.batch_guidance = backend == "accelerated" if batch_guidance is None else batch_guidance
         if winograd_cache_mb is not None and (not isinstance(winograd_cache_mb, (int, np.integer))
                                               or winograd_cache_mb < 0):
             raise ValueError(f"winograd_cache_mb must be a non-negative integer, got {winograd_cache_mb!r}")
@@ -491,6 +499,7 @@ class StableDiffusion(NativeHandle):
                                         else lib.PYSDCPP_LINEAR_UPSTREAM)
             lib.pysdcpp_set_winograd_cache_budget(self.winograd_cache_mb << 20)
             lib.pysdcpp_set_winograd_threads(self.threads)   # filters cached at graph build use this context's
+            lib.pysdcpp_set_guidance_batch(int(self.batch_guidance))
             if self.alter is not None:
                 self.alter.install(self.native.ffi, lib)
             else:

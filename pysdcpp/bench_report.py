@@ -212,19 +212,18 @@ def render_batch(r: dict) -> list[str]:
 
 
 def render_peers(r: dict) -> list[str]:
-    from .bench.peers import gen_note, vs_pysdcpp
+    from .bench.peers import gen_note, task_names, vs_pysdcpp
 
     tasks = r["tasks"]
-    names = {"unet-b1": "UNet, batch 1", "unet-b2": "UNet, batch 2", "vae": "VAE decode",
-             "gen": f"generation, {r.get('gen', {}).get('steps', '?')} steps"}
+    names = task_names(r)
     versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
     out = [f"### Peer runtimes, {r['size']} px, median of {r['repeat']}", "",
            f"Machine: {_machine(r)}. Model: `{Path(r['model']).name}` ({versions}). Each runtime in a process of "
            "its own, one untimed call first; pysdcpp lives through the run, every other runtime through a phase "
            "of its own, timed in turn with pysdcpp (no two peers in memory at once). Runtimes: " +
            "; ".join(f"`{k}` {v}" for k, v in r["runtimes"].items()) + ".", "",
-           "| runtime | " + " | ".join(names.get(t, t) for t in tasks) + " | peak RSS |",
-           "|---" * (len(tasks) + 2) + "|"]
+           "| runtime | " + " | ".join(names.get(t, t) for t in tasks) + " | peak RSS, runs | with setup |",
+           "|---" * (len(tasks) + 3) + "|"]
     ours = r["summary"].get("pysdcpp", {})
     for rt, e in r["summary"].items():
         cells = []
@@ -241,12 +240,14 @@ def render_peers(r: dict) -> list[str]:
             if rt.startswith("pysdcpp-") and "rel_l2_vs_pysdcpp" in e[t]:
                 cell += f" ({e[t]['rel_l2_vs_pysdcpp']:.1e} vs ours)"
             cells.append(cell)
-        rss = f"{e['peak_rss'] / 2**20:.0f} MB" if e.get("peak_rss") else "-"
-        out.append(f"| {rt} | " + " | ".join(cells) + f" | {rss} |")
+        rss = [f"{e[k] / 2**20:.0f} MB" if e.get(k) else "-" for k in ("peak_rss_runs", "peak_rss")]
+        out.append(f"| {rt} | " + " | ".join(cells + rss) + " |")
     out += ["", "(x ours): that runtime's time over pysdcpp's in the same phase; above 1, pysdcpp is faster. "
             "rel. L2: against PyTorch's output on the same inputs (pysdcpp's variants: also against pysdcpp's "
-            "own). pysdcpp's time: the median over all phases. Peak RSS: the worker process's, setup included "
-            "(OpenVINO's: converting the PyTorch model and compiling one static model per task).", ""]
+            "own). pysdcpp's time: the median over all phases. Peak RSS of the worker process: over its timed runs "
+            "(the peak started over after setup: the model and what the runs take), and with setup (OpenVINO's: "
+            "converting the PyTorch model and compiling one static model per task); older reports have the "
+            "second only.", ""]
     if "gen" in r:
         out += [gen_note(r["gen"]), ""]
     return out + render_peer_profiles(r, names)

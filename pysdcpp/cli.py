@@ -167,6 +167,9 @@ class _StepBar:
 @click.option("--winograd-cache-mb", type=click.IntRange(min=0), default=None,
               help="Memory for Winograd's transformed filters while the UNet samples (default 1536); "
                    "layers beyond it transform their filters every evaluation (never changes the image).")
+@click.option("--separate-guidance", is_flag=True,
+              help="Evaluate a guided step's cond and uncond one after the other, as upstream (the accelerated "
+                   "library's default: one batch-2 evaluation; this halves the UNet's compute buffer).")
 @click.option("--no-alter", is_flag=True, help="Run an ALTER file's dense model (routing off).")
 @click.option("--alter-masks", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Route with the masks of this JSON file (docs/alter-gguf.md) instead of the file's own.")
@@ -192,7 +195,7 @@ def generate(model, demo, prompt, prompts_file, negative_prompt, width, height, 
              unet, preview_mode, preview_path, preview_interval,
              taesd_preview_only, upscale_model, upscale_repeats, taesd, vae_tiling, vae_tile_size, vae_tile_overlap,
              lora_args, lora_dir, lora_apply_mode, clip_skip, eta, sigmas, hires_fix, embd_dir, threads, backend,
-             prediction, conv, attention, linear, winograd_cache_mb, no_alter, alter_masks, alter_semantics, inherit,
+             prediction, conv, attention, linear, winograd_cache_mb, separate_guidance, no_alter, alter_masks, alter_semantics, inherit,
              step_cache, output, overwrite, as_json, verbose):
     """Text to image, or image to image. Writes PNGs carrying their generation parameters (A1111 `parameters`
     chunk). Ctrl-C stops at the next step (the upstream library: when its run ends) and writes nothing (exit 130).
@@ -324,6 +327,7 @@ def generate(model, demo, prompt, prompts_file, negative_prompt, width, height, 
         try:
             sd = StableDiffusion(model, unet=unet, threads=threads, backend=backend, prediction=prediction, conv=conv,
                                  attention=attention, linear=linear, winograd_cache_mb=winograd_cache_mb,
+                                 batch_guidance=False if separate_guidance else None,
                                  alter=False if no_alter else None, alter_semantics=alter_semantics,
                                  alter_masks=alter_masks, taesd=taesd, control_net=control_net, lora_dir=lora_dir,
                                  embeddings=embd_dir, taesd_preview_only=taesd_preview_only,
@@ -941,7 +945,7 @@ def bench(model, layers, alter_demo, experts, peers, profile_peers, peer_tasks, 
         if model is None or not model.is_file():
             _fail("--experts needs -m FILE: a GGUF with ALTER routing")
         if plot_path is not None:
-            _fail("--plot draws model and --layers reports; the --experts report is a table")
+            _fail("--plot draws model, --layers and --peers reports; the --experts report is a table")
 
         def expert_progress(i, n, row):
             click.echo(f"  [{i}/{n}] expert {row['expert']}: {row['speedup_vs_dense']:.2f}x", err=True)
@@ -970,8 +974,6 @@ def bench(model, layers, alter_demo, experts, peers, profile_peers, peer_tasks, 
             _fail(f"unknown runtime {bad[0]!r}; --peers takes {others}")
         if model is not None or len(family_list) != 1:
             _fail("--peers runs the synthetic model of one --family (every runtime loads the same weights)")
-        if plot_path is not None:
-            _fail("--plot draws model and --layers reports; the --peers report is a table")
         gguf = _demo_model(family_list[0])
         click.echo("writing its diffusers folder (once, cached)", err=True)
         folder = synthetic_diffusers_folder(family_list[0])
@@ -994,7 +996,7 @@ def bench(model, layers, alter_demo, experts, peers, profile_peers, peer_tasks, 
             click.echo(format_profile_table(report))
     elif batch_splits is not None:
         if plot_path is not None:
-            _fail("--plot draws model and --layers reports; the --batch report is a table")
+            _fail("--plot draws model, --layers and --peers reports; the --batch report is a table")
         try:
             splits = parse_splits(batch_splits)
         except ValueError as e:
@@ -1017,7 +1019,7 @@ def bench(model, layers, alter_demo, experts, peers, profile_peers, peer_tasks, 
         if bad or not chosen:
             _fail(f"unknown attention path {bad[0] if bad else ''!r}; choose from {', '.join(ATTENTION_VARIANTS)}")
         if plot_path is not None:
-            _fail("--plot draws model and --layers reports; the --attention report is a table")
+            _fail("--plot draws model, --layers and --peers reports; the --attention report is a table")
 
         def attention_progress(i, n, shape):
             click.echo(f"  [{i}/{n}] {shape.Lq}x{shape.Lk} {shape.heads}x{shape.d}", err=True)
@@ -1026,7 +1028,7 @@ def bench(model, layers, alter_demo, experts, peers, profile_peers, peer_tasks, 
         click.echo(format_attention_table(report))
     elif linear_layers:
         if plot_path is not None:
-            _fail("--plot draws model and --layers reports; the --linear report is a table")
+            _fail("--plot draws model, --layers and --peers reports; the --linear report is a table")
 
         def linear_progress(i, n, row):
             click.echo(f"  [{i}/{n}] {row['rows']} x {row['K']} -> {row['N']}", err=True)

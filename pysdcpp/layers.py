@@ -76,6 +76,12 @@ def conv_routes(reset: bool = False) -> dict[str, int]:
     return dict(zip(("im2col", "cached", "in_graph", "fused"), (int(c) for c in counts)))
 
 
+def batched_guidance_steps(reset: bool = False) -> int:
+    """How many guided steps the accelerated library ran as one batch-2 UNet evaluation (cond and uncond) since the
+    last reset (process-wide)."""
+    return int(_native.load("accelerated").lib.pysdcpp_guidance_batched_steps(int(reset)))
+
+
 def conv2d_3x3(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, pad: int = 1,
                algorithm: str = "winograd_f4", weight_f16: bool = True, threads: int = 1,
                repeat: int = 1) -> tuple[np.ndarray, list[float]]:

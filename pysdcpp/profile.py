@@ -19,7 +19,7 @@ _OUR_KINDS = (
     ("1x1 convs", r"^conv1x1$|^IM2COL 1x1$|im2col 1x1$"),
     ("linear layers", r"^linear$|^MUL_MAT(_ID)? \w+ weights$"),
     ("attention", r"^attention\.|^SOFT_MAX|^FLASH_ATTN|^MUL_MAT \w+ activations$"),
-    ("norms", r"^(group|layer)_norm$|^(GROUP_|RMS_)?NORM$"),
+    ("norms", r"^(group_norm(\.emb)?|layer_norm)$|^(GROUP_|RMS_)?NORM$"),
     ("element-wise", r"^geglu$|^(ADD|ADD1|SUB|MUL|DIV|SCALE|SQR|SQRT|EXP|LOG|SIN|COS|CLAMP|ARANGE|TIMESTEP_EMBEDDING)$|"
                      r"^(SILU|GELU|GELU_QUICK|GELU_ERF|TANH|SIGMOID|RELU|SWIGLU|GEGLU|GEGLU_ERF|GEGLU_QUICK|REGLU)$"),
     ("data movement", r"^(CPY|CONT|DUP|CONCAT|UPSCALE|PAD|GET_ROWS|TRANSPOSE|PERMUTE|VIEW|RESHAPE|REPEAT)$|"

@@ -110,6 +110,9 @@ def test_linear_bench_report():
     (["--layers", "--algorithms", "fft"], "unknown algorithm"),
     (["-m", "/nonexistent.gguf"], "no such file"),
     (["--plot", "chart.svg"], "give a .png path"),
+    (["--tasks", "gen"], "goes with --peers"),
+    (["--peers", "torch", "--tasks", "unet-b2,video"], "--tasks takes"),
+    (["--peers", "torch", "--family", "sdxl", "--tasks", "gen"], "SD1.x and SD2.x"),
 ])
 def test_bench_bad_arguments(args, message):
     res = CliRunner().invoke(main, ["bench", *args])

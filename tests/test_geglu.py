@@ -57,6 +57,13 @@ def test_geglu_tails():
         y, _ = geglu(p, path=path)
         assert np.all(np.isfinite(y))
         np.testing.assert_allclose(y[0], _reference(p)[0], rtol=1e-6, atol=1e-20)
+    # infinite gates: gelu's limits, 0 below (where -inf * sigmoid alone is NaN; ggml's GELU gives 0 too) and the
+    # gate itself above
+    p = np.array([[1.0, 1.0, 3.0, -np.inf, np.inf, -5.0]], np.float32)
+    for path in ("fast", "fast_scalar"):
+        y, _ = geglu(p, path=path)
+        assert y[0, 0] == 0.0 and y[0, 1] == np.inf, y
+        assert y[0, 2] == pytest.approx(_reference(np.array([[3.0, -5.0]]))[0, 0], rel=1e-6), y
 
 
 @pytest.mark.parametrize("bad", [np.zeros((2, 3), np.float32), np.zeros((0, 4), np.float32)])

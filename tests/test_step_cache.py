@@ -53,7 +53,7 @@ def runs(sd15_f16):
     out = {}
     for backend in ("upstream", "accelerated"):
         with StableDiffusion(sd15_f16, backend=backend, threads=2, conv="im2col", attention="upstream",
-                             linear="upstream") as sd:
+                             linear="upstream", batch_guidance=False) as sd:
             out[backend, None] = sd.generate_with_info(**SETTINGS)
             for spec in CACHES:
                 out[backend, spec] = sd.generate_with_info(step_cache=spec, **SETTINGS)

@@ -17,12 +17,20 @@ VARIANTS: dict[str, dict] = {
     "upstream": {"backend": "upstream", "conv": "im2col"},
     "accelerated": {"backend": "accelerated"},  # the accelerated library's defaults (all accelerations on)
     # all off: upstream's paths
-    "im2col": {"backend": "accelerated", "conv": "im2col", "attention": "upstream", "linear": "upstream"},
-    "direct": {"backend": "accelerated", "conv": "direct", "attention": "upstream", "linear": "upstream"},
+    "im2col": {"backend": "accelerated", "conv": "im2col", "attention": "upstream", "linear": "upstream",
+               "batch_guidance": False},
+    "direct": {"backend": "accelerated", "conv": "direct", "attention": "upstream", "linear": "upstream",
+               "batch_guidance": False},
     # one acceleration at a time
-    "winograd": {"backend": "accelerated", "conv": "winograd", "attention": "upstream", "linear": "upstream"},
-    "fast-attention": {"backend": "accelerated", "conv": "im2col", "attention": "fast", "linear": "upstream"},
-    "fast-linear": {"backend": "accelerated", "conv": "im2col", "attention": "upstream", "linear": "fast"},
+    "winograd": {"backend": "accelerated", "conv": "winograd", "attention": "upstream", "linear": "upstream",
+                 "batch_guidance": False},
+    "fast-attention": {"backend": "accelerated", "conv": "im2col", "attention": "fast", "linear": "upstream",
+                       "batch_guidance": False},
+    "fast-linear": {"backend": "accelerated", "conv": "im2col", "attention": "upstream", "linear": "fast",
+                    "batch_guidance": False},
+    "batched-guidance": {"backend": "accelerated", "conv": "im2col", "attention": "upstream", "linear": "upstream",
+                         "batch_guidance": True},
+    "separate-guidance": {"backend": "accelerated", "batch_guidance": False},   # every acceleration but that one
     "upstream-direct": {"backend": "upstream", "conv": "direct"},
     "dense": {"backend": "accelerated", "alter": False},  # an ALTER file's dense model, accelerated
     # feature inheritance (docs/inheritance.md): `inheritance` is the generation's policy, as --inherit writes it

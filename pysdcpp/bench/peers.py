@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from . import peer_profiles
-from .machine import build_info, footer, machine_info, peak_rss, utc_now
+from .machine import build_info, footer, machine_info, peak_rss, reset_peak_rss, utc_now
 
 # name: what runs (docs/benchmarks.md lists each runtime's configuration)
 RUNTIMES = {
@@ -35,6 +35,9 @@ GEN_STEPS = 20
 _SHARED_NOISE = ("torch", "torch-compile", "openvino", "openvino-bf16")
 _NOTHING = object()  # ask(): only wait for the answer
 _TIMESTEP = 500.0
+# idle seconds before each timed run: worker threads a runtime leaves spinning after its run (OpenVINO's TBB arena,
+# OpenMP) settle before the next runtime's run starts
+SETTLE_SECONDS = 1.0
 
 
 def inputs(family: str, size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -73,14 +76,15 @@ class _Ours:
     def __init__(self, gguf: str, threads: int, accelerated: bool):
         from .. import StableDiffusion
 
-        kw = {} if accelerated else {"conv": "im2col", "attention": "upstream", "linear": "upstream"}
+        kw = {} if accelerated else {"conv": "im2col", "attention": "upstream", "linear": "upstream",
+                                     "batch_guidance": False}
         self.sd = StableDiffusion(gguf, threads=threads, **kw)
 
     def run(self, task: str, x: dict) -> np.ndarray:
         if task == "vae":
             return self.sd.decode(x["vae_latent"])
-        if task == "gen":   # the library's own generation: text encoding, Euler's steps (two batch-1 UNet
-            size = x["latent"].shape[-1] * 8   # evaluations each, as upstream guides), decode
+        if task == "gen":   # the library's own generation: text encoding, Euler's steps (a batch-2 UNet
+            size = x["latent"].shape[-1] * 8   # evaluation each; upstream's path: two batch-1), decode
             img = self.sd.generate(GEN_PROMPT, "", width=size, height=size, num_inference_steps=x["gen_steps"],
                                    guidance_scale=GEN_GUIDANCE, sampler="euler", seed=0)[0]
             return np.asarray(img, dtype=np.float32) / 255.0
@@ -297,6 +301,8 @@ def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int,
         else:
             raise ValueError(f"unknown runtime {runtime!r}")
         x = {**inputs(family, size), **(gen or {})}
+        setup_peak = peak_rss()   # then the peak starts over: what the runs hold, apart from what setup took
+        runs_peak = reset_peak_rss()
         conn.send({"ok": True, "setup_seconds": time.perf_counter() - t0})
         warm, timed_peak = set(), None
         while (msg := conn.recv()) is not None:
@@ -314,7 +320,9 @@ def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int,
             t1 = time.perf_counter()
             out = rt.run(msg, x)
             conn.send({"ok": True, "seconds": time.perf_counter() - t1, "output": out})
-        conn.send({"ok": True, "peak_rss": timed_peak if timed_peak is not None else peak_rss()})
+        timed_peak = timed_peak if timed_peak is not None else peak_rss()
+        conn.send({"ok": True, "peak_rss": max(setup_peak, timed_peak), "peak_rss_runs": timed_peak if runs_peak
+                   else None})
     except BaseException as e:  # reported; the other runtimes go on
         try:
             conn.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
@@ -392,7 +400,8 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
     def stop(rt):
         p, conn = workers.pop(rt)
         if rt not in errors:
-            peak[rt] = ask(conn, p, None, 60).get("peak_rss")
+            msg = ask(conn, p, None, 60)
+            peak[rt] = (msg.get("peak_rss"), msg.get("peak_rss_runs"))
         p.join(timeout=10)
         if p.is_alive():
             p.kill()
@@ -413,6 +422,7 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
                 for task in tasks:
                     for rt in [r for r in ("pysdcpp", phase) if r in workers and r not in errors]:
                         p, conn = workers[rt]
+                        time.sleep(SETTLE_SECONDS)
                         msg = ask(conn, p, task, timeout)
                         if not msg["ok"]:
                             errors[rt] = msg["error"]
@@ -449,7 +459,8 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
     ref = outputs.get("torch", {})
     summary = {}
     for rt in runtimes:
-        e: dict = {"setup_seconds": setup.get(rt), "peak_rss": peak.get(rt), "error": errors.get(rt)}
+        overall, runs = peak.get(rt, (None, None))
+        e: dict = {"setup_seconds": setup.get(rt), "peak_rss": overall, "peak_rss_runs": runs, "error": errors.get(rt)}
         for task in tasks:
             ts = times.get(rt, {}).get(task, [])
             if ts:
@@ -488,6 +499,12 @@ def _versions() -> dict:
     return out
 
 
+def task_names(report: dict) -> dict[str, str]:
+    """Each task's name in tables and charts."""
+    return {"unet-b1": "UNet, batch 1", "unet-b2": "UNet, batch 2", "vae": "VAE decode",
+            "gen": f"generation, {report.get('gen', {}).get('steps', '?')} steps"}
+
+
 def vs_pysdcpp(runtime: str, entry: dict, task: str, ours: dict) -> float | None:
     """A runtime's time for `task` over pysdcpp's measured in turn with it (a report from before the phases: over
     pysdcpp's median of the run); None for pysdcpp itself or without a time."""
@@ -501,15 +518,15 @@ def vs_pysdcpp(runtime: str, entry: dict, task: str, ours: dict) -> float | None
 def gen_note(g: dict) -> str:
     """What a peers report's generation column measured."""
     return (f"Generation: \"{g['prompt']}\", negative prompt \"\", {g['steps']} Euler steps at guidance {g['guidance']}, "
-            "text encoding and decode included: pysdcpp's generate() (cond and uncond as two batch-1 UNet "
-            "evaluations per step, as upstream guides), diffusers' StableDiffusionPipeline for torch, the same "
+            "text encoding and decode included: pysdcpp's generate() (cond and uncond as one batch-2 UNet "
+            "evaluation per step; upstream's path: two batch-1 ones), diffusers' StableDiffusionPipeline for torch, the same "
             "pipeline's steps on OpenVINO's compiled text encoder, batch-2 UNet and decoder (what optimum-intel "
             "runs). The peers start from the same noise (rel. L2 between them); pysdcpp draws its own.")
 
 
 def format_peers_table(report: dict) -> str:
     tasks = report["tasks"]
-    head = f"{'runtime':<15}" + "".join(f"{t:>22}" for t in tasks) + f"{'peak RSS':>10}{'setup':>9}"
+    head = f"{'runtime':<15}" + "".join(f"{t:>22}" for t in tasks) + f"{'RSS runs':>10}{'w/ setup':>10}{'setup':>9}"
     lines = [head, "-" * len(head)]
     ours = report["summary"].get("pysdcpp", {})
     for rt, e in report["summary"].items():
@@ -528,13 +545,15 @@ def format_peers_table(report: dict) -> str:
             if "rel_l2_vs_torch" in e[t]:
                 cell += f" {e[t]['rel_l2_vs_torch']:.0e}"
             row += f"{cell:>22}"
-        rss = e.get("peak_rss")
-        row += f"{rss / 2**20:>8.0f}MB" if rss else f"{'-':>10}"
+        for key in ("peak_rss_runs", "peak_rss"):
+            rss = e.get(key)
+            row += f"{rss / 2**20:>8.0f}MB" if rss else f"{'-':>10}"
         row += f"{e['setup_seconds']:>8.1f}s" if e.get("setup_seconds") is not None else f"{'-':>9}"
         lines.append(row)
     lines.append(footer(report, f"median of {report['repeat']} after a warm-up; (x): that runtime's time over "
                                 "pysdcpp's measured in turn with it, above 1 means pysdcpp is faster; then rel. L2 "
-                                "against torch's output; peak RSS: each worker's, setup included"))
+                                "against torch's output; peak RSS of each worker: over the timed runs (after "
+                                "setup), and over all of it, setup included"))
     if "gen" in report:
         lines.append(gen_note(report["gen"]))
     return "\n".join(lines)

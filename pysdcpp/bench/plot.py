@@ -1,4 +1,5 @@
-"""The chart of a report (`pysdcpp bench --plot`): per-phase medians per variant, or per-layer speedups."""
+"""The chart of a report (`pysdcpp bench --plot`): per-phase medians per variant, per-layer speedups, or each
+runtime's time per task (--peers)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 
 
 def plot_report(report: dict, path) -> None:
-    """A chart a person reads at a glance: per-phase medians per variant, or per-layer speedups."""
+    """A chart a person reads at a glance: per-phase medians per variant, per-layer speedups, or the peers'
+    times per task."""
     try:
         import matplotlib
 
@@ -14,8 +16,10 @@ def plot_report(report: dict, path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise RuntimeError("--plot needs matplotlib: pip install 'pysdcpp[plot]'") from None
-    fig, ax = plt.subplots(figsize=(10, 5.5))
-    if report["kind"] == "model":
+    if report["kind"] == "peers":
+        fig = _plot_peers(plt, report)
+    elif report["kind"] == "model":
+        fig, ax = plt.subplots(figsize=(10, 5.5))
         phases = ["model_load", "text_encoding", "sampling", "vae_decode"]
         names = [n for n, e in report["summary"].items() if "phases" in e]
         left = np.zeros(len(names))
@@ -33,6 +37,7 @@ def plot_report(report: dict, path) -> None:
         ax.set_title(f"{report['size']} px, {report['steps']} steps, {report['threads']} threads")
         ax.legend(loc="lower right")
     else:
+        fig, ax = plt.subplots(figsize=(10, 5.5))
         rows = report["rows"]
         labels = [f"{r['C']}->{r['K']} @{r['H']}" for r in rows]
         algos = [a for a in report["algorithms"] if a != "im2col"]
@@ -50,3 +55,31 @@ def plot_report(report: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_peers(plt, report: dict):
+    """One panel per task: each runtime's median (min-max as the error bar), labelled with its time over
+    pysdcpp's measured in turn with it."""
+    from .peers import task_names, vs_pysdcpp
+
+    tasks, summary = report["tasks"], report["summary"]
+    names = task_names(report)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 0.45 * len(summary) + 1.8), squeeze=False)
+    ours = summary.get("pysdcpp", {})
+    for ax, t in zip(axes[0], tasks):
+        rts = [rt for rt, e in summary.items() if t in e]
+        med = np.array([summary[rt][t]["median"] for rt in rts])
+        err = np.array([[m - summary[rt][t]["min"], summary[rt][t]["max"] - m] for rt, m in zip(rts, med)]).T
+        ax.barh(rts, med, xerr=err if len(rts) else None,
+                color=["tab:green" if rt == "pysdcpp" else "tab:gray" for rt in rts])
+        for i, rt in enumerate(rts):
+            ratio = vs_pysdcpp(rt, summary[rt], t, ours)
+            ax.text(summary[rt][t]["max"], i, f" {med[i]:.2f} s" + (f" ({ratio:.2f}x)" if ratio is not None else ""), va="center",
+                    fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, float(med.max()) * 1.5 if len(med) else 1)
+        ax.set_title(names.get(t, t), fontsize=10)
+        ax.set_xlabel("seconds (median)")
+    fig.suptitle(f"{report['family']} at {report['size']} px, {report['threads']} threads; (x): time over "
+                 "pysdcpp's, same phase", fontsize=10)
+    return fig
