@@ -1,8 +1,8 @@
 """Batched guidance (patch 0016): a guided step's cond and uncond as one batch-2 UNet evaluation. On upstream's
-kernels it draws upstream's image within one level per pixel (ggml's kernels order some sums by the batch's shape),
-on the accelerated defaults the image of two separate evaluations within their PSNR; the steps it batches are counted, and the steps where
-something tells cond and uncond apart (no guidance, a step cache, conditions of different lengths) run separately,
-as upstream."""
+kernels it draws upstream's image within one level per pixel (ggml's kernels order some sums by the batch's
+shape), on the accelerated defaults the image of two separate evaluations within their PSNR; the steps it batches
+are counted, and the steps where something tells cond and uncond apart (no guidance, a step cache, conditions of
+different lengths) run separately, as upstream."""
 
 from __future__ import annotations
 

@@ -477,9 +477,11 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
                         e[task][f"rel_l2_vs_{name}"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
         summary[rt] = e
     report = {"kind": "peers", "model": gguf, "family": family, "size": size, "threads": threads, "repeat": repeat,
-              "tasks": list(tasks), **({"gen": {"steps": steps, "guidance": GEN_GUIDANCE, "sampler": "euler",
-                                                "prompt": GEN_PROMPT}} if gen else {}), "runtimes": {rt: RUNTIMES[rt] for rt in runtimes}, "date": utc_now(),
+              "tasks": list(tasks), "runtimes": {rt: RUNTIMES[rt] for rt in runtimes}, "date": utc_now(),
               "machine": machine_info(), "build": build_info(), "summary": summary, "versions": _versions()}
+    if gen:
+        report["gen"] = {"steps": steps, "guidance": GEN_GUIDANCE, "sampler": "euler", "prompt": GEN_PROMPT,
+                         "pysdcpp_guidance": "one batch-2 UNet evaluation per step"}
     if profile:
         report["profile"] = profiles
         if profile_errors:
@@ -517,10 +519,11 @@ def vs_pysdcpp(runtime: str, entry: dict, task: str, ours: dict) -> float | None
 
 def gen_note(g: dict) -> str:
     """What a peers report's generation column measured."""
-    return (f"Generation: \"{g['prompt']}\", negative prompt \"\", {g['steps']} Euler steps at guidance {g['guidance']}, "
-            "text encoding and decode included: pysdcpp's generate() (cond and uncond as one batch-2 UNet "
-            "evaluation per step; upstream's path: two batch-1 ones), diffusers' StableDiffusionPipeline for torch, the same "
-            "pipeline's steps on OpenVINO's compiled text encoder, batch-2 UNet and decoder (what optimum-intel "
+    return (f"Generation: \"{g['prompt']}\", negative prompt \"\", {g['steps']} Euler steps at guidance "
+            f"{g['guidance']}, text encoding and decode included: pysdcpp's generate() (cond and uncond as "
+            f"{g.get('pysdcpp_guidance', 'two batch-1 UNet evaluations per step')}; upstream's path: two batch-1 "
+            "ones), diffusers' "
+            "StableDiffusionPipeline for torch, the same pipeline's steps on OpenVINO's compiled text encoder, batch-2 UNet and decoder (what optimum-intel "
             "runs). The peers start from the same noise (rel. L2 between them); pysdcpp draws its own.")
 
 

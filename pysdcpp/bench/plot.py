@@ -74,8 +74,8 @@ def _plot_peers(plt, report: dict):
                 color=["tab:green" if rt == "pysdcpp" else "tab:gray" for rt in rts])
         for i, rt in enumerate(rts):
             ratio = vs_pysdcpp(rt, summary[rt], t, ours)
-            ax.text(summary[rt][t]["max"], i, f" {med[i]:.2f} s" + (f" ({ratio:.2f}x)" if ratio is not None else ""), va="center",
-                    fontsize=8)
+            label = f" {med[i]:.2f} s" + (f" ({ratio:.2f}x)" if ratio is not None else "")
+            ax.text(summary[rt][t]["max"], i, label, va="center", fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, float(med.max()) * 1.5 if len(med) else 1)
         ax.set_title(names.get(t, t), fontsize=10)
