@@ -169,7 +169,7 @@ class _StepBar:
                    "layers beyond it transform their filters every evaluation (never changes the image).")
 @click.option("--separate-guidance", is_flag=True,
               help="Evaluate a guided step's cond and uncond one after the other, as upstream (the accelerated "
-                   "library's default: one batch-2 evaluation; this halves the UNet's compute buffer).")
+                   "library's default: one batch-2 evaluation; separate ones need a smaller compute buffer).")
 @click.option("--no-alter", is_flag=True, help="Run an ALTER file's dense model (routing off).")
 @click.option("--alter-masks", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Route with the masks of this JSON file (docs/alter-gguf.md) instead of the file's own.")
@@ -862,7 +862,7 @@ def inspect(model, as_json, list_tensors, size, steps):
 @click.option("--variants", default="upstream,accelerated", show_default=True,
               help="Comma-separated, the first is the baseline: upstream, accelerated, im2col, direct, winograd, "
                    "fast-attention, fast-linear, upstream-direct, dense (an ALTER file with routing off), deepcache (interval "
-                   "3, branch 0), deepcache-b1, deepcache-5 (interval 5), units (the default unit schedule), ucache, ucache-t4 (threshold 4), spectrum, upstream-ucache (upstream's step caches), narrow-gemm, wide-gemm (our GEMM's register tiles); NAME@STEPS gives a "
+                   "3, branch 0), deepcache-b1, deepcache-5 (interval 5), units (the default unit schedule), ucache, ucache-t4 (threshold 4), spectrum, upstream-ucache (upstream's step caches), narrow-gemm, wide-gemm (our GEMM's register tiles), separate-guidance (all but batched guidance), batched-guidance (upstream's kernels, guidance batched); NAME@STEPS gives a "
                    "variant its own step count (e.g. upstream@50,accelerated with --steps 20).")
 @click.option("--algorithms", default="im2col,winograd_f4,winograd_f4_fused,winograd_f2_fused,winograd_f4_ggml_gemm", show_default=True,
               help="With --layers: im2col, direct, winograd_f4, winograd_f2, winograd_f4_in_graph (the filter "

@@ -246,7 +246,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_cluster(tmp_path):
+def ray_cluster(tmp_path, monkeypatch):
+    # a local test cluster: no token authentication (Ray 2.60 turns it on by default, and a driver given the
+    # head's address then failed to connect on some machines); the drivers inherit the setting
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
     port = _free_port()
     subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
