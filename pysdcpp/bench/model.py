@@ -13,23 +13,19 @@ from .machine import build_info, footer, machine_info, peak_rss, utc_now
 
 # A variant is a name for StableDiffusion keyword arguments (and the generation's `inheritance` or `step_cache`):
 # new accelerations plug in here.
+# the accelerated library with every acceleration off: upstream's paths, bit for bit
+UPSTREAM_PATHS = {"conv": "im2col", "attention": "upstream", "linear": "upstream", "batch_guidance": False}
 VARIANTS: dict[str, dict] = {
     "upstream": {"backend": "upstream", "conv": "im2col"},
     "accelerated": {"backend": "accelerated"},  # the accelerated library's defaults (all accelerations on)
     # all off: upstream's paths
-    "im2col": {"backend": "accelerated", "conv": "im2col", "attention": "upstream", "linear": "upstream",
-               "batch_guidance": False},
-    "direct": {"backend": "accelerated", "conv": "direct", "attention": "upstream", "linear": "upstream",
-               "batch_guidance": False},
+    "im2col": {"backend": "accelerated", **UPSTREAM_PATHS},
+    "direct": {"backend": "accelerated", **UPSTREAM_PATHS, "conv": "direct"},
     # one acceleration at a time
-    "winograd": {"backend": "accelerated", "conv": "winograd", "attention": "upstream", "linear": "upstream",
-                 "batch_guidance": False},
-    "fast-attention": {"backend": "accelerated", "conv": "im2col", "attention": "fast", "linear": "upstream",
-                       "batch_guidance": False},
-    "fast-linear": {"backend": "accelerated", "conv": "im2col", "attention": "upstream", "linear": "fast",
-                    "batch_guidance": False},
-    "batched-guidance": {"backend": "accelerated", "conv": "im2col", "attention": "upstream", "linear": "upstream",
-                         "batch_guidance": True},
+    "winograd": {"backend": "accelerated", **UPSTREAM_PATHS, "conv": "winograd"},
+    "fast-attention": {"backend": "accelerated", **UPSTREAM_PATHS, "attention": "fast"},
+    "fast-linear": {"backend": "accelerated", **UPSTREAM_PATHS, "linear": "fast"},
+    "batched-guidance": {"backend": "accelerated", **UPSTREAM_PATHS, "batch_guidance": True},
     "separate-guidance": {"backend": "accelerated", "batch_guidance": False},   # every acceleration but that one
     "upstream-direct": {"backend": "upstream", "conv": "direct"},
     "dense": {"backend": "accelerated", "alter": False},  # an ALTER file's dense model, accelerated

@@ -76,8 +76,9 @@ class _Ours:
     def __init__(self, gguf: str, threads: int, accelerated: bool):
         from .. import StableDiffusion
 
-        kw = {} if accelerated else {"conv": "im2col", "attention": "upstream", "linear": "upstream",
-                                     "batch_guidance": False}
+        from .model import UPSTREAM_PATHS
+
+        kw = {} if accelerated else UPSTREAM_PATHS
         self.sd = StableDiffusion(gguf, threads=threads, **kw)
 
     def run(self, task: str, x: dict) -> np.ndarray:

@@ -64,7 +64,8 @@ def _plot_peers(plt, report: dict):
 
     tasks, summary = report["tasks"], report["summary"]
     names = task_names(report)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 0.45 * len(summary) + 1.8), squeeze=False)
+    size = (max(7.5, 4.2 * len(tasks)), 0.45 * len(summary) + 1.8)
+    fig, axes = plt.subplots(1, len(tasks), figsize=size, squeeze=False)
     ours = summary.get("pysdcpp", {})
     for ax, t in zip(axes[0], tasks):
         rts = [rt for rt, e in summary.items() if t in e]
