@@ -195,7 +195,8 @@ def generate(model, demo, prompt, prompts_file, negative_prompt, width, height, 
              unet, preview_mode, preview_path, preview_interval,
              taesd_preview_only, upscale_model, upscale_repeats, taesd, vae_tiling, vae_tile_size, vae_tile_overlap,
              lora_args, lora_dir, lora_apply_mode, clip_skip, eta, sigmas, hires_fix, embd_dir, threads, backend,
-             prediction, conv, attention, linear, winograd_cache_mb, separate_guidance, no_alter, alter_masks, alter_semantics, inherit,
+             prediction, conv, attention, linear, winograd_cache_mb, separate_guidance, no_alter, alter_masks,
+             alter_semantics, inherit,
              step_cache, output, overwrite, as_json, verbose):
     """Text to image, or image to image. Writes PNGs carrying their generation parameters (A1111 `parameters`
     chunk). Ctrl-C stops at the next step (the upstream library: when its run ends) and writes nothing (exit 130).
@@ -862,7 +863,9 @@ def inspect(model, as_json, list_tensors, size, steps):
 @click.option("--variants", default="upstream,accelerated", show_default=True,
               help="Comma-separated, the first is the baseline: upstream, accelerated, im2col, direct, winograd, "
                    "fast-attention, fast-linear, upstream-direct, dense (an ALTER file with routing off), deepcache (interval "
-                   "3, branch 0), deepcache-b1, deepcache-5 (interval 5), units (the default unit schedule), ucache, ucache-t4 (threshold 4), spectrum, upstream-ucache (upstream's step caches), narrow-gemm, wide-gemm (our GEMM's register tiles), separate-guidance (all but batched guidance), batched-guidance (upstream's kernels, guidance batched); NAME@STEPS gives a "
+                   "3, branch 0), deepcache-b1, deepcache-5 (interval 5), units (the default unit schedule), ucache, ucache-t4 (threshold 4), spectrum, upstream-ucache (upstream's step caches), narrow-gemm, wide-gemm (our GEMM's register tiles), "
+                   "separate-guidance (all but batched guidance), batched-guidance (upstream's kernels, guidance "
+                   "batched); NAME@STEPS gives a "
                    "variant its own step count (e.g. upstream@50,accelerated with --steps 20).")
 @click.option("--algorithms", default="im2col,winograd_f4,winograd_f4_fused,winograd_f2_fused,winograd_f4_ggml_gemm", show_default=True,
               help="With --layers: im2col, direct, winograd_f4, winograd_f2, winograd_f4_in_graph (the filter "
@@ -881,7 +884,8 @@ def inspect(model, as_json, list_tensors, size, steps):
               help="Write the full report (machine, build, every timing) here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a chart (PNG) here; needs matplotlib (pip install 'pysdcpp[plot]').")
-def bench(model, layers, alter_demo, experts, peers, profile_peers, peer_tasks, batch_splits, attention_layers, linear_layers,
+def bench(model, layers, alter_demo, experts, peers, profile_peers, peer_tasks, batch_splits, attention_layers,
+          linear_layers,
           size, steps, guidance_scale, threads, repeat, variants, algorithms, paths, only, families, timeout, json_path,
           plot_path):
     """Latency, memory and fidelity against upstream stable-diffusion.cpp, measured in the same run.
@@ -959,14 +963,14 @@ def bench(model, layers, alter_demo, experts, peers, profile_peers, peer_tasks, 
         from .bench.peers import RUNTIMES, format_peers_table, peers_bench
         from .demo import synthetic_diffusers_folder
 
-        from .bench.peers import GEN_STEPS, TASKS
+        from .bench.peers import GEN_STEPS, check_tasks
 
         chosen = [r.strip() for r in peers.split(",") if r.strip()]
         tasks = tuple(dict.fromkeys(t.strip() for t in peer_tasks.split(",") if t.strip()))
-        if not tasks or any(t not in TASKS for t in tasks):
-            _fail(f"--tasks takes {', '.join(TASKS)} (comma-separated), got {peer_tasks!r}")
-        if "gen" in tasks and family_list[0] == "sdxl":
-            _fail("--tasks gen runs SD1.x and SD2.x pipelines (SDXL's is not wired into the peers yet)")
+        try:
+            check_tasks(tasks, family_list[0], _default(steps_arg, GEN_STEPS))
+        except ValueError as e:
+            _fail(str(e))
         runtimes = list(dict.fromkeys(["pysdcpp", "upstream", *chosen]))
         bad = [r for r in runtimes if r not in RUNTIMES]
         if bad:

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import peer_profiles
 from .machine import build_info, footer, machine_info, peak_rss, reset_peak_rss, utc_now
+from .model import UPSTREAM_PATHS
 
 # name: what runs (docs/benchmarks.md lists each runtime's configuration)
 RUNTIMES = {
@@ -75,8 +76,6 @@ def _image(decoded: np.ndarray) -> np.ndarray:
 class _Ours:
     def __init__(self, gguf: str, threads: int, accelerated: bool):
         from .. import StableDiffusion
-
-        from .model import UPSTREAM_PATHS
 
         kw = {} if accelerated else UPSTREAM_PATHS
         self.sd = StableDiffusion(gguf, threads=threads, **kw)
@@ -331,6 +330,17 @@ def _worker(conn, runtime: str, gguf: str, folder: str, threads: int, size: int,
             pass
 
 
+def check_tasks(tasks, family: str, steps: int = GEN_STEPS) -> None:
+    """ValueError unless `tasks` are known ones that `family` runs (the CLI checks before writing any model)."""
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise ValueError(f"tasks are {', '.join(TASKS)} (--tasks takes them comma-separated), got {list(tasks)}")
+    if "gen" in tasks and family == "sdxl":
+        raise ValueError("the generation task runs SD1.x and SD2.x pipelines; SDXL's two text encoders are not "
+                         "wired into it yet: leave \"gen\" out for sdxl")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+
+
 def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, threads: int = 2, repeat: int = 3,
                 family: str = "sd1", tasks: tuple[str, ...] = DEFAULT_TASKS, timeout: float = 3600.0, progress=None,
                 q8_gguf: str | None = None, profile: bool = False, steps: int = GEN_STEPS) -> dict:
@@ -347,14 +357,7 @@ def peers_bench(gguf: str, folder: str, runtimes: list[str], size: int = 256, th
         raise ValueError(f"unknown runtime {bad[0]!r}; choose from {', '.join(RUNTIMES)}")
     if size <= 0 or size % 64:
         raise ValueError(f"size must be a positive multiple of 64, got {size}")
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        raise ValueError(f"tasks are {', '.join(TASKS)}, got {list(tasks)}")
-    if "gen" in tasks and family == "sdxl":
-        raise ValueError("the generation task runs SD1.x and SD2.x pipelines; SDXL's two text encoders are not "
-                         "wired into it yet: leave \"gen\" out for sdxl")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    check_tasks(tasks, family, steps)
     gen = None
     if "gen" in tasks:   # before any worker: a model that does not load fails here
         gen = {"gen_steps": int(steps)}
@@ -523,9 +526,9 @@ def gen_note(g: dict) -> str:
     return (f"Generation: \"{g['prompt']}\", negative prompt \"\", {g['steps']} Euler steps at guidance "
             f"{g['guidance']}, text encoding and decode included: pysdcpp's generate() (cond and uncond as "
             f"{g.get('pysdcpp_guidance', 'two batch-1 UNet evaluations per step')}; upstream's path: two batch-1 "
-            "ones), diffusers' "
-            "StableDiffusionPipeline for torch, the same pipeline's steps on OpenVINO's compiled text encoder, batch-2 UNet and decoder (what optimum-intel "
-            "runs). The peers start from the same noise (rel. L2 between them); pysdcpp draws its own.")
+            "ones), diffusers' StableDiffusionPipeline for torch, the same pipeline's steps on OpenVINO's compiled "
+            "text encoder, batch-2 UNet and decoder (what optimum-intel runs). The peers start from the same "
+            "noise (rel. L2 between them); pysdcpp draws its own.")
 
 
 def format_peers_table(report: dict) -> str:
